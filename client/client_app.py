@@ -1,0 +1,80 @@
+"""fedshop ClientApp: one merchant. Receives the global adapter, trains it with DP-SGD on its own events, replies.
+
+Only LoRA tensors and scalar metrics leave the merchant. The accountant's history lives in `context.state`.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.train import STATUS_DECLINED, PrivacyState, train_round
+from shared.config import from_mapping
+from shared.data import merchant_data, merchant_id_for_partition
+from shared.model import adapter_state, add_lora, load_adapter_state, load_base
+from shared.modeling import encode, evaluate
+
+app = ClientApp()
+PRIVACY_STATE_KEY = "fedshop-privacy"
+
+
+def _setup(msg: Message, context: Context):
+    config = from_mapping(dict(context.run_config))
+    torch.set_num_threads(config.torch_threads)
+    partition_id = int(context.node_config["partition-id"])
+    merchant_id = merchant_id_for_partition(partition_id)
+    base, tokenizer, _ = load_base(config.base_dir)
+    model = add_lora(base, config)
+    load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
+    data = merchant_data(config, merchant_id)
+    return config, partition_id, model, tokenizer, data
+
+
+def _load_state(context: Context) -> PrivacyState:
+    if PRIVACY_STATE_KEY not in context.state:
+        return PrivacyState()
+    record = context.state[PRIVACY_STATE_KEY]
+    noise = float(record["noise-multiplier"])
+    history = list(zip(record["history-noise"], record["history-rate"], record["history-steps"], strict=True))
+    return PrivacyState(noise_multiplier=None if noise < 0 else noise,
+                        history=[(float(n), float(q), int(s)) for n, q, s in history])
+
+
+def _save_state(context: Context, state: PrivacyState) -> None:
+    context.state[PRIVACY_STATE_KEY] = ConfigRecord({
+        "noise-multiplier": -1.0 if state.noise_multiplier is None else state.noise_multiplier,
+        "history-noise": [float(h[0]) for h in state.history],
+        "history-rate": [float(h[1]) for h in state.history],
+        "history-steps": [int(h[2]) for h in state.history],
+    })
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, partition_id, model, tokenizer, data = _setup(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    state = _load_state(context)
+    result = train_round(model, encode(data.train, tokenizer), config, state,
+                         seed=config.seed * 1_000_003 + server_round * 1_009 + partition_id)
+    _save_state(context, state)
+    declined = result.status == STATUS_DECLINED
+    metrics = MetricRecord({
+        "num-examples": result.num_examples, "train-loss": 0.0 if declined else result.train_loss,
+        "epsilon": result.epsilon, "delta": result.delta, "noise-multiplier": result.noise_multiplier,
+        "sample-rate": result.sample_rate, "steps": result.steps, "declined": int(declined),
+        "partition-id": partition_id,
+    })
+    arrays = ArrayRecord(adapter_state(model))
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    config, partition_id, model, tokenizer, data = _setup(msg, context)
+    metrics = evaluate(model, tokenizer, data.test, data.facts, batch_size=config.eval_batch_size,
+                       popularity=data.popularity)
+    shoppers = len({e.user_id for e in data.test})
+    record = MetricRecord({**metrics, "num-examples": shoppers, "partition-id": partition_id})
+    return Message(content=RecordDict({"metrics": record}), reply_to=msg)
+

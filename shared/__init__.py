@@ -1,0 +1,1 @@
+"""fedshop: federated DP-LoRA T5 for shopper behaviour."""

@@ -1,0 +1,269 @@
+"""The one typed configuration of a fedshop run.
+
+Every tunable is a flat kebab-case key (Flower style). The dataclass below is the single source of the defaults;
+`pyproject.toml`'s `[tool.flwr.app.config]` repeats them for `flwr run .` and a test keeps the two equal.
+Values are parsed and validated once, here, and a bad key or value is refused with its name and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import UserError
+
+MODEL_SIZES = ("tiny", "small")
+ACCOUNTANTS = ("rdp", "prv")
+PRIVACY_UNITS = ("event",)
+LORA_TARGET_CHOICES = ("q", "k", "v", "o", "wi", "wo")
+TASK_CHOICES = ("intent", "next-item")
+
+
+class ConfigError(UserError):
+    """A configuration key or value that fedshop refuses."""
+
+
+def _spec(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+          low_open: bool = False, high_open: bool = False, choices: tuple[str, ...] | None = None,
+          multi: bool = False) -> Any:
+    """A dataclass field carrying its help text and its allowed range (PEFT-config style)."""
+    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "choices": choices, "multi": multi}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class FedShopConfig:
+    # --- data: the embedded synthetic generator -------------------------------------------------------------
+    seed: int = _spec(7, "seed of the synthetic data, the model init and the DP sampling", low=0)
+    num_merchants: int = _spec(4, "number of merchants (federation clients)", low=1, high=1000)
+    shoppers_per_merchant: int = _spec(200, "private shoppers per merchant", low=10, high=1_000_000)
+    public_shoppers: int = _spec(800, "shoppers of the public platform split used only for pretraining",
+                                 low=10, high=10_000_000)
+    num_items: int = _spec(400, "catalogue size", low=20, high=1_000_000)
+    num_categories: int = _spec(16, "number of item categories", low=2, high=10_000)
+    days: int = _spec(60, "days of event history", low=1, high=3650)
+    merchant_skew: float = _spec(0.3, "Dirichlet concentration of merchants' category mixes (smaller = more "
+                                 "non-IID)", low=0.0, low_open=True, high=100.0)
+    history_length: int = _spec(20, "most recent events of a shopper shown to the model", low=1, high=512)
+    tasks: str = _spec("intent,next-item", "comma-separated behaviour tasks", choices=TASK_CHOICES, multi=True)
+    # --- model -------------------------------------------------------------------------------------------
+    model_size: str = _spec("small", "T5 size preset of the base model", choices=MODEL_SIZES)
+    base_dir: str = _spec("bases/small", "base directory (config, safetensors, tokenizer) every merchant loads")
+    pretrain_epochs: int = _spec(4, "epochs of supervised pretraining on the public split", low=0, high=1000)
+    pretrain_batch_size: int = _spec(64, "batch size of pretraining", low=1, high=65536)
+    pretrain_learning_rate: float = _spec(3e-3, "learning rate of pretraining (AdamW)", low=0.0, low_open=True,
+                                          high=1.0)
+    lora_r: int = _spec(8, "LoRA rank", low=1, high=1024)
+    lora_alpha: float = _spec(16.0, "LoRA alpha (update scale alpha / r)", low=0.0, low_open=True, high=1e4)
+    lora_dropout: float = _spec(0.0, "dropout on the LoRA branch", low=0.0, high=1.0, high_open=True)
+    lora_targets: str = _spec("q,v", "comma-separated T5 linear layers LoRA adapts", choices=LORA_TARGET_CHOICES,
+                              multi=True)
+    # --- federation ----------------------------------------------------------------------------------------
+    num_rounds: int = _spec(3, "federated rounds", low=1, high=100_000)
+    fraction_train: float = _spec(1.0, "fraction of merchants sampled for training each round", low=0.0,
+                                  low_open=True, high=1.0)
+    local_epochs: int = _spec(1, "local epochs per round (in expected Poisson batches)", low=1, high=1000)
+    batch_size: int = _spec(64, "expected batch size of Poisson sampling", low=1, high=65536)
+    learning_rate: float = _spec(2e-2, "merchant learning rate (AdamW on LoRA tensors)", low=0.0, low_open=True,
+                                 high=10.0)
+    eval_batch_size: int = _spec(256, "batch size of evaluation", low=1, high=65536)
+    # --- privacy -------------------------------------------------------------------------------------------
+    dp: bool = _spec(True, "train with DP-SGD (false gives the non-private run for comparison)")
+    target_epsilon: float = _spec(8.0, "each merchant's privacy budget epsilon over the whole planned schedule",
+                                  low=0.0, low_open=True, high=1e6)
+    target_delta: float = _spec(1e-5, "delta of the privacy budget", low=0.0, low_open=True, high=1.0,
+                                high_open=True)
+    max_grad_norm: float = _spec(1.0, "per-sample gradient clipping norm C", low=0.0, low_open=True, high=1e6)
+    accountant: str = _spec("rdp", "privacy accountant", choices=ACCOUNTANTS)
+    privacy_unit: str = _spec("event", "what one DP record is", choices=PRIVACY_UNITS)
+    # --- run -----------------------------------------------------------------------------------------------
+    run_dir: str = _spec("runs/latest", "run directory written by the server")
+    progress: bool = _spec(True, "show a progress line per round")
+    torch_threads: int = _spec(1, "torch intra-op threads per merchant process", low=1, high=256)
+
+    # ---------------------------------------------------------------------------------------------------------
+    @property
+    def lora_target_list(self) -> list[str]:
+        return _split(self.lora_targets)
+
+    @property
+    def task_list(self) -> list[str]:
+        return _split(self.tasks)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Kebab-case mapping of every key, as Flower's run config and `config.toml` hold it."""
+        return {_kebab(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> FedShopConfig:
+        return from_mapping({**self.to_flat(), **{_kebab(k): v for k, v in changes.items()}})
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+FIELDS = {_kebab(f.name): f for f in dataclasses.fields(FedShopConfig)}
+
+
+def describe_range(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if meta["choices"]:
+        joined = ", ".join(meta["choices"])
+        return f"a comma-separated list of {joined}" if meta["multi"] else f"one of {joined}"
+    if f.type in ("bool", bool):
+        return "true or false"
+    kind = "an integer" if f.type in ("int", int) else ("a number" if f.type in ("float", float) else "a string")
+    low, high = meta["low"], meta["high"]
+    if low is None and high is None:
+        return kind
+    left = "(" if meta["low_open"] else "["
+    right = ")" if meta["high_open"] else "]"
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    return f"{kind} in {left}{lo}, {hi}{right}"
+
+
+def _coerce(key: str, f: dataclasses.Field, raw: Any, where: str) -> Any:
+    kind = f.type
+    expected = describe_range(f)
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{where}config key '{key}' = {raw!r}: {why}; expected {expected}")
+
+    if kind in ("bool", bool):
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
+        raise refuse("not a boolean")
+    if kind in ("int", int):
+        if isinstance(raw, bool):
+            raise refuse("not an integer")
+        if isinstance(raw, int):
+            value: Any = raw
+        elif isinstance(raw, float) and raw.is_integer():
+            value = int(raw)
+        elif isinstance(raw, str):
+            try:
+                value = int(raw.strip())
+            except ValueError:
+                raise refuse("not an integer") from None
+        else:
+            raise refuse("not an integer")
+    elif kind in ("float", float):
+        if isinstance(raw, bool):
+            raise refuse("not a number")
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise refuse("not a number") from None
+        if math.isnan(value):
+            raise refuse("not a number")
+    else:
+        if not isinstance(raw, str):
+            raise refuse("not a string")
+        value = raw.strip()
+    meta = f.metadata
+    if meta["choices"]:
+        parts = _split(value) if meta["multi"] else [value]
+        bad = [p for p in parts if p not in meta["choices"]]
+        if bad or not parts:
+            raise refuse(f"{', '.join(bad) or 'empty'} not allowed")
+        if meta["multi"]:
+            value = ",".join(dict.fromkeys(parts))
+    if isinstance(value, (int, float)):
+        low, high = meta["low"], meta["high"]
+        if low is not None and (value < low or (meta["low_open"] and value <= low)):
+            raise refuse("out of range")
+        if high is not None and (value > high or (meta["high_open"] and value >= high)):
+            raise refuse("out of range")
+    return value
+
+
+def from_mapping(values: dict[str, Any], where: str = "") -> FedShopConfig:
+    """Parse and validate a flat kebab-case mapping; missing keys take their defaults."""
+    kwargs = {}
+    for key, raw in values.items():
+        f = FIELDS.get(key)
+        if f is None:
+            hint = _closest(key)
+            raise ConfigError(f"{where}unknown config key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
+                              + "; known keys: " + ", ".join(FIELDS))
+        kwargs[f.name] = _coerce(key, f, raw, where)
+    return FedShopConfig(**kwargs)
+
+
+def _closest(key: str) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(key, list(FIELDS), n=1)
+    return matches[0] if matches else None
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """`key=value` from the command line."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """A config override file: flat keys at top level (or under [tool.flwr.app.config])."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    nested = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    if nested is not None:
+        data = nested
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"{path}: section [{key}] not allowed; fedshop configs are flat key = value pairs")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FedShopConfig:
+    """Defaults, then a TOML file, then `--set key=value` overrides, validated together."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        file_values = load_toml(path)
+        from_mapping(file_values, where=f"{path}: ")  # name the file in any error
+        values.update(file_values)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key not in FIELDS:
+            from_mapping({key: value}, where="--set: ")
+        values[key] = value
+    return from_mapping(values)
+
+
+def to_toml(config: FedShopConfig) -> str:
+    """`config.toml` of a run directory: every key, resolved."""
+    lines = ["# fedshop resolved configuration: every key, as this run used it", ""]
+    for key, value in config.to_flat().items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -1,0 +1,63 @@
+"""From a config to a merchant's examples: the one data path every merchant, the pretrainer and the tests use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.config import FedShopConfig
+from shared.errors import UserError
+from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, SyntheticData, generate
+from shared.tasks import CatalogueFacts, Example, build_examples, by_split
+
+
+@dataclass
+class MerchantData:
+    merchant_id: str
+    facts: CatalogueFacts
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    popularity: np.ndarray  # item view counts visible to training (for the popularity baseline)
+
+
+def catalogue_facts(data: SyntheticData) -> CatalogueFacts:
+    catalogue = data.catalogue
+    return CatalogueFacts(
+        item_ids=tuple(catalogue.item_ids.tolist()),
+        category=tuple(catalogue.category_names().tolist()),
+        price_band=tuple(f"p{b}" for b in catalogue.price_band.tolist()),
+    )
+
+
+def vocabulary(facts: CatalogueFacts) -> tuple[list[str], list[str], list[str]]:
+    categories = sorted(set(facts.category), key=lambda c: int(c[1:]) if c[1:].isdigit() else c)
+    return list(facts.item_ids), categories, [f"p{b}" for b in range(PRICE_BANDS)]
+
+
+def merchant_data(config: FedShopConfig, merchant_id: str, data: SyntheticData | None = None) -> MerchantData:
+    """A merchant's (or the public split's) examples, split leave-last-out per shopper."""
+    data = data if data is not None else generate(config)
+    if merchant_id != PUBLIC_MERCHANT and merchant_id not in data.merchant_ids:
+        raise UserError(f"merchant {merchant_id!r} does not exist; merchants are {', '.join(data.merchant_ids)}")
+    rows = np.flatnonzero(data.events.merchant_id == merchant_id)
+    facts = catalogue_facts(data)
+    examples = build_examples(
+        data.events.take(rows), facts, tasks=config.task_list, history_length=config.history_length,
+        truth_purchase_prob=data.truth_purchase_prob[rows], truth_next_rank=data.truth_next_rank[rows],
+    )
+    splits = by_split(examples)
+    popularity = np.zeros(len(facts.item_ids))
+    index = facts.index()
+    # views visible to training: every view of a shopper except their valid and test targets
+    held_out = {(e.user_id, e.target) for e in splits["valid"] + splits["test"] if e.task == "next-item"}
+    merchant_log = data.events.take(rows)
+    for user, item, event in zip(merchant_log.user_id, merchant_log.item_id, merchant_log.event, strict=True):
+        if event == "view" and (user, item) not in held_out:
+            popularity[index[item]] += 1
+    return MerchantData(merchant_id, facts, splits["train"], splits["valid"], splits["test"], popularity)
+
+
+def merchant_id_for_partition(partition_id: int) -> str:
+    return f"m{partition_id}"

@@ -1,0 +1,94 @@
+"""T5 size presets, the base directory, and LoRA adapters through PEFT.
+
+A base directory holds `config.json`, `model.safetensors`, the tokenizer and `fedshop_base.json`; every merchant
+and the server load the same files, so nobody relies on seeded random init to agree on the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+from shared.config import FedShopConfig
+from shared.errors import UserError
+
+PRESETS: dict[str, dict[str, int]] = {
+    # tests and CI: ~0.1 M parameters besides the embeddings
+    "tiny": dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=1),
+    # the demo: sized so that pretraining and a DP federation fit in minutes on 2 CPU cores
+    "small": dict(d_model=128, d_ff=384, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=1),
+}
+BASE_META = "fedshop_base.json"
+
+
+def build_base(size: str, tokenizer: PreTrainedTokenizerFast, seed: int) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id, dropout_rate=0.0, feed_forward_proj="relu",
+        relative_attention_num_buckets=16, relative_attention_max_distance=64, **PRESETS[size],
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def save_base(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, directory: str | Path,
+              meta: dict) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    (directory / BASE_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def base_exists(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return (directory / "config.json").is_file() and (directory / "model.safetensors").is_file() and (
+        directory / BASE_META).is_file()
+
+
+def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast, dict]:
+    directory = Path(directory)
+    if not base_exists(directory):
+        raise UserError(f"base directory {directory} is missing or incomplete (needs config.json, "
+                        f"model.safetensors, {BASE_META}); run `fedshop pretrain` to create it")
+    model = T5ForConditionalGeneration.from_pretrained(directory)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    meta = json.loads((directory / BASE_META).read_text(encoding="utf-8"))
+    model.eval()
+    return model, tokenizer, meta
+
+
+def lora_config(config: FedShopConfig) -> LoraConfig:
+    return LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=config.lora_target_list, bias="none")
+
+
+def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int | None = None) -> PeftModel:
+    """Wrap the base with LoRA; only LoRA tensors train (embeddings, lm_head, relative bias stay frozen)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = get_peft_model(base, lora_config(config))
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and "lora_" not in name:
+            raise RuntimeError(f"non-LoRA parameter {name} is trainable")
+    return model
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The tensors that travel: exactly `get_peft_model_state_dict`."""
+    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        raise ValueError(f"adapter keys differ: missing {sorted(expected - set(state))[:3]}, "
+                         f"unexpected {sorted(set(state) - expected)[:3]}")
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter tensors not loaded: {unexpected[:3]}")
