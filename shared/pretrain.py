@@ -53,7 +53,7 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            total += float(loss)
+            total += float(loss.detach())
         log.info("pretrain epoch %d/%d: loss %.4f", epoch + 1, config.pretrain_epochs, total / steps_per_epoch)
     metrics = evaluate(model, tokenizer, public.valid, public.facts, batch_size=config.eval_batch_size)
     metrics["pretrain-seconds"] = time.perf_counter() - started

@@ -1,0 +1,91 @@
+"""The `fedshop` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from shared.config import FedShopConfig, load_config
+from shared.errors import UserError
+
+log = logging.getLogger("fedshop")
+
+
+def _config(args: argparse.Namespace) -> FedShopConfig:
+    overrides = list(args.set or [])
+    if getattr(args, "run_dir", None):
+        overrides.append(f"run-dir={args.run_dir}")
+    if getattr(args, "no_progress", False):
+        overrides.append("progress=false")
+    return load_config(args.config, overrides)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from shared.model import base_exists
+    from shared.pretrain import pretrain
+
+    started = time.perf_counter()
+    if not base_exists(config.base_dir):
+        log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
+        pretrain(config)
+    from server.simulation import run_simulation
+
+    log.info("simulating %d merchants x %d rounds (%s) -> %s", config.num_merchants, config.num_rounds,
+             f"DP target epsilon {config.target_epsilon:g}, delta {config.target_delta:g}, unit {config.privacy_unit}"
+             if config.dp else "no DP", config.run_dir)
+    run_simulation(config, verbose=args.verbose)
+    report = Path(config.run_dir) / "report.md"
+    if not report.is_file():
+        log.error("the simulation ended without writing %s; see the log above", report)
+        return 1
+    log.info("done in %.0f s; report: %s", time.perf_counter() - started, report)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from shared.pretrain import pretrain
+
+    pretrain(config, args.out or config.base_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedshop", description="Federated DP-LoRA T5 for shopper behaviour.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="TOML file of config overrides (e.g. configs/default.toml)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+
+    simulate = sub.add_parser("simulate", help="one federated run in Flower's simulation engine")
+    common(simulate)
+    simulate.add_argument("--run-dir", help="run directory to write (default: config key run-dir)")
+    simulate.add_argument("--no-progress", action="store_true", help="no progress line per round")
+    simulate.set_defaults(func=cmd_simulate)
+
+    pretrain = sub.add_parser("pretrain", help="pretrain the T5 base on the public split (no DP)")
+    common(pretrain)
+    pretrain.add_argument("--out", help="base directory to write (default: config key base-dir)")
+    pretrain.set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s fedshop %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"fedshop: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

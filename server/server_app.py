@@ -1,0 +1,44 @@
+"""fedshop ServerApp: FedAvg over merchants' LoRA adapters, the privacy ledger, and the run directory."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.report import write_report
+from server.rundir import RunDirectory
+from server.strategy import LedgerFedAvg
+from shared.config import from_mapping
+from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base
+from shared.pretrain import pretrain
+
+app = ServerApp()
+log = logging.getLogger("fedshop")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = from_mapping(dict(context.run_config))
+    run_dir = RunDirectory(config.run_dir)
+    run_dir.start(config)
+    if not base_exists(config.base_dir):
+        log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
+        pretrain(config)
+    base, _, base_meta = load_base(config.base_dir)
+    model = add_lora(base, config, seed=config.seed)  # B = 0: the starting adapter leaves the base unchanged
+    initial = ArrayRecord(adapter_state(model))
+
+    strategy = LedgerFedAvg(
+        run_dir, config, fraction_train=config.fraction_train, fraction_evaluate=1.0,
+        min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=config.num_merchants,
+    )
+    strategy.evaluate_initial(grid, initial)
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_rounds,
+                            train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    final = result.arrays if result.arrays is not None else initial  # no round aggregated: nothing changed
+    load_adapter_state(model, final.to_torch_state_dict())
+    model.save_pretrained(run_dir.adapter_dir)
+    write_report(run_dir, config, base_meta)
+    log.info("run directory: %s", run_dir.path)

@@ -1,0 +1,61 @@
+"""Run the fedshop Flower app in Flower's simulation engine (Ray backend), in this process, with a resolved config.
+
+`flwr.simulation.run_simulation` hands the apps an empty run config, so `fedshop simulate` drives the engine the way
+`flwr run` does internally: the ServerApp and ClientApp are loaded by reference from an app directory whose
+`pyproject.toml` carries the fully resolved config as `[tool.flwr.app.config]`, which Flower fuses into every
+merchant's `context.run_config`. This uses `flwr.simulation.run_simulation._run_simulation`, a private function of
+flwr 1.42 (pinned in pyproject.toml); `flwr run .` remains the public way and reads the same keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from flwr.app import Context, RecordDict
+from flwr.supercore.telemetry import EventType
+from flwr.simulation.run_simulation import _run_simulation
+
+from shared.config import FedShopConfig, to_toml
+
+SERVER_APP = "server.server_app:app"
+CLIENT_APP = "client.client_app:app"
+
+
+def write_app_dir(config: FedShopConfig, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    body = to_toml(config).split("\n", 2)[2]  # drop the comment header
+    (directory / "pyproject.toml").write_text(
+        "[project]\nname = \"fedshop-run\"\nversion = \"0.1.0\"\n\n"
+        "[tool.flwr.app]\npublisher = \"fedshop\"\n\n"
+        f"[tool.flwr.app.components]\nserverapp = \"{SERVER_APP}\"\nclientapp = \"{CLIENT_APP}\"\n\n"
+        "[tool.flwr.app.config]\n" + body,
+        encoding="utf-8",
+    )
+    return directory
+
+
+def run_simulation(config: FedShopConfig, verbose: bool = False) -> None:
+    """One federated run; returns when every round is done and the Ray runtime is shut down."""
+    run_dir = Path(config.run_dir)
+    app_dir = write_app_dir(config, run_dir / ".flwr-app")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_flat())
+    _run_simulation(
+        num_supernodes=config.num_merchants,
+        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+        server_app_attr=SERVER_APP,
+        client_app_attr=CLIENT_APP,
+        server_app_context=context,
+        app_dir=str(app_dir),
+        is_app=True,
+        backend_name="ray",
+        backend_config={
+            "client_resources": {"num_cpus": config.torch_threads, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                          "logging_level": logging.ERROR if not verbose else logging.INFO},
+        },
+        verbose_logging=verbose,
+    )
