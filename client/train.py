@@ -14,6 +14,7 @@ Privacy bookkeeping, in order:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +98,9 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
         max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
     )
     private_model.train()
+    # Opacus's hooks fire on module outputs because the frozen base's inputs need no gradient: expected here.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed",
+                            category=UserWarning)
     losses: list[float] = []
     for _ in range(config.local_epochs):
         for input_ids, attention_mask, target_ids in private_loader:

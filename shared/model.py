@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from shared.config import FedShopConfig
 from shared.errors import UserError
@@ -39,6 +40,7 @@ def save_base(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerF
               meta: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    hf_logging.disable_progress_bar()
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     (directory / BASE_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -52,6 +54,7 @@ def base_exists(directory: str | Path) -> bool:
 
 def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast, dict]:
     directory = Path(directory)
+    hf_logging.disable_progress_bar()  # a merchant loads the base every round: no progress bars in the logs
     if not base_exists(directory):
         raise UserError(f"base directory {directory} is missing or incomplete (needs config.json, "
                         f"model.safetensors, {BASE_META}); run `fedshop pretrain` to create it")

@@ -137,7 +137,8 @@ def generate(config: FedShopConfig) -> SyntheticData:
     for merchant, mix, num_shoppers in groups:
         for u in range(num_shoppers):
             user = f"{merchant}-u{u}"
-            preference = rng.dirichlet(3.0 * config.num_categories * mix + 0.05)
+            preference = rng.dirichlet(3.0 * config.num_categories * mix + 0.05) + 1e-4  # no exact zeros
+            preference /= preference.sum()
             sessions = _session_plan(rng, config.days)
             seen = np.zeros(catalogue.num_items, dtype=bool)
             previous: int | None = None
@@ -145,6 +146,8 @@ def generate(config: FedShopConfig) -> SyntheticData:
                 clock = day_ms + int(rng.integers(8 * 3600_000, 22 * 3600_000))
                 session_previous: int | None = None
                 for _ in range(num_views):
+                    if seen.all():  # a tiny catalogue can run out of unseen items
+                        break
                     distribution = next_view_distribution(catalogue, preference, session_previous, seen)
                     item = int(rng.choice(catalogue.num_items, p=distribution))
                     rank = rank_with_ties_against(distribution, item) if previous is not None else np.nan

@@ -1,0 +1,33 @@
+"""The adapter a run writes is plain PEFT: it loads on the base with `PeftModel.from_pretrained`, same logits."""
+
+import torch
+from peft import PeftModel
+from transformers import T5ForConditionalGeneration
+
+from shared.model import adapter_state, add_lora, load_adapter_state, load_base
+from shared.modeling import encode, first_step_logits
+from shared.data import merchant_data
+
+
+def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny_base, tmp_path):
+    config = tiny_base
+    base, tokenizer, _ = load_base(config.base_dir)
+    model = add_lora(base, config, seed=3)
+    # a non-trivial adapter: B is zero at init, so give every LoRA tensor random values
+    state = {k: torch.randn_like(v) * 0.1 for k, v in adapter_state(model).items()}
+    load_adapter_state(model, state)
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir() if p.suffix in (".json", ".safetensors")) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+
+    reloaded = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(config.base_dir),
+                                         tmp_path / "adapter")
+    batch = encode(merchant_data(config, "m0").test[:16], tokenizer)
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        expected = first_step_logits(model, batch.input_ids, batch.attention_mask)
+        actual = first_step_logits(reloaded, batch.input_ids, batch.attention_mask)
+        plain = first_step_logits(T5ForConditionalGeneration.from_pretrained(config.base_dir), batch.input_ids,
+                                  batch.attention_mask)
+    assert torch.allclose(expected, actual, atol=1e-5)
+    assert not torch.allclose(expected, plain, atol=1e-3)  # the adapter really changes the model

@@ -1,0 +1,60 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shared.config import ConfigError, FedShopConfig, from_mapping, load_config, to_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_defaults_equal_the_config_defaults():
+    # Prepare
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    # Execute
+    flwr_defaults = pyproject["tool"]["flwr"]["app"]["config"]
+    # Assert
+    assert flwr_defaults == FedShopConfig().to_flat()
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("target-epsilon", 0, "(0, 1e+06]"),
+    ("target-epsilon", -1.5, "(0, 1e+06]"),
+    ("target-delta", 1, "(0, 1)"),
+    ("num-merchants", 0, "[1, 1000]"),
+    ("lora-targets", "q,x", "comma-separated list of q, k, v, o, wi, wo"),
+    ("accountant", "gdp", "one of rdp, prv"),
+    ("dp", "maybe", "true or false"),
+    ("num-rounds", "three", "an integer"),
+])
+def test_bad_values_are_refused_naming_key_and_range(key, value, words):
+    with pytest.raises(ConfigError) as error:
+        from_mapping({key: value})
+    assert f"'{key}'" in str(error.value)
+    assert words in str(error.value)
+
+
+def test_unknown_key_is_refused_with_a_suggestion():
+    with pytest.raises(ConfigError, match="unknown config key 'target-epsilom'.*did you mean 'target-epsilon'"):
+        from_mapping({"target-epsilom": 3})
+
+
+def test_file_then_overrides_and_errors_name_the_file(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('num-rounds = 5\nlora-targets = "q,k,v"\n')
+    config = load_config(path, ["num-rounds=2", "dp=false"])
+    assert (config.num_rounds, config.lora_target_list, config.dp) == (2, ["q", "k", "v"], False)
+    path.write_text("num-merchants = -3\n")
+    with pytest.raises(ConfigError, match="exp.toml: config key 'num-merchants'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["num-rounds"])
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    config = FedShopConfig(num_rounds=4, target_delta=1e-6, lora_targets="q,v,o", dp=False)
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config

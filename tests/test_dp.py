@@ -1,0 +1,111 @@
+"""Properties DP-SGD must have, checked on a tiny T5 + LoRA with the real Opacus engine and accountants."""
+
+import math
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
+
+from client.train import STATUS_DECLINED, STATUS_TRAINED, PrivacyState, epsilon_of, schedule, train_round
+from shared.config import FedShopConfig
+from shared.modeling import encode, per_sample_loss
+from tests.helpers import first, lora_parameters, tiny_lora_model
+
+CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,
+                       num_items=40, num_categories=4, history_length=6, batch_size=16, num_rounds=2,
+                       lora_targets="q,v,o,wi", target_epsilon=4.0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tokenizer, merchant = tiny_lora_model(CONFIG)
+    return model, tokenizer, merchant, encode(merchant.train, tokenizer)
+
+
+def test_hooks_per_sample_gradients_equal_single_example_gradients(setup):
+    model, _, _, data = setup
+    batch = first(data, 4)
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    per_sample_loss(wrapped, batch.input_ids, batch.attention_mask, batch.target_ids).mean().backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    per_sample = {n: p.grad_sample.clone() for n, p in trainable}
+    for n, p in trainable:
+        p.grad_sample, p.grad = None, None
+    wrapped.disable_hooks()
+    for i in range(4):
+        model.zero_grad(set_to_none=True)
+        per_sample_loss(model, batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1],
+                        batch.target_ids[i:i + 1]).mean().backward()
+        for n, p in trainable:
+            assert torch.allclose(per_sample[n][i], p.grad, atol=1e-6, rtol=1e-4), n
+    wrapped.enable_hooks()
+    wrapped._close()
+    model.zero_grad(set_to_none=True)
+
+
+def test_every_per_sample_gradient_is_clipped_to_the_norm():
+    model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=1)
+    tokenizer_batch = encode(merchant.train[:8], tokenizer)
+    clip = 1e-3  # far below the raw per-sample norms, so every sample is clipped
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = DPOptimizer(torch.optim.SGD(trainable, lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
+                            expected_batch_size=8)
+    per_sample_loss(wrapped, tokenizer_batch.input_ids, tokenizer_batch.attention_mask,
+                    tokenizer_batch.target_ids).mean().backward()
+    raw = [p.grad_sample.clone() for p in trainable]
+    raw_norms = torch.stack([g.reshape(8, -1).norm(dim=1) for g in raw], dim=1).norm(dim=1)
+    optimizer.clip_and_accumulate()
+    factors = (clip / (raw_norms + 1e-6)).clamp(max=1.0)
+    clipped_norms = raw_norms * factors
+    assert (raw_norms > clip).all()
+    assert (clipped_norms <= clip * (1 + 1e-5)).all()
+    for p, g in zip(trainable, raw):
+        assert torch.allclose(p.summed_grad, torch.einsum("i,i...", factors, g), atol=1e-9)
+    total = torch.cat([p.summed_grad.reshape(-1) for p in trainable]).norm()
+    assert total <= 8 * clip * (1 + 1e-5)  # the sum of 8 clipped gradients
+
+
+def test_epsilon_composed_over_rounds_equals_one_accountant_over_all_steps(setup):
+    model, _, _, data = setup
+    data = first(data, 160)
+    state = PrivacyState()
+    first_round = train_round(model, data, CONFIG, state, seed=1)
+    second_round = train_round(model, data, CONFIG, state, seed=2)
+    sample_rate, steps = schedule(len(data), CONFIG)
+    reference = RDPAccountant()
+    for _ in range(2 * steps):
+        reference.step(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate)
+    assert first_round.status == second_round.status == STATUS_TRAINED
+    assert sum(s for _, _, s in state.history) == 2 * steps
+    assert math.isclose(second_round.epsilon, reference.get_epsilon(CONFIG.target_delta), rel_tol=1e-9)
+    assert first_round.epsilon < second_round.epsilon <= CONFIG.target_epsilon
+
+
+def test_a_round_past_the_budget_is_declined_and_nothing_trains(setup):
+    model, _, _, data = setup
+    config = CONFIG.replace(num_rounds=1)
+    state = PrivacyState()
+    trained = train_round(model, data, config, state, seed=3)
+    before = lora_parameters(model)
+    history = list(state.history)
+    declined = train_round(model, data, config, state, seed=4)
+    assert trained.status == STATUS_TRAINED and declined.status == STATUS_DECLINED
+    assert state.history == history and declined.epsilon == trained.epsilon <= config.target_epsilon
+    assert all(torch.equal(before[n], p) for n, p in lora_parameters(model).items())
+
+
+def test_empty_poisson_batches_still_take_a_noised_counted_step(setup):
+    model, _, _, data = setup
+    tiny = first(data, 3)
+    config = CONFIG.replace(batch_size=1, local_epochs=20, num_rounds=1, target_epsilon=50.0)
+    state = PrivacyState()
+    before = lora_parameters(model)
+    result = train_round(model, tiny, config, state, seed=5)
+    # q = 1/3, 60 steps: P(no empty batch) = (1 - (2/3)^3)^60 < 1e-9, so empty batches did occur
+    assert result.status == STATUS_TRAINED and result.steps == 60
+    assert sum(s for _, _, s in state.history) == 60
+    assert math.isclose(result.epsilon, epsilon_of(state.history, config.target_delta, "rdp"))
+    assert any(not torch.equal(before[n], p) for n, p in lora_parameters(model).items())

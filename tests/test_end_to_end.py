@@ -1,0 +1,66 @@
+"""`fedshop simulate --config configs/tiny.toml`: 3 merchants x 2 rounds through the real Flower simulation engine."""
+
+import csv
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from shared.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ray_processes() -> int:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if "raylet" in line or "gcs_server" in line)
+
+
+def test_simulate_tiny_writes_a_complete_run_directory(tmp_path):
+    run_dir, base_dir = tmp_path / "run", tmp_path / "base"
+    ray_before = _ray_processes()
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "simulate", "--config", str(ROOT / "configs/tiny.toml"),
+         "--set", f"base-dir={base_dir}", "--run-dir", str(run_dir), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "does not exist yet: pretraining it" in done.stderr  # one command runs end to end
+
+    config = load_config(run_dir / "config.toml")
+    assert config.num_merchants == 3 and config.num_rounds == 2 and config.base_dir == str(base_dir)
+    assert tomllib.loads((run_dir / "config.toml").read_text())["run-dir"] == str(run_dir)
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["scope"]) for r in records] == [
+        (0, "evaluate"), (1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+    final = records[-1]["metrics"]
+    assert 0.0 <= final["intent-auc"] <= 1.0 and 0.0 <= final["next-hr@10"] <= 1.0
+    assert final["next-oracle-hr@10"] >= final["next-hr@10"] - 0.2
+    assert set(records[-1]["merchants"]) == {"m0", "m1", "m2"}
+
+    rows = list(csv.DictReader((run_dir / "privacy.csv").open()))
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"trained"}
+    for merchant in ("m0", "m1", "m2"):
+        epsilons = [float(r["epsilon"]) for r in rows if r["merchant"] == merchant]
+        assert 0 < epsilons[0] < epsilons[1] <= config.target_epsilon  # composed, within budget
+    assert all(r["unit"] == "event" and r["accountant"] == "rdp" and float(r["delta"]) == config.target_delta
+               for r in rows)
+
+    adapter = run_dir / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    report = (run_dir / "report.md").read_text()
+    assert "Bayes oracle" in report and "popularity" in report
+    assert f"delta = {config.target_delta:g}" in report and "unit" in report and "rdp accountant" in report
+    assert _ray_processes() <= ray_before  # the simulation left no Ray process behind
+
+
+def test_a_user_mistake_is_one_clear_line_not_a_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("target-epsilon = 0\n")
+    done = subprocess.run([sys.executable, "-m", "server.cli", "simulate", "--config", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"{bad}: config key 'target-epsilon' = 0" in done.stderr and "(0, 1e+06]" in done.stderr

@@ -1,0 +1,68 @@
+import numpy as np
+
+from shared.config import FedShopConfig
+from shared.data import merchant_data
+from shared.synthetic import PUBLIC_MERCHANT, generate
+
+CONFIG = FedShopConfig(num_merchants=3, shoppers_per_merchant=60, public_shoppers=60, num_items=80,
+                       num_categories=8, merchant_skew=0.3)
+
+
+def test_generator_is_deterministic_per_seed():
+    a, b, c = generate(CONFIG), generate(CONFIG), generate(CONFIG.replace(seed=8))
+    assert (a.events.item_id == b.events.item_id).all() and (a.events.timestamp == b.events.timestamp).all()
+    assert len(a.events) != len(c.events) or (a.events.item_id != c.events.item_id).any()
+
+
+def test_merchants_are_non_iid_and_public_shoppers_are_disjoint():
+    data = generate(CONFIG)
+    mixes = []
+    for merchant in data.merchant_ids:
+        cats = data.events.category[data.events.merchant_id == merchant]
+        mixes.append(np.array([(cats == f"c{c}").mean() for c in range(CONFIG.num_categories)]))
+    # total-variation distance between merchants' category mixes is large
+    assert min(0.5 * np.abs(mixes[i] - mixes[j]).sum() for i in range(3) for j in range(i + 1, 3)) > 0.2
+    public = set(data.events.user_id[data.events.merchant_id == PUBLIC_MERCHANT])
+    private = set(data.events.user_id[data.events.merchant_id != PUBLIC_MERCHANT])
+    assert public and private and not public & private
+
+
+def test_funnel_order_and_truth_probabilities_match_outcomes():
+    data = generate(CONFIG)
+    events = data.events
+    views = events.event == "view"
+    p = data.truth_purchase_prob
+    assert np.isnan(p[~views]).all() and ((p[views] > 0) & (p[views] < 1)).all()
+    # a purchase follows a cart of the same item by the same shopper, later in time
+    for row in np.flatnonzero(events.event == "purchase")[:200]:
+        assert events.event[row - 1] == "cart" and events.item_id[row - 1] == events.item_id[row]
+        assert events.timestamp[row - 1] < events.timestamp[row]
+    # the drawn outcomes agree with the probabilities they were drawn from (calibration in aggregate)
+    bought = {(u, i) for u, i, e in zip(events.user_id, events.item_id, events.event) if e == "purchase"}
+    outcome = np.array([(u, i) in bought for u, i in zip(events.user_id[views], events.item_id[views])])
+    assert abs(outcome.mean() - p[views].mean()) < 0.03
+
+
+def test_leave_last_out_split_never_shows_the_future():
+    data = generate(CONFIG)
+    merchant = merchant_data(CONFIG, "m1", data)
+    rows = data.events.merchant_id == "m1"
+    view_time = {(u, i): t for u, i, t, e in zip(data.events.user_id[rows], data.events.item_id[rows],
+                                                  data.events.timestamp[rows], data.events.event[rows]) if e == "view"}
+    latest_train = {}
+    for example in merchant.train:
+        latest_train[example.user_id] = max(latest_train.get(example.user_id, 0),
+                                            view_time[(example.user_id, example.target if example.task == "next-item"
+                                                       else example.source.split(" cand ")[1].split()[0])])
+    for example in merchant.test + merchant.valid:
+        target_item = merchant.facts.item_ids[example.label] if example.task == "next-item" else \
+            example.source.split(" cand ")[1].split()[0]
+        target_time = view_time[(example.user_id, target_item)]
+        history = example.source.split(" cand ")[0].split()[1::2]
+        assert all(view_time[(example.user_id, item)] < target_time for item in history)
+        assert latest_train.get(example.user_id, 0) < target_time  # every train target precedes valid/test
+        if example.task == "next-item":
+            assert example.label not in example.seen
+    # every shopper contributes exactly one test example per task
+    users = {e.user_id for e in merchant.test}
+    assert len(merchant.test) == 2 * len(users)
