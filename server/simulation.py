@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 from flwr.app import Context, RecordDict
-from flwr.supercore.telemetry import EventType
 from flwr.simulation.run_simulation import _run_simulation
+from flwr.supercore.telemetry import EventType
 
 from shared.config import FedShopConfig, to_toml
 

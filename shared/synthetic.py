@@ -5,7 +5,8 @@ The generative story (every constant is named below):
 - each merchant has its own category mix (Dirichlet, `merchant-skew`): merchants are non-IID;
 - each shopper has a category preference drawn around their merchant's mix and visits in sessions over `days`;
   inside a session the next viewed item stays in the previous item's category with probability FOLLOW_PROB
-  (item by popularity), otherwise it is a fresh draw (category by preference, item by popularity); a shopper never views the same item twice;
+  (item by popularity), otherwise it is a fresh draw (category by preference, item by popularity); a shopper never
+  views the same item twice;
 - every view goes down the funnel view -> cart -> purchase; P(purchase | view) is a logistic function of item
   quality, the item's price within its category and the shopper's affinity to the category.
 

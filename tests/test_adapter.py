@@ -4,9 +4,9 @@ import torch
 from peft import PeftModel
 from transformers import T5ForConditionalGeneration
 
+from shared.data import merchant_data
 from shared.model import adapter_state, add_lora, load_adapter_state, load_base
 from shared.modeling import encode, first_step_logits
-from shared.data import merchant_data
 
 
 def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny_base, tmp_path):

@@ -4,8 +4,8 @@ import csv
 import math
 
 import numpy as np
-import torch
 import pytest
+import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 

@@ -31,7 +31,7 @@ def test_hooks_per_sample_gradients_equal_single_example_gradients(setup):
     per_sample_loss(wrapped, batch.input_ids, batch.attention_mask, batch.target_ids).mean().backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     per_sample = {n: p.grad_sample.clone() for n, p in trainable}
-    for n, p in trainable:
+    for _, p in trainable:
         p.grad_sample, p.grad = None, None
     wrapped.disable_hooks()
     for i in range(4):

@@ -4,8 +4,9 @@ import csv
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from shared.config import load_config
 
