@@ -87,6 +87,7 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     if epsilon_of(planned, config.target_delta, config.accountant) > config.target_epsilon:
         return RoundResult(STATUS_DECLINED, 0, 0, sample_rate, noise, spent_before, config.target_delta, math.nan)
 
+    model.train()  # Opacus refuses a module in eval mode
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     loader = DataLoader(TensorDataset(data.input_ids, data.attention_mask, data.target_ids),

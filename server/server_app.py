@@ -11,7 +11,7 @@ from server.report import write_report
 from server.rundir import RunDirectory
 from server.strategy import LedgerFedAvg
 from shared.config import from_mapping
-from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base
+from shared.model import adapter_state, add_lora, base_exists, check_base_matches, load_adapter_state, load_base
 from shared.pretrain import pretrain
 
 app = ServerApp()
@@ -27,6 +27,7 @@ def main(grid: Grid, context: Context) -> None:
         log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
         pretrain(config)
     base, _, base_meta = load_base(config.base_dir)
+    check_base_matches(base_meta, config)
     model = add_lora(base, config, seed=config.seed)  # B = 0: the starting adapter leaves the base unchanged
     initial = ArrayRecord(adapter_state(model))
 

@@ -43,21 +43,21 @@ class FedShopConfig:
     seed: int = _spec(7, "seed of the synthetic data, the model init and the DP sampling", low=0)
     num_merchants: int = _spec(4, "number of merchants (federation clients)", low=1, high=1000)
     shoppers_per_merchant: int = _spec(200, "private shoppers per merchant", low=10, high=1_000_000)
-    public_shoppers: int = _spec(800, "shoppers of the public platform split used only for pretraining",
+    public_shoppers: int = _spec(1000, "shoppers of the public platform split used only for pretraining",
                                  low=10, high=10_000_000)
     num_items: int = _spec(400, "catalogue size", low=20, high=1_000_000)
     num_categories: int = _spec(16, "number of item categories", low=2, high=10_000)
     days: int = _spec(60, "days of event history", low=1, high=3650)
     merchant_skew: float = _spec(0.3, "Dirichlet concentration of merchants' category mixes (smaller = more "
                                  "non-IID)", low=0.0, low_open=True, high=100.0)
-    history_length: int = _spec(20, "most recent events of a shopper shown to the model", low=1, high=512)
+    history_length: int = _spec(4, "most recent events of a shopper shown to the model", low=1, high=512)
     tasks: str = _spec("intent,next-item", "comma-separated behaviour tasks", choices=TASK_CHOICES, multi=True)
     # --- model -------------------------------------------------------------------------------------------
     model_size: str = _spec("small", "T5 size preset of the base model", choices=MODEL_SIZES)
     base_dir: str = _spec("bases/small", "base directory (config, safetensors, tokenizer) every merchant loads")
-    pretrain_epochs: int = _spec(4, "epochs of supervised pretraining on the public split", low=0, high=1000)
-    pretrain_batch_size: int = _spec(64, "batch size of pretraining", low=1, high=65536)
-    pretrain_learning_rate: float = _spec(3e-3, "learning rate of pretraining (AdamW)", low=0.0, low_open=True,
+    pretrain_epochs: int = _spec(8, "epochs of supervised pretraining on the public split", low=0, high=1000)
+    pretrain_batch_size: int = _spec(128, "batch size of pretraining", low=1, high=65536)
+    pretrain_learning_rate: float = _spec(5e-3, "learning rate of pretraining (AdamW)", low=0.0, low_open=True,
                                           high=1.0)
     lora_r: int = _spec(8, "LoRA rank", low=1, high=1024)
     lora_alpha: float = _spec(16.0, "LoRA alpha (update scale alpha / r)", low=0.0, low_open=True, high=1e4)

@@ -8,7 +8,7 @@ import numpy as np
 
 from shared.config import FedShopConfig
 from shared.errors import UserError
-from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, SyntheticData, generate
+from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, RATING_BANDS, SyntheticData, generate
 from shared.tasks import CatalogueFacts, Example, build_examples, by_split
 
 
@@ -28,12 +28,14 @@ def catalogue_facts(data: SyntheticData) -> CatalogueFacts:
         item_ids=tuple(catalogue.item_ids.tolist()),
         category=tuple(catalogue.category_names().tolist()),
         price_band=tuple(f"p{b}" for b in catalogue.price_band.tolist()),
+        rating_band=tuple(f"r{b}" for b in catalogue.rating_band.tolist()),
     )
 
 
 def vocabulary(facts: CatalogueFacts) -> tuple[list[str], list[str], list[str]]:
     categories = sorted(set(facts.category), key=lambda c: int(c[1:]) if c[1:].isdigit() else c)
-    return list(facts.item_ids), categories, [f"p{b}" for b in range(PRICE_BANDS)]
+    bands = [f"p{b}" for b in range(PRICE_BANDS)] + [f"r{b}" for b in range(RATING_BANDS)]
+    return list(facts.item_ids), categories, bands
 
 
 def merchant_data(config: FedShopConfig, merchant_id: str, data: SyntheticData | None = None) -> MerchantData:

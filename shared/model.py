@@ -21,7 +21,7 @@ PRESETS: dict[str, dict[str, int]] = {
     # tests and CI: ~0.1 M parameters besides the embeddings
     "tiny": dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=1),
     # the demo: sized so that pretraining and a DP federation fit in minutes on 2 CPU cores
-    "small": dict(d_model=128, d_ff=384, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=1),
+    "small": dict(d_model=128, d_ff=384, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=2),
 }
 BASE_META = "fedshop_base.json"
 
@@ -63,6 +63,20 @@ def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTra
     meta = json.loads((directory / BASE_META).read_text(encoding="utf-8"))
     model.eval()
     return model, tokenizer, meta
+
+
+CATALOGUE_KEYS = ("seed", "num-items", "num-categories")
+
+
+def check_base_matches(meta: dict, config: FedShopConfig) -> None:
+    """A base knows one catalogue (its item tokens and what it learned about them): refuse a base made for another."""
+    flat = config.to_flat()
+    different = [f"{key} = {meta.get(key)!r} in the base, {flat[key]!r} in the config" for key in CATALOGUE_KEYS
+                 if meta.get(key) != flat[key]]
+    if different:
+        raise UserError(f"base directory {config.base_dir} was pretrained for another catalogue ("
+                        + "; ".join(different) + "): pretrain a base for this config (`fedshop pretrain`) "
+                        "or set base-dir to a new directory")
 
 
 def lora_config(config: FedShopConfig) -> LoraConfig:

@@ -1,8 +1,8 @@
 """`fedshop pretrain`: the base model, trained without DP on the platform's public split only.
 
 Merchants' private shoppers are never seen here: the public split's shoppers are disjoint from every merchant's,
-and the catalogue facts (item, category, price band) are public. Supervised pretraining on the same tasks teaches the
-item embeddings what an item is, which frozen embeddings under LoRA could not learn later.
+and the catalogue facts (item, category, price band, rating band) are public. Supervised pretraining on the same
+tasks teaches the item embeddings what an item is, which frozen embeddings under LoRA could not learn later.
 """
 
 from __future__ import annotations
@@ -18,9 +18,26 @@ from shared.data import merchant_data, vocabulary
 from shared.model import build_base, save_base
 from shared.modeling import encode, evaluate, per_sample_loss
 from shared.synthetic import PUBLIC_MERCHANT, generate
+from shared.tasks import CatalogueFacts
 from shared.tokenizer import build_tokenizer
 
 log = logging.getLogger("fedshop")
+RELATIVE_BIAS_LR_SCALE = 30.0  # the relative attention bias learns this much faster than the other weights
+CATEGORY_INIT_SHARE = 0.8  # an item's initial embedding: this share of its category's, the rest its own noise
+
+
+def init_items_from_categories(model: torch.nn.Module, tokenizer, facts: CatalogueFacts) -> None:
+    """Start each item's (tied input/output) embedding near its category's, from the public catalogue facts.
+
+    The next item mostly stays in the last item's category; with random item embeddings the output layer must learn
+    every item's category from its own few target occurrences, with this it starts knowing it.
+    """
+    items = tokenizer.convert_tokens_to_ids(list(facts.item_ids))
+    categories = tokenizer.convert_tokens_to_ids(list(facts.category))
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        weight[items] = (CATEGORY_INIT_SHARE * weight[categories]
+                         + (1.0 - CATEGORY_INIT_SHARE ** 2) ** 0.5 * weight[items])
 
 
 def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[str, float]:
@@ -31,11 +48,19 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
     public = merchant_data(config, PUBLIC_MERCHANT, data)
     tokenizer = build_tokenizer(*vocabulary(public.facts))
     model = build_base(config.model_size, tokenizer, seed=config.seed)
+    init_items_from_categories(model, tokenizer, public.facts)
     train = encode(public.train, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_learning_rate, weight_decay=0.01)
+    # T5 has no absolute positions and its cross-attention none at all: "which item came last" reaches the decoder
+    # only through the relative attention bias, whose entries must grow to O(several) to attend sharply; at the
+    # common lr they move ~lr per Adam step and stay near 0 for the whole of a short schedule.
+    lr = config.pretrain_learning_rate
+    bias = [p for n, p in model.named_parameters() if "relative_attention_bias" in n]
+    rest = [p for n, p in model.named_parameters() if "relative_attention_bias" not in n]
+    optimizer = torch.optim.AdamW([dict(params=rest, lr=lr, weight_decay=0.01),
+                                   dict(params=bias, lr=lr * RELATIVE_BIAS_LR_SCALE, weight_decay=0.0)])
     steps_per_epoch = max(1, -(-len(train) // config.pretrain_batch_size))
     total_steps = steps_per_epoch * config.pretrain_epochs
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.pretrain_learning_rate,
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, lr * RELATIVE_BIAS_LR_SCALE],
                                                     total_steps=max(1, total_steps), pct_start=0.1)
     generator = torch.Generator().manual_seed(config.seed)
     log.info("pretraining %s base on the public split: %d shoppers, %d examples, %d steps", config.model_size,
@@ -46,7 +71,8 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
         total = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * config.pretrain_batch_size:(step + 1) * config.pretrain_batch_size]
-            loss = per_sample_loss(model, train.input_ids[idx], train.attention_mask[idx],
+            width = int(train.attention_mask[idx].sum(1).max())  # drop columns that are padding in the whole batch
+            loss = per_sample_loss(model, train.input_ids[idx, :width], train.attention_mask[idx, :width],
                                    train.target_ids[idx]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

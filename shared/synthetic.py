@@ -1,7 +1,8 @@
 """Deterministic synthetic shoppers at several merchants, with the truth they were drawn from.
 
 The generative story (every constant is named below):
-- a catalogue of items, each with a category, a price, a latent quality and a popularity weight;
+- a catalogue of items, each with a category, a price, a latent quality (seen publicly only through a noisy star
+  rating) and a popularity weight;
 - each merchant has its own category mix (Dirichlet, `merchant-skew`): merchants are non-IID;
 - each shopper has a category preference drawn around their merchant's mix and visits in sessions over `days`;
   inside a session the next viewed item stays in the previous item's category with probability FOLLOW_PROB
@@ -25,8 +26,10 @@ from shared.config import FedShopConfig
 from shared.events import EventLog
 
 PUBLIC_MERCHANT = "public"
-FOLLOW_PROB = 0.55
-PRICE_BANDS = 5
+FOLLOW_PROB = 0.75
+PRICE_BANDS = 10
+RATING_BANDS = 5
+RATING_NOISE = 0.4  # a public star rating is the item's latent quality seen through this much noise
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 # P(purchase | view) = sigmoid(BIAS + QUALITY * q - PRICE * price_z + AFFINITY * log-affinity)
 PURCHASE_BIAS = -1.7
@@ -35,6 +38,7 @@ PURCHASE_PRICE = 0.9
 PURCHASE_AFFINITY = 0.35
 CART_GIVEN_PURCHASE_INTENT = 1.6  # P(cart | view) = min(1, 1.6 * P(purchase | view)); purchase only after a cart
 MEAN_SESSIONS = 3.0
+SHOPPER_CONCENTRATION = 8.0  # Dirichlet concentration of a shopper's preference around their merchant's mix
 MEAN_EXTRA_VIEWS = 2.5
 MIN_VIEWS = 5
 
@@ -45,8 +49,10 @@ class Catalogue:
     category: np.ndarray  # int
     price: np.ndarray  # float
     price_band: np.ndarray  # int in [0, PRICE_BANDS): quintile of the log price within its category (public)
+    rating_band: np.ndarray  # int in [0, RATING_BANDS): quintile of the public rating, a noisy view of quality
     quality: np.ndarray  # latent
     popularity: np.ndarray  # latent weight of fresh draws inside a category
+    price_z: np.ndarray  # log price standardised within the category (what the purchase truth uses)
 
     @property
     def num_items(self) -> int:
@@ -80,12 +86,14 @@ def make_catalogue(num_items: int, num_categories: int, rng: np.random.Generator
         ranks = values.argsort().argsort()
         price_band[members] = (ranks * PRICE_BANDS) // len(members)
     quality = rng.normal(0.0, 1.0, size=num_items)
+    rating = quality + rng.normal(0.0, RATING_NOISE, size=num_items)
+    rating_band = (rating.argsort().argsort() * RATING_BANDS) // num_items
     popularity = np.exp(0.5 * quality + 0.6 * rng.normal(0.0, 1.0, size=num_items))
     catalogue = Catalogue(
         item_ids=np.array([f"i{i}" for i in range(num_items)], dtype=object),
-        category=category, price=price, price_band=price_band, quality=quality, popularity=popularity,
+        category=category, price=price, price_band=price_band, rating_band=rating_band, quality=quality,
+        popularity=popularity, price_z=price_z,
     )
-    catalogue.price_z = price_z  # type: ignore[attr-defined]  # latent standardised price, used by the truth
     return catalogue
 
 
@@ -93,7 +101,7 @@ def purchase_probability(catalogue: Catalogue, preference: np.ndarray, item: int
     num_categories = len(preference)
     affinity = np.clip(np.log(preference[catalogue.category[item]] * num_categories + 1e-12), -3.0, 3.0)
     logit = (PURCHASE_BIAS + PURCHASE_QUALITY * catalogue.quality[item]
-             - PURCHASE_PRICE * catalogue.price_z[item] + PURCHASE_AFFINITY * affinity)  # type: ignore[attr-defined]
+             - PURCHASE_PRICE * catalogue.price_z[item] + PURCHASE_AFFINITY * affinity)
     return float(1.0 / (1.0 + np.exp(-logit)))
 
 
@@ -138,7 +146,7 @@ def generate(config: FedShopConfig) -> SyntheticData:
     for merchant, mix, num_shoppers in groups:
         for u in range(num_shoppers):
             user = f"{merchant}-u{u}"
-            preference = rng.dirichlet(3.0 * config.num_categories * mix + 0.05) + 1e-4  # no exact zeros
+            preference = rng.dirichlet(SHOPPER_CONCENTRATION * mix + 0.05) + 1e-4  # no exact zeros
             preference /= preference.sum()
             sessions = _session_plan(rng, config.days)
             seen = np.zeros(catalogue.num_items, dtype=bool)

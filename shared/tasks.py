@@ -5,7 +5,8 @@ built only from v_1..v_{k-1}: v_n goes to test, v_{n-1} to valid, the rest to tr
 event enters its input, and the next-item targets are items the shopper has not seen before (the candidate set
 excludes seen items).
 
-- intent:    "intent: <history> cand <item> <category> <price band>" -> "yes" | "no" (bought after viewing)
+- intent:    "intent: <history> cand <item> <category> <price band> <rating band>" -> "yes" | "no" (bought after
+             viewing)
 - next-item: "next: <history>" -> "<item>"
 where <history> lists the most recent viewed items, oldest first, each followed by its (public) category.
 """
@@ -23,11 +24,12 @@ SPLITS = ("train", "valid", "test")
 
 @dataclass(frozen=True)
 class CatalogueFacts:
-    """Public facts about the catalogue: the item vocabulary, each item's category and price band."""
+    """Public facts about the catalogue: the item vocabulary, each item's category, price band and rating band."""
 
     item_ids: tuple[str, ...]
     category: tuple[str, ...]
     price_band: tuple[str, ...]
+    rating_band: tuple[str, ...]
 
     def index(self) -> dict[str, int]:
         return {item: i for i, item in enumerate(self.item_ids)}
@@ -73,7 +75,7 @@ def build_examples(log: EventLog, facts: CatalogueFacts, *, tasks: list[str], hi
                 examples.append(Example(
                     task="intent",
                     source=f"intent: {history_text} cand {item} {facts.category[index[item]]} "
-                           f"{facts.price_band[index[item]]}",
+                           f"{facts.price_band[index[item]]} {facts.rating_band[index[item]]}",
                     target="yes" if item in bought else "no", split=split, user_id=user,
                     label=int(item in bought),
                     truth=float(truth_purchase_prob[row]) if truth_purchase_prob is not None else float("nan"),

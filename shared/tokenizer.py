@@ -1,4 +1,4 @@
-"""The domain tokenizer: one token per catalogue item, category and price band, built locally.
+"""The domain tokenizer: one token per catalogue item, category, price band and rating band, built locally.
 
 Built with `tokenizers` (a word-level model over whitespace-separated tokens) and wrapped as a
 `PreTrainedTokenizerFast`, so it saves and loads with the base directory like any Hugging Face tokenizer.
@@ -16,9 +16,9 @@ TASK_TOKENS = ("intent:", "next:", "cand", "yes", "no")
 
 
 def build_tokenizer(item_tokens: Iterable[str], category_tokens: Iterable[str],
-                    price_band_tokens: Iterable[str]) -> PreTrainedTokenizerFast:
+                    attribute_tokens: Iterable[str]) -> PreTrainedTokenizerFast:
     vocab: dict[str, int] = {}
-    for token in (PAD, EOS, UNK, *TASK_TOKENS, *category_tokens, *price_band_tokens, *item_tokens):
+    for token in (PAD, EOS, UNK, *TASK_TOKENS, *category_tokens, *attribute_tokens, *item_tokens):
         if token not in vocab:
             vocab[token] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))

@@ -1,11 +1,13 @@
 """The adapter a run writes is plain PEFT: it loads on the base with `PeftModel.from_pretrained`, same logits."""
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import T5ForConditionalGeneration
 
 from shared.data import merchant_data
-from shared.model import adapter_state, add_lora, load_adapter_state, load_base
+from shared.errors import UserError
+from shared.model import adapter_state, add_lora, check_base_matches, load_adapter_state, load_base
 from shared.modeling import encode, first_step_logits
 
 
@@ -31,3 +33,10 @@ def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny_ba
                                   batch.attention_mask)
     assert torch.allclose(expected, actual, atol=1e-5)
     assert not torch.allclose(expected, plain, atol=1e-3)  # the adapter really changes the model
+
+
+def test_a_base_pretrained_for_another_catalogue_is_refused(tiny_base):
+    _, _, meta = load_base(tiny_base.base_dir)
+    check_base_matches(meta, tiny_base)  # its own config passes
+    with pytest.raises(UserError, match=r"num-items = 60 in the base, 61 in the config"):
+        check_base_matches(meta, tiny_base.replace(num_items=61))
