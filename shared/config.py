@@ -70,7 +70,7 @@ class FedShopConfig:
                                   low_open=True, high=1.0)
     local_epochs: int = _spec(1, "local epochs per round (in expected Poisson batches)", low=1, high=1000)
     batch_size: int = _spec(64, "expected batch size of Poisson sampling", low=1, high=65536)
-    learning_rate: float = _spec(2e-2, "merchant learning rate (AdamW on LoRA tensors)", low=0.0, low_open=True,
+    learning_rate: float = _spec(2e-3, "merchant learning rate (AdamW on LoRA tensors)", low=0.0, low_open=True,
                                  high=10.0)
     eval_batch_size: int = _spec(256, "batch size of evaluation", low=1, high=65536)
     # --- privacy -------------------------------------------------------------------------------------------
