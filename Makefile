@@ -1,18 +1,30 @@
 # Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv first.
+# torch is pinned to 2.13.0 and installed before the project: on the reference machine that is a CPU wheel already
+# on disk, while an unpinned torch could pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
 .PHONY: setup demo test lint clean
 
-setup:
-	./scripts/setup.sh
+setup: $(VENV)/.fedshop-installed
+
+$(VENV)/.fedshop-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), f'torch was replaced: {v}'; print('fedshop environment ready: torch', v)"
+	touch $@
 
 demo: setup
-	.venv/bin/fedshop pretrain --config configs/default.toml
-	.venv/bin/fedshop simulate --config configs/default.toml
+	$(VENV)/bin/fedshop simulate --config configs/default.toml
 
 test: setup
-	.venv/bin/python -m pytest
+	$(PY) -m pytest
 
 lint: setup
-	.venv/bin/ruff check server client shared tests
+	$(VENV)/bin/ruff check server client shared tests
 
 clean:
 	rm -rf runs bases .pytest_cache

@@ -25,7 +25,8 @@ def _config(args: argparse.Namespace) -> FedShopConfig:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     config = _config(args)
-    from shared.model import base_exists, check_base_matches, load_base
+    from shared.data import check_base_matches
+    from shared.model import base_exists, load_base
     from shared.pretrain import pretrain
 
     started = time.perf_counter()

@@ -11,7 +11,8 @@ from server.report import write_report
 from server.rundir import RunDirectory
 from server.strategy import LedgerFedAvg
 from shared.config import from_mapping
-from shared.model import adapter_state, add_lora, base_exists, check_base_matches, load_adapter_state, load_base
+from shared.data import check_base_matches
+from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base
 from shared.pretrain import pretrain
 
 app = ServerApp()

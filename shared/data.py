@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,3 +65,24 @@ def merchant_data(config: FedShopConfig, merchant_id: str, data: SyntheticData |
 
 def merchant_id_for_partition(partition_id: int) -> str:
     return f"m{partition_id}"
+
+
+def catalogue_fingerprint(facts: CatalogueFacts) -> str:
+    """sha256 of the public catalogue facts a base was pretrained on (items, categories, price and rating bands)."""
+    payload = json.dumps([facts.item_ids, facts.category, facts.price_band, facts.rating_band])
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def check_base_matches(meta: dict, config: FedShopConfig, data: SyntheticData | None = None) -> None:
+    """A base knows one catalogue (its item tokens and what it learned about them): refuse a base made for another."""
+    flat = config.to_flat()
+    different = [f"{key} = {meta.get(key)!r} in the base, {flat[key]!r} in the config"
+                 for key in ("seed", "num-items", "num-categories") if meta.get(key) != flat[key]]
+    if not different:
+        facts = catalogue_facts(data if data is not None else generate(config))
+        if meta.get("catalogue-sha256") != catalogue_fingerprint(facts):
+            different.append("the catalogue facts differ (the base predates this version of the data generator)")
+    if different:
+        raise UserError(f"base directory {config.base_dir} was pretrained for another catalogue ("
+                        + "; ".join(different) + "): pretrain a base for this config (`fedshop pretrain`) "
+                        "or set base-dir to a new directory")

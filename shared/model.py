@@ -65,20 +65,6 @@ def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTra
     return model, tokenizer, meta
 
 
-CATALOGUE_KEYS = ("seed", "num-items", "num-categories")
-
-
-def check_base_matches(meta: dict, config: FedShopConfig) -> None:
-    """A base knows one catalogue (its item tokens and what it learned about them): refuse a base made for another."""
-    flat = config.to_flat()
-    different = [f"{key} = {meta.get(key)!r} in the base, {flat[key]!r} in the config" for key in CATALOGUE_KEYS
-                 if meta.get(key) != flat[key]]
-    if different:
-        raise UserError(f"base directory {config.base_dir} was pretrained for another catalogue ("
-                        + "; ".join(different) + "): pretrain a base for this config (`fedshop pretrain`) "
-                        "or set base-dir to a new directory")
-
-
 def lora_config(config: FedShopConfig) -> LoraConfig:
     return LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=config.lora_r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout, target_modules=config.lora_target_list, bias="none")

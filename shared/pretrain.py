@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from shared.config import FedShopConfig
-from shared.data import merchant_data, vocabulary
+from shared.data import catalogue_fingerprint, merchant_data, vocabulary
 from shared.model import build_base, save_base
 from shared.modeling import encode, evaluate, per_sample_loss
 from shared.synthetic import PUBLIC_MERCHANT, generate
@@ -87,6 +87,7 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
         "model-size": config.model_size, "seed": config.seed, "trained-on": "public platform split (no DP)",
         "public-shoppers": config.public_shoppers, "num-items": config.num_items,
         "num-categories": config.num_categories, "pretrain-epochs": config.pretrain_epochs,
+        "catalogue-sha256": catalogue_fingerprint(public.facts),
         "public-valid-metrics": metrics,
     }
     save_base(model, tokenizer, base_dir, meta)

@@ -5,9 +5,9 @@ import torch
 from peft import PeftModel
 from transformers import T5ForConditionalGeneration
 
-from shared.data import merchant_data
+from shared.data import check_base_matches, merchant_data
 from shared.errors import UserError
-from shared.model import adapter_state, add_lora, check_base_matches, load_adapter_state, load_base
+from shared.model import adapter_state, add_lora, load_adapter_state, load_base
 from shared.modeling import encode, first_step_logits
 
 
@@ -40,3 +40,6 @@ def test_a_base_pretrained_for_another_catalogue_is_refused(tiny_base):
     check_base_matches(meta, tiny_base)  # its own config passes
     with pytest.raises(UserError, match=r"num-items = 60 in the base, 61 in the config"):
         check_base_matches(meta, tiny_base.replace(num_items=61))
+    meta["catalogue-sha256"] = "0" * 64  # a base from an older generator with the same sizes and seed
+    with pytest.raises(UserError, match="predates this version of the data generator"):
+        check_base_matches(meta, tiny_base)
