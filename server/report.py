@@ -138,6 +138,7 @@ def _plot(run_dir: RunDirectory, evaluations: dict[int, dict]) -> bool:
         values = [_num(evaluations[r]["metrics"].get(key)) for r in rounds]
         if not all(math.isnan(v) for v in values):
             ax.plot(rounds, values, marker="o", label=label)
+    ax.set_xticks(rounds)
     ax.set_xlabel("round (0 = pretrained base)")
     ax.set_ylabel("test metric")
     ax.grid(alpha=0.3)
