@@ -58,3 +58,19 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(to_toml(config))
     assert load_config(path) == config
+
+
+def test_shared_package_never_imports_flower():
+    # Prepare: every module of the shared package
+    modules = sorted(p.stem for p in (ROOT / "shared").glob("*.py") if p.stem != "__init__")
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}: importlib.import_module('shared.' + name)\n"
+            "print(sorted(m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')))")
+    # Execute
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # Assert
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
