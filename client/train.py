@@ -90,35 +90,14 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     model.train()  # Opacus refuses a module in eval mode
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
-    loader = DataLoader(TensorDataset(data.input_ids, data.attention_mask, data.target_ids),
-                        batch_size=config.batch_size, generator=torch.Generator().manual_seed(seed))
-    engine = PrivacyEngine(accountant=config.accountant, secure_mode=False)
-    engine.accountant.history = list(state.history)
-    private_model, private_optimizer, private_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
-        max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
-    )
-    private_model.train()
-    # Opacus's hooks fire on module outputs because the frozen base's inputs need no gradient: expected here.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed",
-                            category=UserWarning)
-    losses: list[float] = []
-    for _ in range(config.local_epochs):
-        for input_ids, attention_mask, target_ids in private_loader:
-            private_optimizer.zero_grad(set_to_none=True)
-            if len(target_ids) == 0:
-                # Poisson sampling drew nobody. T5 cannot run on an empty batch, but the step must still happen:
-                # zero per-sample gradients, then Opacus adds the noise and the accountant counts the step.
-                for p in trainable:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-            else:
-                loss = per_sample_loss(private_model, input_ids, attention_mask, target_ids).mean()
-                loss.backward()
-                losses.append(float(loss.detach()))
-            private_optimizer.step()
-    private_model.remove_hooks()
-    state.history = [tuple(entry) for entry in engine.accountant.history]  # type: ignore[misc]
-    epsilon = float(engine.accountant.get_epsilon(delta=config.target_delta))
+    with warnings.catch_warnings():
+        # Expected with a frozen base under Opacus hooks, and not actionable by a user: the hooks fire on module
+        # outputs because the base's inputs need no gradient, and Opacus asks the model a deprecated
+        # gradient-checkpointing question. Opacus's own secure-RNG advice is left visible.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        losses = _private_loop(model, trainable, optimizer, data, config, state, noise, seed)
+    epsilon = epsilon_of(state.history, config.target_delta, config.accountant)
     return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, noise, epsilon, config.target_delta,
                        float(sum(losses) / max(1, len(losses))))
 
@@ -142,3 +121,34 @@ def _train_plain(model: torch.nn.Module, data: Encoded, config: FedShopConfig, s
         optimizer.step()
         losses.append(float(loss.detach()))
     return float(sum(losses) / max(1, len(losses)))
+
+
+def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                  data: Encoded, config: FedShopConfig, state: PrivacyState, noise: float, seed: int) -> list[float]:
+    """Opacus DP-SGD over Poisson batches; leaves the composed accountant history in `state`."""
+    loader = DataLoader(TensorDataset(data.input_ids, data.attention_mask, data.target_ids),
+                        batch_size=config.batch_size, generator=torch.Generator().manual_seed(seed))
+    engine = PrivacyEngine(accountant=config.accountant, secure_mode=False)
+    engine.accountant.history = list(state.history)
+    private_model, private_optimizer, private_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
+        max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+    )
+    private_model.train()
+    losses: list[float] = []
+    for _ in range(config.local_epochs):
+        for input_ids, attention_mask, target_ids in private_loader:
+            private_optimizer.zero_grad(set_to_none=True)
+            if len(target_ids) == 0:
+                # Poisson sampling drew nobody. T5 cannot run on an empty batch, but the step must still happen:
+                # zero per-sample gradients, then Opacus adds the noise and the accountant counts the step.
+                for p in trainable:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            else:
+                loss = per_sample_loss(private_model, input_ids, attention_mask, target_ids).mean()
+                loss.backward()
+                losses.append(float(loss.detach()))
+            private_optimizer.step()
+    private_model.remove_hooks()
+    state.history = [tuple(entry) for entry in engine.accountant.history]  # type: ignore[misc]
+    return losses

@@ -41,6 +41,7 @@ def run_simulation(config: FedShopConfig, verbose: bool = False) -> None:
     run_dir = Path(config.run_dir)
     app_dir = write_app_dir(config, run_dir / ".flwr-app")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for: keep Ray's env untouched
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_flat())
     _run_simulation(
