@@ -92,10 +92,8 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     with warnings.catch_warnings():
         # Expected with a frozen base under Opacus hooks, and not actionable by a user: the hooks fire on module
-        # outputs because the base's inputs need no gradient, and Opacus asks the model a deprecated
-        # gradient-checkpointing question. Opacus's own secure-RNG advice is left visible.
+        # outputs because the base's inputs need no gradient. Opacus's own secure-RNG advice is left visible.
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
         losses = _private_loop(model, trainable, optimizer, data, config, state, noise, seed)
     epsilon = epsilon_of(state.history, config.target_delta, config.accountant)
     return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, noise, epsilon, config.target_delta,

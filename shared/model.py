@@ -7,6 +7,7 @@ and the server load the same files, so nobody relies on seeded random init to ag
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,7 +75,10 @@ def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int 
     """Wrap the base with LoRA; only LoRA tensors train (embeddings, lm_head, relative bias stay frozen)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = get_peft_model(base, lora_config(config))
+    with warnings.catch_warnings():
+        # peft 0.21 asks transformers 5.x a deprecated question while wrapping; nothing for a user to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        model = get_peft_model(base, lora_config(config))
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and "lora_" not in name:
             raise RuntimeError(f"non-LoRA parameter {name} is trainable")
