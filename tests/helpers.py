@@ -7,7 +7,7 @@ import torch
 from shared.config import FedShopConfig
 from shared.data import merchant_data, vocabulary
 from shared.model import add_lora, build_base
-from shared.modeling import Encoded, encode
+from shared.modeling import Encoded
 from shared.synthetic import generate
 from shared.tokenizer import build_tokenizer
 
@@ -22,10 +22,6 @@ def tiny_lora_model(config: FedShopConfig, seed: int = 0):
 
 def first(encoded: Encoded, n: int) -> Encoded:
     return Encoded(encoded.input_ids[:n], encoded.attention_mask[:n], encoded.target_ids[:n])
-
-
-def encoded_train(config: FedShopConfig, tokenizer, merchant) -> Encoded:
-    return encode(merchant.train, tokenizer)
 
 
 def lora_parameters(model) -> dict[str, torch.Tensor]:
