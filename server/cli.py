@@ -26,14 +26,14 @@ def _config(args: argparse.Namespace) -> FedShopConfig:
 def cmd_simulate(args: argparse.Namespace) -> int:
     config = _config(args)
     from shared.data import check_base_matches
-    from shared.model import base_exists, load_base
+    from shared.model import base_exists, read_base_meta
     from shared.pretrain import pretrain
 
     started = time.perf_counter()
     if not base_exists(config.base_dir):
         log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
         pretrain(config)
-    check_base_matches(load_base(config.base_dir)[2], config)
+    check_base_matches(read_base_meta(config.base_dir), config)
     from server.simulation import run_simulation
 
     log.info("simulating %d merchants x %d rounds (%s) -> %s", config.num_merchants, config.num_rounds,

@@ -53,15 +53,20 @@ def base_exists(directory: str | Path) -> bool:
         directory / BASE_META).is_file()
 
 
-def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast, dict]:
+def read_base_meta(directory: str | Path) -> dict:
+    """`fedshop_base.json` of a base directory, without loading the model."""
     directory = Path(directory)
-    hf_logging.disable_progress_bar()  # a merchant loads the base every round: no progress bars in the logs
     if not base_exists(directory):
         raise UserError(f"base directory {directory} is missing or incomplete (needs config.json, "
                         f"model.safetensors, {BASE_META}); run `fedshop pretrain` to create it")
+    return json.loads((directory / BASE_META).read_text(encoding="utf-8"))
+
+
+def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast, dict]:
+    meta = read_base_meta(directory)
+    hf_logging.disable_progress_bar()  # a merchant loads the base every round: no progress bars in the logs
     model = T5ForConditionalGeneration.from_pretrained(directory)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
-    meta = json.loads((directory / BASE_META).read_text(encoding="utf-8"))
     model.eval()
     return model, tokenizer, meta
 

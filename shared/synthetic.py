@@ -48,8 +48,8 @@ class Catalogue:
     item_ids: np.ndarray  # str, "i0" ...
     category: np.ndarray  # int
     price: np.ndarray  # float
-    price_band: np.ndarray  # int in [0, PRICE_BANDS): quintile of the log price within its category (public)
-    rating_band: np.ndarray  # int in [0, RATING_BANDS): quintile of the public rating, a noisy view of quality
+    price_band: np.ndarray  # int in [0, PRICE_BANDS): quantile band of the log price within its category (public)
+    rating_band: np.ndarray  # int in [0, RATING_BANDS): quantile band of the public rating, a noisy view of quality
     quality: np.ndarray  # latent
     popularity: np.ndarray  # latent weight of fresh draws inside a category
     price_z: np.ndarray  # log price standardised within the category (what the purchase truth uses)

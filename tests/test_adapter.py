@@ -7,7 +7,7 @@ from transformers import T5ForConditionalGeneration
 
 from shared.data import check_base_matches, merchant_data
 from shared.errors import UserError
-from shared.model import adapter_state, add_lora, load_adapter_state, load_base
+from shared.model import adapter_state, add_lora, load_adapter_state, load_base, read_base_meta
 from shared.modeling import encode, first_step_logits
 
 
@@ -36,7 +36,7 @@ def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny_ba
 
 
 def test_a_base_pretrained_for_another_catalogue_is_refused(tiny_base):
-    _, _, meta = load_base(tiny_base.base_dir)
+    meta = read_base_meta(tiny_base.base_dir)
     check_base_matches(meta, tiny_base)  # its own config passes
     with pytest.raises(UserError, match=r"num-items = 60 in the base, 61 in the config"):
         check_base_matches(meta, tiny_base.replace(num_items=61))

@@ -1,7 +1,7 @@
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from shared.config import ConfigError, FedShopConfig, from_mapping, load_config, to_toml
 

@@ -4,9 +4,8 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from shared.config import load_config
 
