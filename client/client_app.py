@@ -56,7 +56,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     state = _load_state(context)
     result = train_round(model, encode(data.train, tokenizer), config, state,
-                         seed=config.seed * 1_000_003 + server_round * 1_009 + partition_id)
+                         seed=config.seed * 1_000_003 + server_round * 1_009 + partition_id,
+                         owners=[e.user_id for e in data.train])
     _save_state(context, state)
     declined = result.status == STATUS_DECLINED
     metrics = MetricRecord({
@@ -65,6 +66,8 @@ def train(msg: Message, context: Context) -> Message:
         "sample-rate": result.sample_rate, "steps": result.steps, "declined": int(declined),
         "partition-id": partition_id,
     })
+    if declined:  # nothing trained: only the metrics travel (no update to clip, average or count)
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
     arrays = ArrayRecord(adapter_state(model))
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

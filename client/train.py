@@ -3,28 +3,36 @@
 Plain PyTorch + Opacus, no Flower: the ClientApp translates messages into a call of `train_round`.
 
 Privacy bookkeeping, in order:
-1. the noise multiplier is calibrated once, from (target-epsilon, target-delta) over the whole planned schedule
+1. records are examples (unit `event`) or shoppers (unit `shopper`); every step Poisson-samples records, and a
+   sampled shopper contributes exactly one of their examples, so no shopper appears twice in a batch;
+2. the noise multiplier is calibrated once, from (target-epsilon, target-delta) over the whole planned schedule
    (num-rounds x local steps per round), and kept in the merchant's state;
-2. before training, the accountant's history plus this round's steps is checked against the budget; a round that
+3. before training, the accountant's history plus this round's steps is checked against the budget; a round that
    would exceed it is declined, nothing is trained;
-3. Opacus's accountant starts from the stored history, so the epsilon reported after the round is the composition
+4. Opacus's accountant starts from the stored history, so the epsilon reported after the round is the composition
    over every round this merchant took part in.
+
+The pieces are Opacus's own (`GradSampleModule` in hooks mode, `DPOptimizer`, an accountant hooked on the
+optimizer's step); only the batch sampler is fedshop's, because Opacus's Poisson loader samples examples, not
+shoppers.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from torch.utils.data import DataLoader, TensorDataset
+from opacus.optimizers import DPOptimizer
 
 from shared.config import FedShopConfig
 from shared.modeling import Encoded, per_sample_loss
+from shared.privacy import PoissonSampler, Uniform, epsilon_of, noise_for_budget, records_of, would_exceed
+from shared.privacy import schedule as _schedule
 
 STATUS_TRAINED, STATUS_DECLINED = "trained", "declined"
 
@@ -49,70 +57,85 @@ class RoundResult:
     train_loss: float
 
 
-def schedule(num_examples: int, config: FedShopConfig) -> tuple[float, int]:
-    """(Poisson sample rate, DP-SGD steps per round), as Opacus's DPDataLoader derives them from a batch size."""
-    batches = max(1, math.ceil(num_examples / config.batch_size))
-    return 1.0 / batches, config.local_epochs * batches
+def schedule(num_records: int, config: FedShopConfig) -> tuple[float, int]:
+    """(Poisson sample rate, DP-SGD steps per round) for `num_records` records (examples or shoppers)."""
+    return _schedule(num_records, config.batch_size, config.local_epochs)
 
 
-def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    if not history:
-        return 0.0
-    engine = create_accountant(accountant)
-    engine.history = list(history)
-    return float(engine.get_epsilon(delta=delta))
+def records_for(num_examples: int, owners: Sequence[str] | None, config: FedShopConfig) -> list[list[int]]:
+    """The privacy records of a merchant's training examples (see `shared.privacy.records_of`)."""
+    unit = config.privacy_unit if config.local_dp else "event"
+    if unit == "shopper":
+        if owners is None or len(owners) != num_examples:
+            raise ValueError("the shopper unit needs the shopper of every training example")
+        return records_of(owners, "shopper")
+    return records_of([""] * num_examples, "event")
 
 
-def calibrate(num_examples: int, config: FedShopConfig) -> float:
+def calibrate(num_records: int, config: FedShopConfig) -> float:
     """Noise multiplier meeting the budget after all planned rounds (every round this merchant could take part in)."""
-    sample_rate, steps = schedule(num_examples, config)
-    return float(get_noise_multiplier(target_epsilon=config.target_epsilon, target_delta=config.target_delta,
-                                      sample_rate=sample_rate, steps=steps * config.num_rounds,
-                                      accountant=config.accountant))
+    sample_rate, steps = schedule(num_records, config)
+    return noise_for_budget(config.target_epsilon, config.target_delta, sample_rate, steps * config.num_rounds,
+                            config.accountant)
+
+
+def admit(state: PrivacyState, num_records: int, config: FedShopConfig) -> bool:
+    """Whether this round's DP-SGD steps fit the budget on top of `state.history` (calibrating on first use).
+
+    The check is the only gate, so it holds under any schedule: more rounds than planned, a merchant joining late,
+    or a history carried over from an earlier run.
+    """
+    if state.noise_multiplier is None:
+        state.noise_multiplier = calibrate(num_records, config)
+    sample_rate, steps = schedule(num_records, config)
+    return not would_exceed(state.history, (state.noise_multiplier, sample_rate, steps), config.target_epsilon,
+                            config.target_delta, config.accountant)
 
 
 def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, state: PrivacyState,
-                *, seed: int) -> RoundResult:
-    """Train the LoRA tensors of `model` in place for one round; updates `state` with this round's steps."""
-    torch.manual_seed(seed)
-    sample_rate, steps = schedule(len(data), config)
-    if not config.dp:
-        loss = _train_plain(model, data, config, steps, seed)
-        return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, 0.0, math.inf, config.target_delta, loss)
-    if state.noise_multiplier is None:
-        state.noise_multiplier = calibrate(len(data), config)
-    noise = state.noise_multiplier
-    planned = [*state.history, (noise, sample_rate, steps)]
-    spent_before = epsilon_of(state.history, config.target_delta, config.accountant)
-    if epsilon_of(planned, config.target_delta, config.accountant) > config.target_epsilon:
-        return RoundResult(STATUS_DECLINED, 0, 0, sample_rate, noise, spent_before, config.target_delta, math.nan)
+                *, seed: int, owners: Sequence[str] | None = None) -> RoundResult:
+    """Train the LoRA tensors of `model` in place for one round; updates `state` with this round's steps.
 
-    model.train()  # Opacus refuses a module in eval mode
+    `owners[i]` is the shopper of example i (needed for the shopper unit).
+    """
+    torch.manual_seed(seed)
+    records = records_for(len(data), owners, config)
+    sample_rate, steps = schedule(len(records), config)
+    uniform = Uniform(seed, secure=config.secure_mode and config.local_dp)
+    sampler = PoissonSampler(records, sample_rate, uniform)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    if not config.local_dp:
+        loss = _train_plain(model, data, optimizer, sampler, steps)
+        return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, 0.0, math.inf, config.target_delta, loss)
+    if not admit(state, len(records), config):
+        spent = epsilon_of(state.history, config.target_delta, config.accountant)
+        return RoundResult(STATUS_DECLINED, 0, 0, sample_rate, state.noise_multiplier or 0.0, spent,
+                           config.target_delta, math.nan)
+    noise = state.noise_multiplier
+    assert noise is not None
+
+    model.train()
     with warnings.catch_warnings():
         # Expected with a frozen base under Opacus hooks, and not actionable by a user: the hooks fire on module
-        # outputs because the base's inputs need no gradient. Opacus's own secure-RNG advice is left visible.
+        # outputs because the base's inputs need no gradient.
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-        losses = _private_loop(model, trainable, optimizer, data, config, state, noise, seed)
+        losses = _private_loop(model, trainable, optimizer, data, sampler, steps, len(records), config, state,
+                               noise, uniform)
     epsilon = epsilon_of(state.history, config.target_delta, config.accountant)
     return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, noise, epsilon, config.target_delta,
                        float(sum(losses) / max(1, len(losses))))
 
 
-def _train_plain(model: torch.nn.Module, data: Encoded, config: FedShopConfig, steps: int, seed: int) -> float:
-    """The non-private comparison: same optimiser and number of steps, shuffled batches, no clipping or noise."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
+def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.Optimizer, sampler: PoissonSampler,
+                 steps: int) -> float:
+    """The non-private comparison: the same sampler and number of steps, no clipping, no noise."""
     model.train()
     losses = []
-    order = torch.randperm(len(data), generator=generator)
-    batches = max(1, math.ceil(len(data) / config.batch_size))
-    for step in range(steps):
-        if step % batches == 0 and step:
-            order = torch.randperm(len(data), generator=generator)
-        idx = order[(step % batches) * config.batch_size:((step % batches) + 1) * config.batch_size]
+    for _ in range(steps):
+        idx = torch.from_numpy(sampler.batch())
+        if len(idx) == 0:
+            continue
         loss = per_sample_loss(model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,32 +144,51 @@ def _train_plain(model: torch.nn.Module, data: Encoded, config: FedShopConfig, s
     return float(sum(losses) / max(1, len(losses)))
 
 
+def _noise_generator(uniform: Uniform) -> tuple[torch.Generator, bool]:
+    """(generator, reseed before every step?): torchcsprng's OS-backed generator when installed; otherwise in secure
+    mode a torch generator re-seeded from the OS CSPRNG before every step."""
+    if uniform.secure:
+        try:
+            import torchcsprng  # type: ignore[import-not-found]
+
+            return torchcsprng.create_random_device_generator("/dev/urandom"), False
+        except ImportError:
+            pass
+    generator = torch.Generator().manual_seed(uniform.seed())
+    return generator, uniform.secure
+
+
 def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                  data: Encoded, config: FedShopConfig, state: PrivacyState, noise: float, seed: int) -> list[float]:
+                  data: Encoded, sampler: PoissonSampler, steps: int, num_records: int, config: FedShopConfig,
+                  state: PrivacyState, noise: float, uniform: Uniform) -> list[float]:
     """Opacus DP-SGD over Poisson batches; leaves the composed accountant history in `state`."""
-    loader = DataLoader(TensorDataset(data.input_ids, data.attention_mask, data.target_ids),
-                        batch_size=config.batch_size, generator=torch.Generator().manual_seed(seed))
-    engine = PrivacyEngine(accountant=config.accountant, secure_mode=False)
-    engine.accountant.history = list(state.history)
-    private_model, private_optimizer, private_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
-        max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
-    )
-    private_model.train()
+    private_model = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    generator, reseed = _noise_generator(uniform)
+    private_optimizer = DPOptimizer(optimizer, noise_multiplier=noise, max_grad_norm=config.max_grad_norm,
+                                    expected_batch_size=sampler.sample_rate * num_records, loss_reduction="mean",
+                                    generator=generator, secure_mode=config.secure_mode)
+    accountant = create_accountant(config.accountant)
+    accountant.history = list(state.history)
+    private_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sampler.sample_rate))
     losses: list[float] = []
-    for _ in range(config.local_epochs):
-        for input_ids, attention_mask, target_ids in private_loader:
+    try:
+        for _ in range(steps):
+            idx = torch.from_numpy(sampler.batch())
             private_optimizer.zero_grad(set_to_none=True)
-            if len(target_ids) == 0:
+            if len(idx) == 0:
                 # Poisson sampling drew nobody. T5 cannot run on an empty batch, but the step must still happen:
                 # zero per-sample gradients, then Opacus adds the noise and the accountant counts the step.
                 for p in trainable:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
             else:
-                loss = per_sample_loss(private_model, input_ids, attention_mask, target_ids).mean()
+                loss = per_sample_loss(private_model, data.input_ids[idx], data.attention_mask[idx],
+                                       data.target_ids[idx]).mean()
                 loss.backward()
                 losses.append(float(loss.detach()))
+            if reseed:
+                generator.manual_seed(uniform.seed())
             private_optimizer.step()
-    private_model.remove_hooks()
-    state.history = [tuple(entry) for entry in engine.accountant.history]  # type: ignore[misc]
+    finally:
+        private_model._close()
+    state.history = [tuple(entry) for entry in accountant.history]  # type: ignore[misc]
     return losses

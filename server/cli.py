@@ -56,6 +56,29 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from server.sweep import parse_epsilons, run_sweep
+
+    epsilons = parse_epsilons(args.epsilons)
+    overrides = [*(args.set or []), f"audit-canaries={args.canaries}", "progress=true"]
+    out = Path(args.run_dir) if args.run_dir else Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    started = time.perf_counter()
+    rows = run_sweep(args.config, overrides, epsilons, out)
+    failed = [r for r in rows if r["status"] != "ok"]
+    log.info("sweep done in %.0f s: %d run(s), %d failed; table: %s", time.perf_counter() - started, len(rows),
+             len(failed), out / "sweep.md")
+    return 1 if failed else 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from server.audit import audit_run, describe
+
+    started = time.perf_counter()
+    result = audit_run(args.run_dir)
+    log.info("audit of %s (%.0f s): %s", args.run_dir, time.perf_counter() - started, describe(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedshop", description="Federated DP-LoRA T5 for shopper behaviour.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
@@ -75,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     common(pretrain)
     pretrain.add_argument("--out", help="base directory to write (default: config key base-dir)")
     pretrain.set_defaults(func=cmd_pretrain)
+    sweep = sub.add_parser("sweep", help="the same federation at several privacy budgets, audited, with a table "
+                           "and a privacy-utility plot")
+    common(sweep)
+    sweep.add_argument("--epsilons", required=True, help="comma-separated budgets per merchant; inf = non-private "
+                       "(e.g. 0.5,1,2,4,8,inf)")
+    sweep.add_argument("--canaries", type=int, default=256, help="canaries inserted in each run for the one-run "
+                       "audit (default 256; 0 = none)")
+    sweep.add_argument("--run-dir", help="sweep directory (default runs/sweep-<time>)")
+    sweep.set_defaults(func=cmd_sweep)
+
+    audit = sub.add_parser("audit", help="empirical privacy audit of a run's global adapter (membership attack; "
+                           "canary lower bound eps_emp when the run had canaries)")
+    audit.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    audit.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from server.audit import describe, read_audit
 from server.rundir import RunDirectory
 from shared.config import FedShopConfig
 
@@ -46,8 +47,8 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
     final = evaluations.get(last_round, {}).get("metrics", {})
     start = evaluations.get(0, {}).get("metrics", {})
     unit, delta = config.privacy_unit, config.target_delta
-    privacy_words = (f"DP-SGD (Opacus, {config.accountant} accountant), target epsilon {config.target_epsilon:g} at "
-                     f"delta {delta:g}, unit: {unit}" if config.dp else "no DP (non-private comparison run)")
+    privacy_words = (f"DP, unit {unit}, target epsilon {config.target_epsilon:g} at delta {delta:g} "
+                     f"({config.accountant} accountant)" if config.dp else "no DP (non-private comparison run)")
     lines = [
         f"# fedshop run report — `{run_dir.path}`", "",
         f"{config.num_merchants} merchants x {config.num_rounds} rounds, T5 `{config.model_size}` base from "
@@ -86,22 +87,8 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
                      f"{_f(_num(train.get('epsilon-max')), 2) if train else '-'} | {_f(metrics.get('intent-auc'))} | "
                      f"{_f(metrics.get('next-hr@10'))} |")
     lines += ["", "## Privacy", ""]
-    if config.dp:
-        values = [v for v in spent.values() if math.isfinite(v)]
-        lines += [
-            f"- Unit: **{unit}** — each training example (one view of one shopper) is the protected record; a "
-            "shopper with several examples is protected with a correspondingly weaker guarantee.",
-            f"- Epsilon per merchant, composed over every round it trained, at delta = {delta:g}, "
-            f"{config.accountant} accountant: max **{_f(max(values) if values else math.nan, 3)}**, mean "
-            f"{_f(sum(values) / len(values) if values else math.nan, 3)} (budget {config.target_epsilon:g}).",
-            f"- Clipping norm {config.max_grad_norm:g}, Poisson sampling, noise multiplier calibrated once over "
-            f"{config.num_rounds} rounds x {config.local_epochs} local epoch(s); see `privacy.csv` per merchant and "
-            "round.",
-            "- Only the LoRA tensors were trained with DP; the base was pretrained on public data only.",
-        ]
-    else:
-        lines.append("- This run is **not private** (dp = false): no clipping, no noise, epsilon = inf.")
-    declined = [r for r in ledger if r["status"] != "trained"]
+    lines += privacy_lines(config, ledger)
+    declined = [r for r in ledger if r["status"] not in ("trained", "released")]
     if declined:
         lines.append(f"- {len(declined)} merchant-round(s) did not train: "
                      + ", ".join(f"{r['merchant']} round {r['round']} ({r['status']})" for r in declined))
@@ -110,14 +97,69 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
         lines += ["", "## Base model", "", f"Pretrained on {base_meta.get('public-shoppers')} public shoppers; on "
                   f"the public valid split: intent AUC {_f(pre.get('intent-auc'))}, next HR@10 "
                   f"{_f(pre.get('next-hr@10'))}."]
+    audit = read_audit(run_dir.path)
+    if audit:
+        lines += ["", "## Empirical privacy audit", "", f"- {describe(audit)}.",
+                  "- eps_emp is a statistical lower bound on the epsilon the training actually gave the canaries; a "
+                  "DP run must show eps_emp <= its epsilon. See `audit.json`."]
     if _plot(run_dir, evaluations):
         lines += ["", "![metrics per round](metrics.png)"]
     (run_dir.path / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+UNIT_WORDS = {
+    "event": "each training example (one view of one shopper) is the protected record; a shopper with k examples "
+             "is protected only at the weaker group level of k records",
+    "shopper": "everything one shopper did at a merchant is the protected record: every DP-SGD step Poisson-samples "
+               "shoppers and takes one example from each sampled shopper, so epsilon bounds what the adapter reveals "
+               "about any one shopper, however many events they have",
+    "merchant": "a whole merchant's data is the protected record: the server clips each merchant's adapter update "
+                "and adds Gaussian noise to the aggregate (central DP; the server sees the clipped updates)",
+}
+
+
+def privacy_lines(config: FedShopConfig, ledger: list[dict[str, str]]) -> list[str]:
+    """The Privacy section: unit, epsilon at delta with its accountant, and what the guarantee does not cover."""
+    if not config.dp:
+        return ["- This run is **not private** (dp = false): no clipping, no noise, epsilon = inf."]
+    delta, lines = config.target_delta, []
+    if config.local_dp:
+        spent = [v for v in _epsilon_by_merchant(ledger).values() if math.isfinite(v)]
+        lines += [
+            f"- Unit: **{config.privacy_unit}** — {UNIT_WORDS[config.privacy_unit]}.",
+            f"- Epsilon per merchant ({config.privacy_unit} level), composed over every round it trained, at delta = "
+            f"{delta:g}, {config.accountant} accountant: max **{_f(max(spent) if spent else math.nan, 3)}**, mean "
+            f"{_f(sum(spent) / len(spent) if spent else math.nan, 3)} (budget {config.target_epsilon:g}).",
+            f"- DP-SGD with Opacus: clipping norm {config.max_grad_norm:g}, Poisson sampling of "
+            f"{'shoppers' if config.privacy_unit == 'shopper' else 'examples'}, noise multiplier calibrated once over "
+            f"{config.num_rounds} rounds x {config.local_epochs} local epoch(s); secure randomness "
+            f"{'on' if config.secure_mode else 'off (not for production)'}; see `privacy.csv`.",
+        ]
+    if config.central:
+        central = [r for r in ledger if r["merchant"] == "all"]
+        released = [r for r in central if r["status"] == "released"]
+        eps = _num(central[-1]["epsilon"]) if central else 0.0
+        noise = _num(central[0]["noise_multiplier"]) if central else math.nan
+        lines += [
+            f"- Unit: **merchant** — {UNIT_WORDS['merchant']}.",
+            f"- Merchant-level epsilon **{_f(eps, 3)}** at delta = {delta:g}, {config.accountant} accountant, over "
+            f"{len(released)} released aggregate(s) (budget {config.central_epsilon:g}); update clipping norm "
+            f"{config.central_clip_norm:g}, noise multiplier {_f(noise, 3)}, merchants sampled with probability "
+            f"{config.fraction_train:g} per round (Flower's DifferentialPrivacyServerSideFixedClipping). The "
+            "server's noise comes from numpy's generator, also in secure mode.",
+        ]
+    lines += ["- Only the LoRA tensors were trained with DP; the base was pretrained without DP on the public split, "
+              "which holds no merchant's shoppers.",
+              "- Not covered: the evaluation metrics the merchants report (computed on their test shoppers, not "
+              "privatised), the number of examples each merchant reports, and the fact that a merchant took part."]
+    return lines
+
+
 def _epsilon_by_merchant(ledger: list[dict[str, str]]) -> dict[str, float]:
     spent: dict[str, float] = {}
     for row in ledger:
+        if row["merchant"] == "all" or row["unit"] not in ("event", "shopper"):
+            continue
         value = _num(row["epsilon"])
         if not math.isnan(value):
             spent[row["merchant"]] = max(spent.get(row["merchant"], 0.0), value)

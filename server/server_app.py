@@ -9,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.report import write_report
 from server.rundir import RunDirectory
-from server.strategy import LedgerFedAvg
+from server.strategy import build_strategy
 from shared.config import from_mapping
 from shared.data import check_base_matches
 from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base
@@ -32,11 +32,8 @@ def main(grid: Grid, context: Context) -> None:
     model = add_lora(base, config, seed=config.seed)  # B = 0: the starting adapter leaves the base unchanged
     initial = ArrayRecord(adapter_state(model))
 
-    strategy = LedgerFedAvg(
-        run_dir, config, fraction_train=config.fraction_train, fraction_evaluate=1.0,
-        min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=config.num_merchants,
-    )
-    strategy.evaluate_initial(grid, initial)
+    ledger, strategy = build_strategy(run_dir, config)
+    ledger.evaluate_initial(grid, initial)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_rounds,
                             train_config=ConfigRecord(), evaluate_config=ConfigRecord())
     final = result.arrays if result.arrays is not None else initial  # no round aggregated: nothing changed

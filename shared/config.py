@@ -18,7 +18,7 @@ from shared.errors import UserError
 
 MODEL_SIZES = ("tiny", "small")
 ACCOUNTANTS = ("rdp", "prv")
-PRIVACY_UNITS = ("event",)
+PRIVACY_UNITS = ("event", "shopper", "merchant")
 LORA_TARGET_CHOICES = ("q", "k", "v", "o", "wi", "wo")
 TASK_CHOICES = ("intent", "next-item")
 
@@ -80,7 +80,22 @@ class FedShopConfig:
                                 high_open=True)
     max_grad_norm: float = _spec(1.0, "per-sample gradient clipping norm C", low=0.0, low_open=True, high=1e6)
     accountant: str = _spec("rdp", "privacy accountant", choices=ACCOUNTANTS)
-    privacy_unit: str = _spec("event", "what one DP record is", choices=PRIVACY_UNITS)
+    privacy_unit: str = _spec("event", "the protected record: event (one training example), shopper (everything one "
+                              "shopper did: each DP-SGD step samples shoppers, one example each) or merchant (central "
+                              "DP at the server over whole merchant updates)", choices=PRIVACY_UNITS)
+    central_dp: bool = _spec(False, "add merchant-level central DP at the server on top of an event or shopper unit "
+                             "(always on when privacy-unit = merchant)")
+    central_target_epsilon: float = _spec(8.0, "merchant-level epsilon budget when central-dp is combined with an "
+                                          "event or shopper unit (with privacy-unit = merchant, target-epsilon is "
+                                          "that budget)", low=0.0, low_open=True, high=1e6)
+    central_clip_norm: float = _spec(0.05, "L2 bound on each merchant's adapter update under central DP",
+                                     low=0.0, low_open=True, high=1e6)
+    secure_mode: bool = _spec(False, "cryptographically secure randomness for DP noise and sampling (the production "
+                              "setting; slower)")
+    audit_canaries: int = _spec(0, "canary records for the one-run privacy audit, each inserted with probability "
+                                "1/2 (0 = none)", low=0, high=100_000)
+    audit_holdout: float = _spec(0.1, "fraction of each merchant's shoppers kept out of training as the membership "
+                                 "audit's non-members", low=0.0, high=0.5)
     # --- run -----------------------------------------------------------------------------------------------
     run_dir: str = _spec("runs/latest", "run directory written by the server")
     progress: bool = _spec(True, "show a progress line per round")
@@ -94,6 +109,20 @@ class FedShopConfig:
     @property
     def task_list(self) -> list[str]:
         return _split(self.tasks)
+
+    @property
+    def local_dp(self) -> bool:
+        """DP-SGD at each merchant (event or shopper unit)."""
+        return self.dp and self.privacy_unit in ("event", "shopper")
+
+    @property
+    def central(self) -> bool:
+        """Merchant-level central DP at the server (clipping of updates, Gaussian noise at aggregation)."""
+        return self.dp and (self.privacy_unit == "merchant" or self.central_dp)
+
+    @property
+    def central_epsilon(self) -> float:
+        return self.target_epsilon if self.privacy_unit == "merchant" else self.central_target_epsilon
 
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case mapping of every key, as Flower's run config and `config.toml` hold it."""

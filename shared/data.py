@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared.canaries import make_canaries
 from shared.config import FedShopConfig
 from shared.errors import UserError
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, RATING_BANDS, SyntheticData, generate
@@ -22,6 +23,7 @@ class MerchantData:
     valid: list[Example]
     test: list[Example]
     popularity: np.ndarray  # item view counts visible to training (for the popularity baseline)
+    holdout: list[Example] = field(default_factory=list)  # train-split examples of shoppers kept out of training
 
 
 def catalogue_facts(data: SyntheticData) -> CatalogueFacts:
@@ -60,7 +62,23 @@ def merchant_data(config: FedShopConfig, merchant_id: str, data: SyntheticData |
     for user, item, event in zip(merchant_log.user_id, merchant_log.item_id, merchant_log.event, strict=True):
         if event == "view" and (user, item) not in held_out:
             popularity[index[item]] += 1
-    return MerchantData(merchant_id, facts, splits["train"], splits["valid"], splits["test"], popularity)
+    train, holdout = splits["train"], []
+    if merchant_id != PUBLIC_MERCHANT:
+        held = holdout_shoppers(sorted({e.user_id for e in examples}), config, data.merchant_ids.index(merchant_id))
+        holdout = [e for e in train if e.user_id in held]
+        train = [e for e in train if e.user_id not in held]
+        if config.audit_canaries:
+            canaries = make_canaries(config.audit_canaries, facts, list(data.merchant_ids), seed=config.seed,
+                                     history_length=config.history_length)
+            train += [c.example for c in canaries if c.included and c.merchant_id == merchant_id]
+    return MerchantData(merchant_id, facts, train, splits["valid"], splits["test"], popularity, holdout)
+
+
+def holdout_shoppers(shoppers: list[str], config: FedShopConfig, merchant_index: int) -> set[str]:
+    """The shoppers whose events never train (the membership audit's non-members), fixed by the seed."""
+    count = int(round(config.audit_holdout * len(shoppers)))
+    rng = np.random.default_rng([config.seed, 0x401D, merchant_index])
+    return {shoppers[i] for i in rng.permutation(len(shoppers))[:count]}
 
 
 def merchant_id_for_partition(partition_id: int) -> str:

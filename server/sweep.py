@@ -1,0 +1,170 @@
+"""`fedshop sweep`: the same federation at several privacy budgets, audited, as one table and one plot.
+
+Every run shares the config (data, seed, schedule, base) and differs only in `target-epsilon`; `inf` is the
+non-private run (dp = false, same sampler and steps). Each run is a `fedshop simulate` subprocess, so one failing
+run is reported and the sweep goes on; each finished run is then audited (`fedshop audit`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from server.audit import audit_run, read_audit
+from server.rundir import RunDirectory
+from shared.config import FedShopConfig, load_config
+from shared.errors import UserError
+
+log = logging.getLogger("fedshop")
+METRICS = (("intent-auc", "purchase intent AUC"), ("next-hr@10", "next item HR@10"),
+           ("next-ndcg@10", "next item NDCG@10"), ("next-mrr", "next item MRR"))
+AUDIT = (("mia-auc", "MIA AUC"), ("mia-tpr@1%fpr", "MIA TPR@1%FPR"), ("canary-auc", "canary AUC"),
+         ("eps-emp", "eps_emp"))
+COLUMNS = ("target_epsilon", "status", "unit", "delta", "accountant", "epsilon_max", "epsilon_mean",
+           "noise_multiplier", *(k for k, _ in METRICS), *(k for k, _ in AUDIT), "seconds")
+
+
+def parse_epsilons(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = float(part)
+        except ValueError:
+            raise UserError(f"--epsilons: {part!r} is not a number or inf; expected e.g. 0.5,1,2,4,8,inf") from None
+        if not value > 0 or math.isnan(value):
+            raise UserError(f"--epsilons: {part!r} must be > 0 (use inf for the non-private run)")
+        values.append(value)
+    if not values:
+        raise UserError("--epsilons: no budgets given")
+    return sorted(dict.fromkeys(values))
+
+
+def label(epsilon: float) -> str:
+    return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
+def run_sweep(config_path: Path | None, overrides: list[str], epsilons: list[float], out: Path) -> list[dict]:
+    config = load_config(config_path, overrides)  # refuse a bad config before the first run
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, epsilon in enumerate(epsilons, 1):
+        run_dir = out / f"eps-{label(epsilon)}"
+        budget = ["dp=false"] if math.isinf(epsilon) else ["dp=true", f"target-epsilon={epsilon!r}"]
+        log.info("sweep %d/%d: epsilon %s -> %s", i, len(epsilons), label(epsilon), run_dir)
+        command = [sys.executable, "-m", "server.cli", "simulate", *(["--config", str(config_path)] if config_path
+                   else []), *(a for o in [*overrides, *budget, f"run-dir={run_dir}"] for a in ("--set", o))]
+        started = time.perf_counter()
+        status = "ok"
+        if subprocess.run(command, check=False).returncode != 0:
+            status = "simulate failed"
+            log.error("sweep: the run at epsilon %s failed (see its log above); going on", label(epsilon))
+        elif config.audit_canaries or config.audit_holdout:
+            try:
+                audit_run(run_dir)
+            except Exception as exc:  # noqa: BLE001 - one failed audit must not end the sweep
+                status = f"audit failed: {exc}"
+                log.error("sweep: the audit at epsilon %s failed: %s; going on", label(epsilon), exc)
+        rows.append(summarize(run_dir, config.replace(dp=not math.isinf(epsilon), target_epsilon=epsilon
+                                                      if math.isfinite(epsilon) else config.target_epsilon),
+                              epsilon, status, time.perf_counter() - started))
+        write_outputs(out, rows, config)
+    return rows
+
+
+def summarize(run_dir: Path, config: FedShopConfig, epsilon: float, status: str, seconds: float) -> dict:
+    row: dict = {"target_epsilon": label(epsilon), "status": status, "delta": config.target_delta,
+                 "unit": config.privacy_unit if config.dp else "none",
+                 "accountant": config.accountant if config.dp else "none", "seconds": round(seconds, 1)}
+    directory = RunDirectory(run_dir)
+    ledger = directory.read_privacy()
+    if config.dp and config.privacy_unit == "merchant":
+        rows = [r for r in ledger if r["merchant"] == "all"]
+        spent = [float(rows[-1]["epsilon"])] if rows else []
+        noise = [float(r["noise_multiplier"]) for r in rows]
+    else:
+        last: dict[str, dict] = {}
+        for r in ledger:
+            if r["merchant"] != "all" and r["status"] != "failed":
+                last[r["merchant"]] = r
+        spent = [float(r["epsilon"]) for r in last.values()]
+        noise = [float(r["noise_multiplier"]) for r in last.values()]
+    row["epsilon_max"] = max(spent) if spent else math.nan
+    row["epsilon_mean"] = sum(spent) / len(spent) if spent else math.nan
+    row["noise_multiplier"] = sum(noise) / len(noise) if noise else math.nan
+    evaluations = [r for r in directory.read_metrics() if r["scope"] == "evaluate"]
+    final = evaluations[-1]["metrics"] if evaluations else {}
+    for key, _ in METRICS:
+        row[key] = final.get(key, math.nan)
+    audit = read_audit(run_dir) or {}
+    for key, _ in AUDIT:
+        value = audit.get(key)
+        row[key] = math.nan if value is None else value
+    return row
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.3f}")
+    return str(value)
+
+
+def write_outputs(out: Path, rows: list[dict], config: FedShopConfig) -> None:
+    with (out / "sweep.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    unit = config.privacy_unit
+    lines = [f"# Privacy-budget sweep — `{out}`", "",
+             f"{config.num_merchants} merchants x {config.num_rounds} rounds, unit **{unit}**, delta "
+             f"{config.target_delta:g}, {config.accountant} accountant, same data, seed and schedule in every row; "
+             "`inf` is the non-private run. Epsilon is per merchant, composed over all rounds (max and mean over "
+             "merchants). Audit: loss-threshold membership attack (members vs held-out shoppers) and the one-run "
+             "canary audit's lower bound eps_emp at the same delta (95 % confidence).", "",
+             "| target eps | eps max | eps mean | noise mult. | " + " | ".join(n for _, n in METRICS) + " | "
+             + " | ".join(n for _, n in AUDIT) + " | s | status |",
+             "|" + "---|" * (6 + len(METRICS) + len(AUDIT))]
+    for r in rows:
+        lines.append(f"| {r['target_epsilon']} | {_cell(r['epsilon_max'])} | {_cell(r['epsilon_mean'])} | "
+                     f"{_cell(r['noise_multiplier'])} | " + " | ".join(_cell(r[k]) for k, _ in METRICS) + " | "
+                     + " | ".join(_cell(r[k]) for k, _ in AUDIT) + f" | {r['seconds']:.0f} | {r['status']} |")
+    if plot(out, rows):
+        lines += ["", "![utility vs epsilon](privacy_utility.png)"]
+    (out / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def plot(out: Path, rows: list[dict]) -> bool:
+    private = [r for r in rows if r["target_epsilon"] != "inf" and r["status"] == "ok"]
+    reference = next((r for r in rows if r["target_epsilon"] == "inf" and r["status"] == "ok"), None)
+    if not private:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = [float(r["target_epsilon"]) for r in private]
+    for i, (key, name) in enumerate(METRICS):
+        ys = [float(r[key]) for r in private]
+        if all(math.isnan(y) for y in ys):
+            continue
+        color = f"C{i}"
+        ax.plot(xs, ys, marker="o", color=color, label=name)
+        if reference is not None and not math.isnan(float(reference[key])):
+            ax.axhline(float(reference[key]), color=color, linestyle="--", alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("target epsilon per merchant (log scale)")
+    ax.set_ylabel("test metric")
+    ax.set_title("privacy-utility (dashed: non-private run)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "privacy_utility.png", dpi=100)
+    plt.close(fig)
+    return True

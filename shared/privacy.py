@@ -1,0 +1,122 @@
+"""Privacy accounting and sampling that both sides use: the merchant's DP-SGD and the server's central DP.
+
+An accountant history is a list of `(noise_multiplier, sample_rate, steps)`, Opacus's own format: the epsilon of a
+history is what one Opacus accountant fed those steps reports, so a ledger row can always be re-derived from it.
+
+Sampling is Poisson over *records*: with probability `sample_rate`, independently per record and per step. A record
+is an example (privacy unit `event`), a shopper (unit `shopper`: a sampled shopper contributes one of their examples,
+picked uniformly), or a merchant (unit `merchant`, at the server). Secure mode draws every uniform from the operating
+system's CSPRNG (`os.urandom`) instead of a seeded generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+History = list[tuple[float, float, int]]
+
+
+def epsilon_of(history: History, delta: float, accountant: str) -> float:
+    """Epsilon at `delta` of every step in `history`, composed by one Opacus accountant (0 for no steps)."""
+    steps = [(float(n), float(q), int(s)) for n, q, s in history if s > 0]
+    if not steps:
+        return 0.0
+    if any(n <= 0 for n, _, _ in steps):
+        return math.inf
+    engine = create_accountant(accountant)
+    engine.history = steps
+    with _quiet():
+        return float(engine.get_epsilon(delta=delta))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Opacus's RDP analysis notes when the best order sits at the end of its grid: the epsilon it returns is still
+    a valid (if slightly loose) bound, and the note is not actionable for a fedshop user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        yield
+
+
+@functools.lru_cache(maxsize=256)
+def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """The smallest noise multiplier whose `steps` steps at `sample_rate` stay within (target_epsilon, delta)."""
+    with _quiet():
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
+
+
+def would_exceed(history: History, step: tuple[float, float, int], target_epsilon: float, delta: float,
+                 accountant: str) -> bool:
+    """True when taking `step` after `history` would push epsilon past the budget."""
+    return epsilon_of([*history, step], delta, accountant) > target_epsilon
+
+
+class Uniform:
+    """Uniform [0, 1) draws: from a seeded generator, or in secure mode from the OS CSPRNG."""
+
+    def __init__(self, seed: int, secure: bool = False):
+        self.secure = secure
+        self._rng = None if secure else np.random.default_rng(seed)
+
+    def draw(self, n: int) -> np.ndarray:
+        if not self.secure:
+            return self._rng.random(n)
+        raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+        return (raw >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # 53 random bits per float
+
+    def seed(self) -> int:
+        """A fresh 63-bit seed (for a torch generator)."""
+        if self.secure:
+            return int.from_bytes(os.urandom(8), "little") >> 1
+        return int(self._rng.integers(2 ** 63 - 1))
+
+
+class PoissonSampler:
+    """One DP-SGD batch per call: each record in with probability `sample_rate`, then one example per record.
+
+    `records[i]` lists the example indices of record i: one index per record for the event unit, every example of
+    a shopper for the shopper unit. No record can contribute two examples to one batch.
+    """
+
+    def __init__(self, records: Sequence[Sequence[int]], sample_rate: float, uniform: Uniform):
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample rate {sample_rate} not in (0, 1]")
+        self.records = [np.asarray(r, dtype=np.int64) for r in records]
+        if any(len(r) == 0 for r in self.records):
+            raise ValueError("every record needs at least one example")
+        self.sample_rate = sample_rate
+        self.uniform = uniform
+
+    def batch(self) -> np.ndarray:
+        chosen = np.flatnonzero(self.uniform.draw(len(self.records)) < self.sample_rate)
+        if len(chosen) == 0:
+            return np.zeros(0, dtype=np.int64)
+        picks = self.uniform.draw(len(chosen))
+        return np.array([self.records[r][int(u * len(self.records[r]))] for r, u in zip(chosen, picks, strict=True)],
+                        dtype=np.int64)
+
+
+def records_of(owners: Sequence[str], unit: str) -> list[list[int]]:
+    """Example indices grouped into privacy records: one per example (event) or one per owner (shopper)."""
+    if unit != "shopper":
+        return [[i] for i in range(len(owners))]
+    grouped: dict[str, list[int]] = {}
+    for i, owner in enumerate(owners):
+        grouped.setdefault(owner, []).append(i)
+    return [grouped[k] for k in sorted(grouped)]
+
+
+def schedule(num_records: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+    """(Poisson sample rate, steps per round): an expected `batch_size` records per step, `local_epochs` passes."""
+    batches = max(1, math.ceil(num_records / batch_size))
+    return 1.0 / batches, local_epochs * batches
