@@ -10,10 +10,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.train import STATUS_DECLINED, PrivacyState, train_round
-from shared.config import from_mapping
+from shared.config import FedShopConfig, from_mapping
 from shared.data import merchant_data, merchant_id_for_partition
 from shared.model import adapter_state, add_lora, load_adapter_state, load_base
 from shared.modeling import encode, evaluate
+from shared.privacy import history_from_ledger
 
 app = ClientApp()
 PRIVACY_STATE_KEY = "fedshop-privacy"
@@ -31,8 +32,11 @@ def _setup(msg: Message, context: Context):
     return config, partition_id, model, tokenizer, data
 
 
-def _load_state(context: Context) -> PrivacyState:
+def _load_state(context: Context, config: FedShopConfig, merchant_id: str) -> PrivacyState:
     if PRIVACY_STATE_KEY not in context.state:
+        if config.resume_from:  # a continued run: this merchant's earlier steps count against the same budget
+            noise, history = history_from_ledger(config.resume_from, merchant_id)
+            return PrivacyState(noise_multiplier=noise, history=history)
         return PrivacyState()
     record = context.state[PRIVACY_STATE_KEY]
     noise = float(record["noise-multiplier"])
@@ -54,7 +58,7 @@ def _save_state(context: Context, state: PrivacyState) -> None:
 def train(msg: Message, context: Context) -> Message:
     config, partition_id, model, tokenizer, data = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    state = _load_state(context)
+    state = _load_state(context, config, merchant_id_for_partition(partition_id))
     result = train_round(model, encode(data.train, tokenizer), config, state,
                          seed=config.seed * 1_000_003 + server_round * 1_009 + partition_id,
                          owners=[e.user_id for e in data.train])

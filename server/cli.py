@@ -34,6 +34,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
         pretrain(config)
     check_base_matches(read_base_meta(config.base_dir), config)
+    if config.resume_from:
+        _check_resumable(config)
     from server.simulation import run_simulation
 
     log.info("simulating %d merchants x %d rounds (%s) -> %s", config.num_merchants, config.num_rounds,
@@ -46,6 +48,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 1
     log.info("done in %.0f s; report: %s", time.perf_counter() - started, report)
     return 0
+
+
+def _check_resumable(config: FedShopConfig) -> None:
+    """A run can continue another only on the same data, base and adapter shape."""
+    previous = Path(config.resume_from)
+    for needed in ("config.toml", "privacy.csv", "adapter/adapter_model.safetensors"):
+        if not (previous / needed).is_file():
+            raise UserError(f"resume-from: {previous / needed} does not exist; expected a finished fedshop run")
+    before, now = load_config(previous / "config.toml").to_flat(), config.to_flat()
+    different = [f"{k} = {before[k]!r} there, {now[k]!r} here" for k in
+                 ("seed", "num-merchants", "num-items", "num-categories", "base-dir", "lora-r", "lora-targets")
+                 if before[k] != now[k]]
+    if different:
+        raise UserError(f"resume-from: {previous} cannot be continued with this config (" + "; ".join(different)
+                        + ")")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

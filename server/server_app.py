@@ -12,8 +12,9 @@ from server.rundir import RunDirectory
 from server.strategy import build_strategy
 from shared.config import from_mapping
 from shared.data import check_base_matches
-from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base
+from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base, read_adapter
 from shared.pretrain import pretrain
+from shared.privacy import history_from_ledger
 
 app = ServerApp()
 log = logging.getLogger("fedshop")
@@ -30,13 +31,20 @@ def main(grid: Grid, context: Context) -> None:
     base, _, base_meta = load_base(config.base_dir)
     check_base_matches(base_meta, config)
     model = add_lora(base, config, seed=config.seed)  # B = 0: the starting adapter leaves the base unchanged
+    if config.resume_from:
+        load_adapter_state(model, read_adapter(config.resume_from))
+        log.info("continuing %s: its final adapter is the starting point, its privacy ledger carries on",
+                 config.resume_from)
     initial = ArrayRecord(adapter_state(model))
 
     ledger, strategy = build_strategy(run_dir, config)
+    if config.resume_from and config.central:
+        ledger.central_history = history_from_ledger(config.resume_from, "all")[1]
     ledger.evaluate_initial(grid, initial)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_rounds,
                             train_config=ConfigRecord(), evaluate_config=ConfigRecord())
-    final = result.arrays if result.arrays is not None else initial  # no round aggregated: nothing changed
+    # no round aggregated (every merchant declined, say): Flower returns an empty record; nothing changed
+    final = result.arrays if result.arrays is not None and len(result.arrays) else initial
     load_adapter_state(model, final.to_torch_state_dict())
     model.save_pretrained(run_dir.adapter_dir)
     write_report(run_dir, config, base_meta)

@@ -159,6 +159,8 @@ def plot(out: Path, rows: list[dict]) -> bool:
         if reference is not None and not math.isnan(float(reference[key])):
             ax.axhline(float(reference[key]), color=color, linestyle="--", alpha=0.6)
     ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.minorticks_off()
     ax.set_xlabel("target epsilon per merchant (log scale)")
     ax.set_ylabel("test metric")
     ax.set_title("privacy-utility (dashed: non-private run)")

@@ -98,6 +98,8 @@ class FedShopConfig:
                                  "audit's non-members", low=0.0, high=0.5)
     # --- run -----------------------------------------------------------------------------------------------
     run_dir: str = _spec("runs/latest", "run directory written by the server")
+    resume_from: str = _spec("", "a finished run directory to continue: its final adapter is the starting point and "
+                             "every merchant's privacy ledger carries on from its privacy.csv (empty = a fresh run)")
     progress: bool = _spec(True, "show a progress line per round")
     torch_threads: int = _spec(1, "torch intra-op threads per merchant process", low=1, high=256)
 

@@ -104,3 +104,13 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter tensors not loaded: {unexpected[:3]}")
+
+
+def read_adapter(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The final global adapter of a run directory, as `adapter_state` tensors."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / "adapter" / "adapter_model.safetensors"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: {run_dir} is not a finished fedshop run")
+    return load_file(str(path))

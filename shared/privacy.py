@@ -12,11 +12,13 @@ system's CSPRNG (`os.urandom`) instead of a seeded generator.
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 from opacus.accountants import create_accountant
@@ -120,3 +122,27 @@ def schedule(num_records: int, batch_size: int, local_epochs: int) -> tuple[floa
     """(Poisson sample rate, steps per round): an expected `batch_size` records per step, `local_epochs` passes."""
     batches = max(1, math.ceil(num_records / batch_size))
     return 1.0 / batches, local_epochs * batches
+
+
+def history_from_ledger(run_dir: str | Path, merchant: str) -> tuple[float | None, History]:
+    """(last noise multiplier, accountant history) of `merchant` in a run directory's `privacy.csv`.
+
+    Rows that trained (or, for the server's merchant-level rows, were released) are the steps taken; declined and
+    failed rows took none. A merchant absent from the ledger starts from nothing.
+    """
+    path = Path(run_dir) / "privacy.csv"
+    if not path.is_file():
+        from shared.errors import UserError
+
+        raise UserError(f"resume-from: {path} does not exist; expected the run directory of a finished fedshop run")
+    history: History = []
+    noise = None
+    with path.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["merchant"] != merchant or row["status"] not in ("trained", "released"):
+                continue
+            if row["unit"] == "none":  # trained without DP: nothing to compose
+                continue
+            noise = float(row["noise_multiplier"])
+            history.append((noise, float(row["sample_rate"]), int(row["steps"])))
+    return noise, history

@@ -2,10 +2,14 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 from shared.config import load_config
 
@@ -54,6 +58,22 @@ def test_simulate_tiny_writes_a_complete_run_directory(tmp_path):
     assert "Bayes oracle" in report and "popularity" in report
     assert f"delta = {config.target_delta:g}" in report and "unit" in report and "rdp accountant" in report
     assert _ray_processes() <= ray_before  # the simulation left no Ray process behind
+
+    # A resumed run carries every merchant's ledger on: the budget is spent, so every merchant declines
+    resumed = tmp_path / "resumed"
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "simulate", "--config", str(ROOT / "configs/tiny.toml"),
+         "--set", f"base-dir={base_dir}", "--set", f"resume-from={run_dir}", "--run-dir", str(resumed),
+         "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = list(csv.DictReader((resumed / "privacy.csv").open()))
+    assert len(again) == 6 and {r["status"] for r in again} == {"declined"}
+    spent = {r["merchant"]: float(r["epsilon"]) for r in rows if r["round"] == "2"}
+    assert all(math.isclose(float(r["epsilon"]), spent[r["merchant"]], rel_tol=1e-9) for r in again)
+    before = load_file(str(adapter / "adapter_model.safetensors"))
+    after = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_a_user_mistake_is_one_clear_line_not_a_traceback(tmp_path):
