@@ -1,4 +1,5 @@
-"""fedshop ServerApp: FedAvg over merchants' LoRA adapters, the privacy ledger, and the run directory."""
+"""fedshop ServerApp: aggregation of merchants' LoRA adapters (fedavg / ffa / svd), the privacy ledger, and the run
+directory."""
 
 from __future__ import annotations
 
@@ -29,14 +30,16 @@ def main(grid: Grid, context: Context) -> None:
         pretrain(config)
     base, _, base_meta = load_base(config.base_dir)
     check_base_matches(base_meta, config)
-    model = add_lora(base, config, seed=config.seed)  # B = 0: the starting adapter leaves the base unchanged
+    # B = 0: the starting adapter leaves the base unchanged; under ffa its A stays frozen for the whole run
+    model = add_lora(base, config, seed=config.seed)
     initial = ArrayRecord(adapter_state(model))
 
-    ledger, strategy = build_strategy(run_dir, config)
+    ledger, strategy = build_strategy(run_dir, config, initial)
     ledger.evaluate_initial(grid, initial)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_rounds,
                             train_config=ConfigRecord(), evaluate_config=ConfigRecord())
     final = result.arrays if result.arrays is not None else initial  # no round aggregated: nothing changed
+    final = ledger.final_arrays(final)  # ffa: the server's A re-attached
     load_adapter_state(model, final.to_torch_state_dict())
     model.save_pretrained(run_dir.adapter_dir)
     write_report(run_dir, config, base_meta)
