@@ -1,6 +1,8 @@
 """fedshop ClientApp: one merchant. Receives the global adapter, trains it with DP-SGD on its own events, replies.
 
-Only LoRA tensors and scalar metrics leave the merchant. The accountant's history lives in `context.state`.
+Only LoRA tensors and scalar metrics leave the merchant (with aggregation = ffa only the B tensors: A stays frozen at
+the server's initialisation, loaded from the message every round). The accountant's history lives in
+`context.state`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from flwr.clientapp import ClientApp
 from client.train import STATUS_DECLINED, PrivacyState, train_round
 from shared.config import FedShopConfig, from_mapping
 from shared.data import merchant_data, merchant_id_for_partition
-from shared.model import adapter_state, add_lora, load_adapter_state, load_base
+from shared.model import add_lora, load_adapter_state, load_base, uplink_state
 from shared.modeling import encode, evaluate
 from shared.privacy import history_from_ledger
 
@@ -72,7 +74,7 @@ def train(msg: Message, context: Context) -> Message:
     })
     if declined:  # nothing trained: only the metrics travel (no update to clip, average or count)
         return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
-    arrays = ArrayRecord(adapter_state(model))
+    arrays = ArrayRecord(uplink_state(model, config.aggregation))
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

@@ -30,6 +30,7 @@ from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 
 from shared.config import FedShopConfig
+from shared.model import freeze_for
 from shared.modeling import Encoded, per_sample_loss
 from shared.privacy import PoissonSampler, Uniform, epsilon_of, noise_for_budget, records_of, would_exceed
 from shared.privacy import schedule as _schedule
@@ -96,8 +97,11 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
                 *, seed: int, owners: Sequence[str] | None = None) -> RoundResult:
     """Train the LoRA tensors of `model` in place for one round; updates `state` with this round's steps.
 
-    `owners[i]` is the shopper of example i (needed for the shopper unit).
+    `owners[i]` is the shopper of example i (needed for the shopper unit). With aggregation = ffa the lora_A tensors
+    are frozen first, so only B trains and DP-SGD clips and noises B alone (the trainable tensors are exactly those
+    with `requires_grad`).
     """
+    freeze_for(model, config.aggregation)
     torch.manual_seed(seed)
     records = records_for(len(data), owners, config)
     sample_rate, steps = schedule(len(records), config)

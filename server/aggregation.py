@@ -187,6 +187,34 @@ def trimmed_mean(updates: Sequence[Adapter], trim_fraction: float) -> dict[str, 
     return _flower_robust(updates, lambda results: aggregate_trimmed_avg(results, trim_fraction))
 
 
+def combine(updates: Sequence[Adapter], weights: Sequence[float], robust: str = "none",
+            trim_fraction: float = 0.2) -> dict[str, np.ndarray]:
+    """The merge of fedavg and ffa: `weighted_mean` (robust = "none"), or the unweighted `coordinate_median`
+    ("median") or `trimmed_mean` ("trimmed-mean", cutting floor(trim_fraction·n) values at each end)."""
+    if robust == "none":
+        return weighted_mean(updates, weights)
+    if robust == "median":
+        return coordinate_median(updates)
+    if robust == "trimmed-mean":
+        return trimmed_mean(updates, trim_fraction)
+    raise ValueError(f"unknown robust aggregation {robust!r}")
+
+
+def fixed_denominator_mean(updates: Sequence[Adapter], reference: Adapter, m: float) -> dict[str, np.ndarray]:
+    """reference + (sum of the updates' differences to reference) / m, per key of the updates (float64 accumulation,
+    each key cast back to the reference's dtype). Under merchant-level central DP m is the expected number of
+    merchants, so one merchant moves the result by at most its clipped update / m."""
+    keys = _check_same_keys(updates)
+    if m <= 0:
+        raise ValueError(f"need m > 0, got {m}")
+    out = {}
+    for key in keys:
+        ref = np.asarray(reference[key])
+        total = sum(np.asarray(u[key], dtype=np.float64) - ref.astype(np.float64) for u in updates)
+        out[key] = np.asarray(ref.astype(np.float64) + total / m).astype(ref.dtype)
+    return out
+
+
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Total bytes of the tensors' data (sum of nbytes), excluding any serialisation overhead."""
     return int(sum(np.asarray(a).nbytes for a in arrays.values()))

@@ -38,6 +38,29 @@ def _num(value: Any) -> float:
     return float(value)
 
 
+def aggregation_lines(config: FedShopConfig, trains: list[dict]) -> list[str]:
+    """The aggregation method, the bytes each merchant sent and received, and every rejected update."""
+    robust = "" if config.robust == "none" else (
+        f", robust merge {config.robust}" + (f" (trim {config.trim_fraction:g})" if config.robust == "trimmed-mean"
+                                             else ""))
+    bound = "off" if config.update_norm_bound is None else f"{config.update_norm_bound:g}"
+    lines = [f"- method: {config.aggregation}{robust}; update-norm bound {bound}, min-valid-merchants "
+             f"{config.min_valid_merchants}"]
+    uplink = [_num(t["metrics"].get("uplink-bytes-mean")) for t in trains]
+    downlink = [_num(t["metrics"].get("downlink-bytes-mean")) for t in trains]
+    uplink, downlink = [v for v in uplink if math.isfinite(v)], [v for v in downlink if math.isfinite(v)]
+    if uplink:
+        lines.append(f"- bytes per merchant per round (tensor data): uplink {sum(uplink) / len(uplink):,.0f}, "
+                     f"downlink {sum(downlink) / max(1, len(downlink)):,.0f}")
+    dropped = [_num(t["metrics"]["svd-dropped-energy-max"]) for t in trains if "svd-dropped-energy-max" in t["metrics"]]
+    if dropped:
+        lines.append(f"- SVD truncation: largest share of energy dropped in a layer {max(dropped):.3g}")
+    rejected = [(t["round"], r) for t in trains for r in t.get("rejected", [])]
+    lines.append(f"- rejected updates: {len(rejected)}" + ("" if not rejected else ": " + "; ".join(
+        f"{r['merchant']} round {rnd} ({r['reason']})" for rnd, r in rejected)))
+    return lines
+
+
 def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) -> None:
     records = run_dir.read_metrics()
     evaluations = {r["round"]: r for r in records if r["scope"] == "evaluate"}
@@ -86,6 +109,8 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
         lines.append(f"| {rnd} | {train.get('merchants-trained', '-')} | {_f(train.get('train-loss'))} | "
                      f"{_f(_num(train.get('epsilon-max')), 2) if train else '-'} | {_f(metrics.get('intent-auc'))} | "
                      f"{_f(metrics.get('next-hr@10'))} |")
+    lines += ["", "## Aggregation", ""]
+    lines += aggregation_lines(config, [trains[r] for r in sorted(trains)])
     lines += ["", "## Privacy", ""]
     lines += privacy_lines(config, ledger)
     declined = [r for r in ledger if r["status"] not in ("trained", "released")]

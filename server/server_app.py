@@ -1,4 +1,5 @@
-"""fedshop ServerApp: FedAvg over merchants' LoRA adapters, the privacy ledger, and the run directory."""
+"""fedshop ServerApp: aggregation of merchants' LoRA adapters (fedavg / ffa / svd), the privacy ledger, and the run
+directory."""
 
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ def main(grid: Grid, context: Context) -> None:
         pretrain(config)
     base, _, base_meta = load_base(config.base_dir)
     check_base_matches(base_meta, config)
-    model = add_lora(base, config, seed=config.seed)  # B = 0: the starting adapter leaves the base unchanged
+    # B = 0: the starting adapter leaves the base unchanged; under ffa its A stays frozen for the whole run
+    model = add_lora(base, config, seed=config.seed)
     if config.resume_from:
         load_adapter_state(model, read_adapter(config.resume_from))
         log.info("continuing %s: its final adapter is the starting point, its privacy ledger carries on",
                  config.resume_from)
     initial = ArrayRecord(adapter_state(model))
 
-    ledger, strategy = build_strategy(run_dir, config)
+    ledger, strategy = build_strategy(run_dir, config, initial)
     if config.resume_from and config.central:
         ledger.central_history = history_from_ledger(config.resume_from, "all")[1]
     ledger.evaluate_initial(grid, initial)
@@ -45,6 +47,7 @@ def main(grid: Grid, context: Context) -> None:
                             train_config=ConfigRecord(), evaluate_config=ConfigRecord())
     # no round aggregated (every merchant declined, say): Flower returns an empty record; nothing changed
     final = result.arrays if result.arrays is not None and len(result.arrays) else initial
+    final = ledger.final_arrays(final)  # ffa: the server's A re-attached
     load_adapter_state(model, final.to_torch_state_dict())
     model.save_pretrained(run_dir.adapter_dir)
     write_report(run_dir, config, base_meta)

@@ -1,4 +1,22 @@
-"""FedAvg over LoRA adapters that also keeps the privacy ledger and the per-round metrics of the run directory."""
+"""Aggregation of the merchants' LoRA adapters (Flower Message-API strategies) that also keeps the privacy ledger and
+the per-round metrics of the run directory.
+
+`aggregation` picks the strategy (`build_strategy`), each a `FedAvg` subclass that differs only in how the validated
+updates are merged (the arithmetic is `server.aggregation`'s):
+- `fedavg` (`LedgerFedAvg`): weighted mean by num-examples of A and B separately (mean(B_i)·mean(A_i), not the mean
+  of the products); both A and B travel both ways.
+- `ffa` (`LedgerFFA`): FFA-LoRA. A stays at the server's initialisation; merchants load it from the message, freeze
+  it and send back B only; the server averages B and re-attaches its own A, so mean(B_i)·A = mean(B_i·A) exactly.
+- `svd` (`LedgerSVD`): weighted mean of (alpha/r)·B_i·A_i per layer, re-factorised to rank r by truncated SVD; the
+  dropped energy is recorded. Refused with central DP (the merchant-level noise is calibrated to clipped A and B
+  updates, which do not bound one merchant's influence on the SVD factors).
+`robust` = median / trimmed-mean replaces the weighted mean of fedavg and ffa by the per-coordinate median / trimmed
+mean (Flower's numpy helpers, unweighted).
+
+Every train reply is validated before any aggregation (names, shapes, dtypes, finiteness, update norm against the
+arrays sent this round, `max-update-norm`); rejected updates are logged and counted in metrics.jsonl, and a round
+left with fewer than `min-valid-merchants` valid updates ends the run with `TooFewValidUpdates`.
+"""
 
 from __future__ import annotations
 
@@ -14,28 +32,53 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from server.aggregation import (
+    combine,
+    fixed_denominator_mean,
+    max_dropped_energy,
+    payload_bytes,
+    svd_aggregate,
+    validate_update,
+)
 from server.rundir import RunDirectory
 from shared.config import FedShopConfig
 from shared.data import merchant_id_for_partition
+from shared.model import is_frozen_key
 from shared.privacy import History, Uniform, epsilon_of, noise_for_budget, would_exceed
 
 log = logging.getLogger("fedshop")
 
+Arrays = dict[str, np.ndarray]
+
+
+class TooFewValidUpdates(RuntimeError):
+    """A round whose rejected updates left fewer than `min-valid-merchants` valid ones: the run stops."""
+
+
+def _numpy(record: ArrayRecord) -> Arrays:
+    return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
+
+
+def _record(arrays: Arrays, order: Iterable[str]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(arrays[k])) for k in order})
+
 
 class LedgerFedAvg(FedAvg):
-    """Weighted mean of every adapter tensor by `num-examples` (Flower's FedAvg), skipping merchants that declined.
+    """Weighted mean of every adapter tensor by `num-examples` (fedavg), skipping merchants that declined and
+    updates that fail validation.
 
     Each train reply becomes one `privacy.csv` row; each round's train and evaluate results become `metrics.jsonl`
-    records with the per-merchant values beside the weighted means.
+    records with the per-merchant values beside the weighted means, the rejected updates and the bytes on the wire.
+    Subclasses change `frozen_keys` (what stays at the server) and `merge` (how valid updates combine).
     """
 
-    def __init__(self, run_dir: RunDirectory, config: FedShopConfig, **kwargs):
+    def __init__(self, run_dir: RunDirectory, config: FedShopConfig, initial: ArrayRecord | None = None, **kwargs):
         super().__init__(**kwargs)
         self.run_dir = run_dir
         self.config = config
         self.started = time.perf_counter()
         self._last_train: dict[str, float] = {}
-        self._current: ArrayRecord | None = None
+        self._current: ArrayRecord | None = initial  # the arrays sent in this round's train messages
         self.central_history: History = []
         self.central_noise = 0.0
         self.central_rate = config.fraction_train
@@ -72,18 +115,72 @@ class LedgerFedAvg(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, chosen, MessageType.TRAIN)
 
-    def _fixed_denominator(self, replies: list[Message]) -> ArrayRecord:
+    # --- what travels, and how updates merge (overridden by LedgerFFA / LedgerSVD) --------------------------
+    def frozen_keys(self, keys: Iterable[str]) -> set[str]:
+        """Adapter tensors that stay at the server (never sent back, never noised): none for fedavg."""
+        return set()
+
+    def merge(self, updates: list[Arrays], weights: list[float]) -> tuple[Arrays, dict[str, float]]:
+        """(merged tensors, extra train metrics) from the validated updates (the tensors merchants send back)."""
+        return combine(updates, weights, self.config.robust, self.config.trim_fraction), {}
+
+    def final_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The complete adapter to save from what the last round produced."""
+        return arrays
+
+    # --- validation --------------------------------------------------------------------------------------------
+    def uplink_reference(self) -> Arrays | None:
+        """The arrays sent this round, less the frozen ones: what a valid reply must match (None if unknown)."""
+        if self._current is None:
+            return None
+        sent = _numpy(self._current)
+        frozen = self.frozen_keys(sent)
+        return {k: v for k, v in sent.items() if k not in frozen}
+
+    def check_reply(self, msg: Message) -> str | None:
+        """None for a reply whose update may be aggregated this round, else why not (no side effects)."""
+        return self.rejection_reason(msg, self.uplink_reference(), self.config.update_norm_bound)
+
+    def rejection_reason(self, msg: Message, reference: Arrays | None, bound: float | None) -> str | None:
+        """None if `msg` carries one ArrayRecord, a positive weight and tensors that pass `validate_update` against
+        `reference` with the norm `bound` (tensors unchecked when `reference` is None), else the reason."""
+        records = list(msg.content.array_records.keys())
+        if records != [self.arrayrecord_key]:
+            return f"expected one ArrayRecord {self.arrayrecord_key!r}, got {records}"
+        weight = msg.content["metrics"].get(self.weighted_by_key)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or weight <= 0:
+            return f"{self.weighted_by_key} = {weight!r} is not a positive number"
+        if reference is None:
+            return None
+        return validate_update(_numpy(msg.content[self.arrayrecord_key]), reference, max_norm=bound)
+
+    def _screen(self, server_round: int, replies: list[tuple[str, Message]]
+                ) -> tuple[list[tuple[str, Message]], list[dict[str, str]]]:
+        """(valid, rejected) among the trained merchants' replies; each rejection logged with merchant and round."""
+        reference, bound = self.uplink_reference(), self.config.update_norm_bound
+        if reference is None:
+            # aggregate_train without configure_train (a direct call): no arrays were sent to compare with, so the
+            # structure is checked against the first reply that has arrays, and there is no norm bound
+            first = next((m.content[self.arrayrecord_key] for _, m in replies
+                          if self.arrayrecord_key in m.content.array_records), None)
+            reference, bound = (None if first is None else _numpy(first)), None
+        valid, rejected = [], []
+        for merchant, msg in replies:
+            reason = self.rejection_reason(msg, reference, bound)
+            if reason is None:
+                valid.append((merchant, msg))
+            else:
+                log.warning("round %d: rejected the update of merchant %s: %s", server_round, merchant, reason)
+                rejected.append({"merchant": merchant, "reason": reason})
+        return valid, rejected
+
+    def _fixed_denominator(self, updates: list[Arrays]) -> Arrays:
         """current + (sum of the clipped updates) / m, m the expected number of merchants: every merchant weighs
         the same whatever its size, so one merchant moves the aggregate by at most C / m (before the noise)."""
-        assert self._current is not None
-        current = self._current.to_numpy_ndarrays()
-        total = [np.zeros_like(c, dtype=np.float64) for c in current]
-        for msg in replies:
-            for t, a, c in zip(total, msg.content["arrays"].to_numpy_ndarrays(), current, strict=True):
-                t += a.astype(np.float64) - c
-        m = self.expected_merchants()
-        out = [(c + t / m).astype(c.dtype) for c, t in zip(current, total, strict=True)]
-        return ArrayRecord(dict(zip(self._current.keys(), (Array(np.asarray(v)) for v in out), strict=True)))
+        reference = self.uplink_reference()
+        assert reference is not None
+        return fixed_denominator_mean(updates, reference, self.expected_merchants())
 
     def _central_row(self, server_round: int, status: str) -> None:
         self.run_dir.append_privacy({
@@ -96,7 +193,8 @@ class LedgerFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        kept, merchants = [], {}
+        trained, merchants = [], {}
+        downlink = None if self._current is None else payload_bytes(_numpy(self._current))
         for msg in replies:
             if msg.has_error():
                 merchant = f"node-{msg.metadata.src_node_id}"
@@ -108,28 +206,67 @@ class LedgerFedAvg(FedAvg):
             declined = bool(metrics["declined"])
             self._ledger(server_round, merchant, float(metrics["noise-multiplier"]), float(metrics["sample-rate"]),
                          int(metrics["steps"]), float(metrics["epsilon"]), "declined" if declined else "trained")
-            merchants[merchant] = {k: v for k, v in metrics.items() if k != "partition-id"}
+            entry = {k: v for k, v in metrics.items() if k != "partition-id"}
+            sent = msg.content.array_records.get(self.arrayrecord_key)
+            entry["uplink-bytes"] = 0 if sent is None else payload_bytes(_numpy(sent))
+            if downlink is not None:
+                entry["downlink-bytes"] = downlink
+            merchants[merchant] = entry
             if declined:
                 log.warning("round %d: merchant %s declined: one more round would exceed epsilon %g",
                             server_round, merchant, self.config.target_epsilon)
             else:
-                kept.append(msg)
-        arrays, metrics = super().aggregate_train(server_round, kept)
-        if self.config.central and arrays is not None:
-            # the wrapper adds the Gaussian noise to what this returns: that release is accounted here
-            arrays = self._fixed_denominator(kept)
-            self.central_history.append((self.central_noise, self.central_rate, 1))
-            self._central_row(server_round, "released")
-        summary = {k: v for k, v in (metrics or {}).items() if k not in ("partition-id", "declined")}
+                trained.append((merchant, msg))
+        valid, rejected = self._screen(server_round, trained)
+        summary: dict = {}
+        arrays = metrics = None
+        if rejected and len(valid) < self.config.min_valid_merchants:
+            self._record_train(server_round, summary, merchants, trained, valid, rejected)
+            reasons = "; ".join(f"{r['merchant']}: {r['reason']}" for r in rejected)
+            raise TooFewValidUpdates(
+                f"round {server_round}: {len(valid)} valid merchant update(s) after rejecting {len(rejected)}, fewer "
+                f"than min-valid-merchants = {self.config.min_valid_merchants}; rejected: {reasons}")
+        if valid:
+            updates = [_numpy(msg.content[self.arrayrecord_key]) for _, msg in valid]
+            weights = [float(msg.content["metrics"][self.weighted_by_key]) for _, msg in valid]
+            if self.config.central:
+                # the wrapper adds the Gaussian noise to what this returns: that release is accounted here
+                merged, extra = self._fixed_denominator(updates), {}
+                self.central_history.append((self.central_noise, self.central_rate, 1))
+                self._central_row(server_round, "released")
+            else:
+                merged, extra = self.merge(updates, weights)
+            arrays = self._complete(merged)
+            metrics = self.train_metrics_aggr_fn([msg.content for _, msg in valid], self.weighted_by_key)
+            summary.update({k: v for k, v in metrics.items() if k not in ("partition-id", "declined")})
+            summary.update(extra)
+        self._record_train(server_round, summary, merchants, trained, valid, rejected)
+        return arrays, metrics
+
+    def _complete(self, merged: Arrays) -> ArrayRecord:
+        """The full adapter: the merged tensors plus the frozen ones the server kept, in the order it sent them."""
+        if self._current is None:
+            return _record(merged, sorted(merged))
+        sent = _numpy(self._current)
+        return _record({**{k: sent[k] for k in self.frozen_keys(sent)}, **merged}, sent)
+
+    def _record_train(self, server_round: int, summary: dict, merchants: dict, trained: list, valid: list,
+                      rejected: list[dict[str, str]]) -> None:
         epsilons = [float(m["epsilon"]) for m in merchants.values()]
         summary["epsilon-max"] = max(epsilons) if epsilons else math.nan
-        summary["merchants-trained"] = len(kept)
+        summary["merchants-trained"] = len(trained)
+        summary["merchants-rejected"] = len(rejected)
+        summary["merchants-aggregated"] = len(valid)
+        uplink = [merchants[m]["uplink-bytes"] for m, _ in trained]
+        summary["uplink-bytes-mean"] = float(np.mean(uplink)) if uplink else math.nan
+        downlink = [m["downlink-bytes"] for m in merchants.values() if "downlink-bytes" in m]
+        summary["downlink-bytes-mean"] = float(np.mean(downlink)) if downlink else math.nan
         if self.config.central:
             summary["epsilon-merchant"] = self.central_epsilon()
-        self.run_dir.append_metrics({"round": server_round, "scope": "train", "metrics": summary,
-                                     "merchants": dict(sorted(merchants.items()))})
+        self.run_dir.append_metrics({"round": server_round, "scope": "train", "aggregation": self.config.aggregation,
+                                     "metrics": summary, "merchants": dict(sorted(merchants.items())),
+                                     "rejected": rejected})
         self._last_train = summary
-        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
@@ -182,9 +319,91 @@ class LedgerFedAvg(FedAvg):
         log.info(" | ".join(parts))
 
 
+class LedgerFFA(LedgerFedAvg):
+    """FFA-LoRA: every lora_A stays at the server's initialisation (`add_lora(base, config, seed=config.seed)`).
+
+    The train messages carry A and B; merchants load both, freeze A (`shared.model.freeze_for`) and send back B only,
+    so the uplink is half of fedavg's and DP noise (local or central) only ever touches B. The server merges the B
+    tensors (weighted mean, or the robust choice) and re-attaches the A it kept; with one shared A,
+    mean(B_i)·A = mean(B_i·A) exactly.
+    """
+
+    def __init__(self, run_dir: RunDirectory, config: FedShopConfig, initial: ArrayRecord | None = None, **kwargs):
+        super().__init__(run_dir, config, initial, **kwargs)
+        self._frozen: Arrays | None = None if initial is None else self._frozen_part(initial)
+
+    def frozen_keys(self, keys: Iterable[str]) -> set[str]:
+        return {k for k in keys if is_frozen_key(k, "ffa")}
+
+    def _frozen_part(self, arrays: ArrayRecord) -> Arrays:
+        numpy = _numpy(arrays)
+        return {k: numpy[k] for k in self.frozen_keys(numpy)}
+
+    def _check_frozen(self, arrays: ArrayRecord, what: str) -> None:
+        """RuntimeError unless the A tensors of `arrays` are bit-identical to the kept ones."""
+        assert self._frozen is not None
+        got = self._frozen_part(arrays)
+        differ = sorted(k for k in self._frozen if k not in got or got[k].dtype != self._frozen[k].dtype
+                        or got[k].tobytes() != self._frozen[k].tobytes())
+        if differ or set(got) != set(self._frozen):
+            raise RuntimeError(f"ffa: the frozen lora_A tensors of {what} differ from the initial ones "
+                               f"(first: {(differ or sorted(set(got) ^ set(self._frozen)))[0]})")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        if self._frozen is None:
+            self._frozen = self._frozen_part(arrays)
+        self._check_frozen(arrays, f"the round-{server_round} arrays")
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _complete(self, merged: Arrays) -> ArrayRecord:
+        if self._frozen is None:
+            raise RuntimeError("ffa: the server does not know the frozen lora_A tensors (pass the initial arrays)")
+        order = list(self._current.keys()) if self._current is not None else sorted({*self._frozen, *merged})
+        return _record({**self._frozen, **merged}, order)
+
+    def final_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The last aggregate with the kept A re-attached (checked bit-identical where present)."""
+        if self._frozen is None:
+            return arrays
+        got = _numpy(arrays)
+        if self.frozen_keys(got):
+            self._check_frozen(arrays, "the final adapter")
+        order = list(self._current.keys()) if self._current is not None else list(arrays.keys())
+        return _record({**got, **self._frozen}, order)
+
+
+class LedgerSVD(LedgerFedAvg):
+    """Exact aggregation of the low-rank updates: per adapted layer the weighted mean of (alpha/r)·B_i·A_i,
+    re-factorised to rank r by truncated SVD (`svd_aggregate`); the new A, B are sent the next round. The share of
+    squared singular values the truncation drops is recorded per round (`svd-dropped-energy-max` / `-mean`).
+
+    Refused with central DP (`FedShopConfig` raises a ConfigError): `MerchantLevelDP` calibrates its noise to the
+    sensitivity C/m of a fixed-denominator mean of clipped A and B updates, but this strategy releases the SVD
+    factors of the mean of the products B_i·A_i, and clipping the factors' updates does not bound how much one
+    merchant moves those (noising them, or the products' mean, with that noise would not give the accounted epsilon).
+    Refused with a robust merge too (a median of factors is not a median of products).
+    """
+
+    def merge(self, updates: list[Arrays], weights: list[float]) -> tuple[Arrays, dict[str, float]]:
+        scale = self.config.lora_alpha / self.config.lora_r
+        merged, dropped = svd_aggregate(updates, weights, scale=scale, rank=self.config.lora_r)
+        values = list(dropped.values())
+        return merged, {"svd-dropped-energy-max": max_dropped_energy(dropped),
+                        "svd-dropped-energy-mean": float(np.mean(values)) if values else 0.0}
+
+
+STRATEGIES: dict[str, type[LedgerFedAvg]] = {"fedavg": LedgerFedAvg, "ffa": LedgerFFA, "svd": LedgerSVD}
+
+
 class MerchantLevelDP(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed clipping and Gaussian noise, with one difference: an update of norm zero (a merchant
-    that sent the adapter back unchanged) is kept as it is; flwr 1.42 divides by the norm and fails the round."""
+    """Flower's server-side fixed clipping and Gaussian noise, with three differences:
+    - an update of norm zero (a merchant that sent the adapter back unchanged) is kept as it is; flwr 1.42 divides
+      by the norm and fails the round;
+    - replies that the wrapped strategy will reject (`check_reply`: wrong names, shapes, dtypes, NaN/Inf, too large
+      a norm) are left unclipped for it to reject and record; the others are clipped key by key against the arrays
+      sent, so a reply may carry a subset of them (ffa: B only);
+    - the noise goes to the tensors the wrapped strategy merges, never to the ones it keeps frozen (ffa: A)."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -192,27 +411,41 @@ class MerchantLevelDP(DifferentialPrivacyServerSideFixedClipping):
         event = self._pop_pending_event(server_round)
         if not validate_replies(replies, self.num_sampled_clients, strict=self.accountant is not None):
             return None, None
-        current = self.current_arrays.to_numpy_ndarrays()
+        current = _numpy(self.current_arrays)
         for reply in replies:
+            if reply.has_error() or not reply.content.array_records or self.strategy.check_reply(reply) is not None:
+                continue
             for name, record in list(reply.content.array_records.items()):
-                arrays = record.to_numpy_ndarrays()
-                update = [a - c for a, c in zip(arrays, current, strict=True)]
-                norm = float(np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update)))
+                arrays = _numpy(record)
+                update = {k: a - current[k] for k, a in arrays.items()}
+                norm = float(np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update.values())))
                 factor = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
-                clipped = [(c + factor * u).astype(a.dtype) for a, c, u in zip(arrays, current, update, strict=True)]
-                reply.content[name] = ArrayRecord(dict(zip(record.keys(), (Array(v) for v in clipped), strict=True)))
+                reply.content[name] = ArrayRecord({k: Array((current[k] + factor * update[k]).astype(a.dtype))
+                                                   for k, a in arrays.items()})
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays:
             arrays = self._add_noise_to_aggregated_arrays(arrays)
             self._compose_release(event)
         return arrays, metrics
 
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        frozen = self.strategy.frozen_keys(aggregated_arrays.keys())
+        if not frozen:
+            return super()._add_noise_to_aggregated_arrays(aggregated_arrays)
+        keys = list(aggregated_arrays.keys())
+        noised = super()._add_noise_to_aggregated_arrays(
+            ArrayRecord({k: aggregated_arrays[k] for k in keys if k not in frozen}))
+        return ArrayRecord({k: aggregated_arrays[k] if k in frozen else noised[k] for k in keys})
 
-def build_strategy(run_dir: RunDirectory, config: FedShopConfig) -> tuple[LedgerFedAvg, FedAvg]:
-    """(the ledger strategy, the strategy to start): under central DP the latter wraps the former in Flower's
-    server-side fixed clipping (`MerchantLevelDP`), with noise calibrated to the merchant-level budget."""
-    ledger = LedgerFedAvg(run_dir, config, fraction_train=config.fraction_train, fraction_evaluate=1.0,
-                          min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=config.num_merchants)
+
+def build_strategy(run_dir: RunDirectory, config: FedShopConfig, initial: ArrayRecord | None = None
+                   ) -> tuple[LedgerFedAvg, FedAvg]:
+    """(the ledger strategy, the strategy to start): the class `config.aggregation` names; under central DP the
+    latter wraps the former in Flower's server-side fixed clipping (`MerchantLevelDP`), with noise calibrated to the
+    merchant-level budget. `initial` is the adapter of round 1 (ffa keeps its A)."""
+    ledger = STRATEGIES[config.aggregation](
+        run_dir, config, initial, fraction_train=config.fraction_train, fraction_evaluate=1.0, min_train_nodes=1,
+        min_evaluate_nodes=1, min_available_nodes=config.num_merchants)
     if not config.central:
         return ledger, ledger
     ledger.central_noise = noise_for_budget(config.central_epsilon, config.target_delta, ledger.central_rate,

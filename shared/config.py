@@ -21,6 +21,8 @@ ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_UNITS = ("event", "shopper", "merchant")
 LORA_TARGET_CHOICES = ("q", "k", "v", "o", "wi", "wo")
 TASK_CHOICES = ("intent", "next-item")
+AGGREGATIONS = ("fedavg", "ffa", "svd")
+ROBUST_CHOICES = ("none", "median", "trimmed-mean")
 
 
 class ConfigError(UserError):
@@ -72,6 +74,21 @@ class FedShopConfig:
     learning_rate: float = _spec(2e-3, "merchant learning rate (AdamW on LoRA tensors)", low=0.0, low_open=True,
                                  high=10.0)
     eval_batch_size: int = _spec(256, "batch size of evaluation", low=1, high=65536)
+    # --- aggregation of the merchants' adapters ----------------------------------------------------------------
+    aggregation: str = _spec("fedavg", "how the server merges the adapters: fedavg (weighted mean of A and B "
+                             "separately), ffa (FFA-LoRA: A frozen at its shared initialisation, only B trains and "
+                             "travels to the server, so the mean of B times A is the mean of the updates), svd "
+                             "(weighted mean of the products (alpha/r)*B*A, re-factorised to rank r by truncated SVD; "
+                             "refused with central DP)", choices=AGGREGATIONS)
+    robust: str = _spec("none", "replace the weighted mean of the merchants' tensors by the per-coordinate median or "
+                        "trimmed mean, unweighted (fedavg and ffa only; refused with svd and with central DP)",
+                        choices=ROBUST_CHOICES)
+    trim_fraction: float = _spec(0.2, "robust = trimmed-mean: fraction of merchants cut at each end per coordinate "
+                                 "(floor(fraction x merchants))", low=0.0, high=0.5, high_open=True)
+    max_update_norm: float = _spec(1e4, "a merchant's update (L2 norm over all its tensors of what it sent minus what "
+                                   "the server sent) above this is rejected; 0 or inf = no bound", low=0.0)
+    min_valid_merchants: int = _spec(1, "when updates are rejected, the round still aggregates if at least this many "
+                                     "valid updates remain; otherwise the run stops with an error", low=1, high=1000)
     # --- privacy -------------------------------------------------------------------------------------------
     dp: bool = _spec(True, "train with DP-SGD (false gives the non-private run for comparison)")
     target_epsilon: float = _spec(8.0, "each merchant's privacy budget epsilon over the whole planned schedule",
@@ -103,7 +120,32 @@ class FedShopConfig:
     progress: bool = _spec(True, "show a progress line per round")
     torch_threads: int = _spec(1, "torch intra-op threads per merchant process", low=1, high=256)
 
+    def __post_init__(self) -> None:
+        """Combinations of keys that fedshop refuses (each key on its own was checked by `from_mapping`)."""
+        central = "central DP (privacy-unit = merchant or central-dp = true)"
+        if self.aggregation == "svd" and self.central:
+            raise ConfigError(f"config key 'aggregation' = 'svd' cannot be combined with {central}: the noise is "
+                              "calibrated to a mean of clipped A and B updates (sensitivity central-clip-norm / "
+                              "merchants), while svd releases the SVD factors of the mean of the products B_i*A_i, "
+                              "whose dependence on one merchant that clipping does not bound, so the merchant-level "
+                              "epsilon would not hold; use aggregation = fedavg or ffa")
+        if self.robust != "none" and self.aggregation == "svd":
+            raise ConfigError(f"config key 'robust' = {self.robust!r} cannot be combined with aggregation = 'svd' "
+                              "(a median of A and B factors is not a median of the updates); use robust = none")
+        if self.robust != "none" and self.central:
+            raise ConfigError(f"config key 'robust' = {self.robust!r} cannot be combined with {central}: the noise "
+                              "is calibrated to the fixed-denominator mean of clipped updates (each merchant's "
+                              "influence is already bounded by central-clip-norm / merchants); use robust = none")
+        if self.min_valid_merchants > self.num_merchants:
+            raise ConfigError(f"config key 'min-valid-merchants' = {self.min_valid_merchants} exceeds num-merchants "
+                              f"= {self.num_merchants}")
+
     # ---------------------------------------------------------------------------------------------------------
+    @property
+    def update_norm_bound(self) -> float | None:
+        """`max-update-norm` as a bound, None when it is off (0 or inf)."""
+        return None if self.max_update_norm == 0 or math.isinf(self.max_update_norm) else self.max_update_norm
+
     @property
     def lora_target_list(self) -> list[str]:
         return _split(self.lora_targets)
@@ -222,6 +264,17 @@ def _coerce(key: str, f: dataclasses.Field, raw: Any, where: str) -> Any:
 
 def from_mapping(values: dict[str, Any], where: str = "") -> FedShopConfig:
     """Parse and validate a flat kebab-case mapping; missing keys take their defaults."""
+    kwargs = _coerce_all(values, where)
+    try:
+        return FedShopConfig(**kwargs)
+    except ConfigError as exc:
+        if not where:
+            raise
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def _coerce_all(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Each key checked on its own (name, type, range): the dataclass's keyword arguments."""
     kwargs = {}
     for key, raw in values.items():
         f = FIELDS.get(key)
@@ -230,7 +283,7 @@ def from_mapping(values: dict[str, Any], where: str = "") -> FedShopConfig:
             raise ConfigError(f"{where}unknown config key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
                               + "; known keys: " + ", ".join(FIELDS))
         kwargs[f.name] = _coerce(key, f, raw, where)
-    return FedShopConfig(**kwargs)
+    return kwargs
 
 
 def _closest(key: str) -> str | None:
@@ -271,12 +324,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values: dict[str, Any] = {}
     if path is not None:
         file_values = load_toml(path)
-        from_mapping(file_values, where=f"{path}: ")  # name the file in any error
+        _coerce_all(file_values, where=f"{path}: ")  # name the file in any error about one of its keys
         values.update(file_values)
     for text in overrides or []:
         key, value = parse_override(text)
         if key not in FIELDS:
-            from_mapping({key: value}, where="--set: ")
+            _coerce_all({key: value}, where="--set: ")
         values[key] = value
     return from_mapping(values)
 

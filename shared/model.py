@@ -95,6 +95,24 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def is_frozen_key(key: str, aggregation: str) -> bool:
+    """Whether the adapter tensor `key` stays at its shared initialisation under `aggregation` (FFA-LoRA: lora_A)."""
+    return aggregation == "ffa" and "lora_A" in key
+
+
+def freeze_for(model: PeftModel, aggregation: str) -> None:
+    """Stop gradients on the tensors `aggregation` keeps frozen (ffa: every lora_A), so neither the optimizer nor
+    Opacus sees them: DP-SGD then clips and noises B alone."""
+    for name, parameter in model.named_parameters():
+        if is_frozen_key(name, aggregation):
+            parameter.requires_grad_(False)
+
+
+def uplink_state(model: PeftModel, aggregation: str) -> dict[str, torch.Tensor]:
+    """The adapter tensors a merchant sends back: all of `adapter_state`, except the frozen ones under ffa."""
+    return {k: v for k, v in adapter_state(model).items() if not is_frozen_key(k, aggregation)}
+
+
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
     expected = set(get_peft_model_state_dict(model))
     if set(state) != expected:

@@ -1,3 +1,4 @@
+import re
 import tomllib
 from pathlib import Path
 
@@ -26,12 +27,39 @@ def test_pyproject_defaults_equal_the_config_defaults():
     ("accountant", "gdp", "one of rdp, prv"),
     ("dp", "maybe", "true or false"),
     ("num-rounds", "three", "an integer"),
+    ("aggregation", "fedsgd", "one of fedavg, ffa, svd"),
+    ("robust", "mean", "one of none, median, trimmed-mean"),
+    ("trim-fraction", 0.5, "[0, 0.5)"),
+    ("max-update-norm", -1.0, "[0, inf]"),
+    ("min-valid-merchants", 0, "[1, 1000]"),
 ])
 def test_bad_values_are_refused_naming_key_and_range(key, value, words):
     with pytest.raises(ConfigError) as error:
         from_mapping({key: value})
     assert f"'{key}'" in str(error.value)
     assert words in str(error.value)
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"aggregation": "svd", "privacy-unit": "merchant"}, "'aggregation' = 'svd' cannot be combined with central DP"),
+    ({"aggregation": "svd", "central-dp": True}, "'aggregation' = 'svd' cannot be combined with central DP"),
+    ({"aggregation": "svd", "robust": "median"}, "'robust' = 'median' cannot be combined with aggregation = 'svd'"),
+    ({"robust": "trimmed-mean", "central-dp": True}, "'robust' = 'trimmed-mean' cannot be combined with central DP"),
+    ({"min-valid-merchants": 5, "num-merchants": 4}, "'min-valid-merchants' = 5 exceeds num-merchants = 4"),
+])
+def test_combinations_that_cannot_work_are_refused(values, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        from_mapping(values)
+
+
+def test_aggregation_keys_accepted_and_norm_bound_off_at_zero_or_inf():
+    config = from_mapping({"aggregation": "ffa", "robust": "trimmed-mean", "trim-fraction": 0.3,
+                           "privacy-unit": "event", "max-update-norm": "inf", "min-valid-merchants": 2})
+    assert (config.aggregation, config.robust, config.trim_fraction, config.min_valid_merchants) == (
+        "ffa", "trimmed-mean", 0.3, 2)
+    assert config.update_norm_bound is None and config.replace(max_update_norm=0).update_norm_bound is None
+    assert FedShopConfig().update_norm_bound == FedShopConfig().max_update_norm == 1e4
+    assert from_mapping({"aggregation": "ffa", "privacy-unit": "merchant"}).central  # ffa + central DP works
 
 
 def test_unknown_key_is_refused_with_a_suggestion():

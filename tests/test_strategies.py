@@ -1,0 +1,350 @@
+"""The aggregation strategies (fedavg, ffa, svd), update validation, robust merges and bytes on the wire, through the
+strategies' aggregate_train on real Flower messages (no simulation)."""
+
+import csv
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.train import STATUS_TRAINED, PrivacyState, train_round
+from server.aggregation import payload_bytes
+from server.report import aggregation_lines
+from server.rundir import RunDirectory
+from server.strategy import LedgerFFA, LedgerSVD, TooFewValidUpdates, build_strategy
+from shared.config import FedShopConfig
+from shared.model import adapter_state, uplink_state
+from shared.modeling import encode
+from tests.helpers import first, tiny_lora_model
+
+PREFIX = "base_model.model.encoder.block.0.layer.0.SelfAttention"
+R, D_IN, D_OUT = 4, 6, 6  # A: r x in, B: out x r (equal sizes, so B alone is half the adapter's bytes)
+
+
+@pytest.fixture(autouse=True)
+def _server_identity():
+    # Messages are created inside a Flower task; outside one, give this process a server identity.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _a(layer: str) -> str:
+    return f"{PREFIX}.{layer}.lora_A.weight"
+
+
+def _b(layer: str) -> str:
+    return f"{PREFIX}.{layer}.lora_B.weight"
+
+
+LAYERS = ("q", "v")
+A_KEYS, B_KEYS = [_a(x) for x in LAYERS], [_b(x) for x in LAYERS]
+
+
+def _initial(rng, dtype=np.float32) -> dict[str, np.ndarray]:
+    """A random, B zero (PEFT's initialisation), in PEFT's key order (A then B per layer)."""
+    out = {}
+    for layer in LAYERS:
+        out[_a(layer)] = rng.normal(size=(R, D_IN)).astype(dtype)
+        out[_b(layer)] = np.zeros((D_OUT, R), dtype)
+    return out
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.array(v)) for k, v in arrays.items()})
+
+
+def _reply(partition: int, arrays: dict[str, np.ndarray] | None, examples: int, declined: bool = False) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=partition + 1, message_type="train")
+    metrics = MetricRecord({"num-examples": examples, "train-loss": 1.0, "epsilon": 2.0, "delta": 1e-5,
+                            "noise-multiplier": 0.9, "sample-rate": 0.01, "steps": 10, "declined": int(declined),
+                            "partition-id": partition})
+    content = {"metrics": metrics} if arrays is None else {"arrays": _record(arrays), "metrics": metrics}
+    return Message(content=RecordDict(content), reply_to=request)
+
+
+def _setup(tmp_path, initial: dict[str, np.ndarray], **changes):
+    config = FedShopConfig(run_dir=str(tmp_path), progress=False, lora_r=R, **changes)
+    run_dir = RunDirectory(tmp_path)
+    run_dir.start(config)
+    ledger, started = build_strategy(run_dir, config, _record(initial))
+    return ledger, started, run_dir
+
+
+def _weighted(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    w = np.asarray(weights, np.float64) / np.sum(weights)
+    return sum(wi * a.astype(np.float64) for wi, a in zip(w, arrays))
+
+
+# --- fedavg --------------------------------------------------------------------------------------------------
+
+
+def test_fedavg_averages_a_and_b_separately_and_counts_bytes(tmp_path):
+    rng = np.random.default_rng(0)
+    initial = _initial(rng)
+    ledger, _, run_dir = _setup(tmp_path, initial)
+    sent = [{k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32) for k, v in initial.items()} for _ in range(3)]
+    weights = [10, 30, 60]
+    arrays, _ = ledger.aggregate_train(1, [_reply(p, u, w) for p, (u, w) in enumerate(zip(sent, weights))]
+                                       + [_reply(3, None, 0, declined=True)])
+    result = arrays.to_numpy_ndarrays()
+    assert list(arrays.keys()) == list(initial)  # the order the server sent
+    for key, got in zip(arrays.keys(), result):
+        np.testing.assert_allclose(got, _weighted([u[key] for u in sent], weights), rtol=1e-6, atol=1e-6)
+        assert got.dtype == np.float32
+    record = run_dir.read_metrics()[-1]
+    full = payload_bytes(initial)
+    assert record["aggregation"] == "fedavg" and record["rejected"] == []
+    assert [record["merchants"][m]["uplink-bytes"] for m in ("m0", "m1", "m2", "m3")] == [full, full, full, 0]
+    assert all(record["merchants"][m]["downlink-bytes"] == full for m in ("m0", "m1", "m2", "m3"))
+    assert record["metrics"]["uplink-bytes-mean"] == full  # over the merchants that sent an update
+    assert (record["metrics"]["merchants-trained"], record["metrics"]["merchants-rejected"],
+            record["metrics"]["merchants-aggregated"]) == (3, 0, 3)
+
+
+# --- ffa -----------------------------------------------------------------------------------------------------
+
+
+def test_ffa_mean_of_b_times_a_is_the_mean_of_the_products_and_a_stays_bit_identical(tmp_path):
+    rng = np.random.default_rng(1)
+    initial = _initial(rng)
+    ledger, _, run_dir = _setup(tmp_path, initial, aggregation="ffa")
+    assert isinstance(ledger, LedgerFFA)
+    sent = [{k: rng.normal(size=initial[k].shape).astype(np.float32) for k in B_KEYS} for _ in range(3)]
+    weights = [5, 15, 80]
+    arrays, _ = ledger.aggregate_train(1, [_reply(p, u, w) for p, (u, w) in enumerate(zip(sent, weights))])
+    out = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays()))
+    assert list(out) == list(initial)  # A re-attached, in the order sent
+    for layer in LAYERS:
+        a, b = out[_a(layer)], out[_b(layer)]
+        assert a.dtype == initial[_a(layer)].dtype and a.tobytes() == initial[_a(layer)].tobytes()
+        mean_of_products = _weighted([u[_b(layer)].astype(np.float64) @ a.astype(np.float64) for u in sent], weights)
+        np.testing.assert_allclose(b.astype(np.float64) @ a, mean_of_products, rtol=1e-5, atol=1e-5)
+    record = run_dir.read_metrics()[-1]
+    uplink = record["merchants"]["m0"]["uplink-bytes"]
+    assert uplink == payload_bytes({k: initial[k] for k in B_KEYS})
+    assert 2 * uplink == record["merchants"]["m0"]["downlink-bytes"] == payload_bytes(initial)
+    # the saved adapter: the kept A re-attached to a B-only record
+    final = ledger.final_arrays(_record({k: out[k] for k in B_KEYS}))
+    assert list(final.keys()) == list(initial)
+    assert all(final[k].numpy().tobytes() == initial[k].tobytes() for k in A_KEYS)
+
+
+def test_ffa_rejects_a_reply_that_sends_a(tmp_path):
+    rng = np.random.default_rng(2)
+    initial = _initial(rng)
+    ledger, _, run_dir = _setup(tmp_path, initial, aggregation="ffa")
+    good = {k: rng.normal(size=initial[k].shape).astype(np.float32) for k in B_KEYS}
+    with_a = {**good, _a("q"): initial[_a("q")] + 1}
+    arrays, _ = ledger.aggregate_train(1, [_reply(0, good, 10), _reply(1, with_a, 10)])
+    out = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays()))
+    assert out[_a("q")].tobytes() == initial[_a("q")].tobytes()
+    np.testing.assert_array_equal(out[_b("q")], good[_b("q")])
+    rejected = run_dir.read_metrics()[-1]["rejected"]
+    assert rejected == [{"merchant": "m1", "reason": f"unexpected keys: {_a('q')}"}]
+
+
+def test_ffa_under_central_dp_noises_b_only(tmp_path):
+    rng = np.random.default_rng(3)
+    initial = _initial(rng)
+    ledger, wrapped, _ = _setup(tmp_path, initial, aggregation="ffa", privacy_unit="merchant", num_merchants=3,
+                                central_clip_norm=10.0)
+    wrapped.current_arrays = _record(initial)  # what configure_train would have set
+    sent = [{k: 0.01 * rng.normal(size=initial[k].shape).astype(np.float32) for k in B_KEYS} for _ in range(3)]
+    np.random.seed(0)
+    arrays, _ = wrapped.aggregate_train(1, [_reply(p, u, 10 + p) for p, u in enumerate(sent)])
+    out = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays()))
+    assert all(out[k].tobytes() == initial[k].tobytes() for k in A_KEYS)
+    mean = {k: sum(u[k].astype(np.float64) for u in sent) / 3 for k in B_KEYS}  # fixed denominator m = 3
+    assert all(not np.allclose(out[k], mean[k], atol=1e-9) for k in B_KEYS)  # noised
+    assert ledger.central_history  # the release was accounted
+
+
+FFA_CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,
+                           num_items=40, num_categories=4, history_length=6, batch_size=16, num_rounds=2,
+                           lora_targets="q,v", target_epsilon=8.0, aggregation="ffa")
+
+
+def test_ffa_merchant_trains_b_only_with_dp_sgd_and_sends_b_only():
+    model, tokenizer, merchant = tiny_lora_model(FFA_CONFIG)
+    before = {k: v.clone() for k, v in adapter_state(model).items()}
+    result = train_round(model, first(encode(merchant.train, tokenizer), 96), FFA_CONFIG, PrivacyState(), seed=1)
+    assert result.status == STATUS_TRAINED and math.isfinite(result.epsilon)
+    after = adapter_state(model)
+    a_keys = [k for k in after if "lora_A" in k]
+    b_keys = [k for k in after if "lora_B" in k]
+    assert a_keys and b_keys
+    assert all(torch.equal(before[k], after[k]) for k in a_keys)  # bit-identical
+    assert any(not torch.equal(before[k], after[k]) for k in b_keys)  # B trained
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+    reply = uplink_state(model, FFA_CONFIG.aggregation)
+    assert sorted(reply) == sorted(b_keys)
+    assert all(torch.equal(reply[k], after[k]) for k in b_keys)
+
+
+# --- svd -----------------------------------------------------------------------------------------------------
+
+
+def _rank_one_adapter(rng) -> dict[str, np.ndarray]:
+    """A_i random, B_i with a single non-zero column: B_i·A_i has rank 1."""
+    out = {}
+    for layer in LAYERS:
+        b = np.zeros((D_OUT, R))
+        b[:, 0] = rng.normal(size=D_OUT)
+        out[_a(layer)], out[_b(layer)] = rng.normal(size=(R, D_IN)), b
+    return out
+
+
+def test_svd_refactorises_the_mean_of_products_exactly_when_its_rank_is_at_most_r(tmp_path):
+    rng = np.random.default_rng(4)
+    initial = _initial(rng, np.float64)
+    ledger, _, run_dir = _setup(tmp_path, initial, aggregation="svd", lora_alpha=8.0)  # scale 8 / 4 = 2
+    assert isinstance(ledger, LedgerSVD)
+    sent = [_rank_one_adapter(rng) for _ in range(3)]  # mean of products: rank <= 3 <= r = 4
+    weights = [1, 2, 5]
+    arrays, _ = ledger.aggregate_train(1, [_reply(p, u, w) for p, (u, w) in enumerate(zip(sent, weights))])
+    out = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays()))
+    for layer in LAYERS:
+        assert out[_a(layer)].shape == (R, D_IN) and out[_b(layer)].shape == (D_OUT, R)
+        expected = _weighted([2.0 * u[_b(layer)] @ u[_a(layer)] for u in sent], weights)
+        np.testing.assert_allclose(2.0 * out[_b(layer)] @ out[_a(layer)], expected, rtol=1e-10, atol=1e-10)
+    record = run_dir.read_metrics()[-1]
+    # 0 up to float64 rounding (the squared singular values beyond rank 3 are ~1e-32 of the total)
+    assert 0.0 <= record["metrics"]["svd-dropped-energy-max"] < 1e-12
+    assert record["merchants"]["m0"]["uplink-bytes"] == record["merchants"]["m0"]["downlink-bytes"] == \
+        payload_bytes(initial)
+
+
+def test_svd_records_the_energy_the_truncation_drops(tmp_path):
+    rng = np.random.default_rng(5)
+    initial = _initial(rng, np.float64)
+    ledger, _, run_dir = _setup(tmp_path, initial, aggregation="svd", lora_alpha=8.0)
+    sent = [{k: rng.normal(size=v.shape) for k, v in initial.items()} for _ in range(3)]  # rank 6 > r = 4
+    ledger.aggregate_train(1, [_reply(p, u, 1) for p, u in enumerate(sent)])
+    metrics = run_dir.read_metrics()[-1]["metrics"]
+    expected = []
+    for layer in LAYERS:
+        s = np.linalg.svd(_weighted([u[_b(layer)] @ u[_a(layer)] for u in sent], [1, 1, 1]), compute_uv=False)
+        expected.append(np.sum(s[R:] ** 2) / np.sum(s ** 2))
+    assert metrics["svd-dropped-energy-max"] == pytest.approx(max(expected), rel=1e-9) and max(expected) > 0
+    assert metrics["svd-dropped-energy-mean"] == pytest.approx(np.mean(expected), rel=1e-9)
+
+
+# --- validation ----------------------------------------------------------------------------------------------
+
+
+def _bad_updates(honest: dict[str, np.ndarray], initial: dict[str, np.ndarray]) -> dict[str, dict]:
+    nan, inf = dict(honest), dict(honest)
+    nan[_a("q")] = honest[_a("q")].copy()
+    nan[_a("q")][0, 0] = np.nan
+    inf[_b("v")] = honest[_b("v")].copy()
+    inf[_b("v")][1, 1] = -np.inf
+    shape = {**honest, _a("v"): np.zeros((R, D_IN + 1), np.float32)}
+    key = {("renamed" if k == _b("q") else k): v for k, v in honest.items()}
+    dtype = {**honest, _b("q"): honest[_b("q")].astype(np.float64)}
+    norm = {**honest, _b("q"): initial[_b("q")] + 50.0}  # norm 50 * sqrt(24) ~ 245 > 100
+    return {"NaN in": nan, "Inf in": inf, "wrong shape": shape, "missing keys": key, "wrong dtype": dtype,
+            "update norm": norm}
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "svd"])
+def test_invalid_updates_are_rejected_named_and_left_out_of_the_aggregate(tmp_path, caplog, aggregation):
+    rng = np.random.default_rng(6)
+    initial = _initial(rng)
+    ledger, _, run_dir = _setup(tmp_path, initial, aggregation=aggregation, num_merchants=8, max_update_norm=100.0)
+    honest = [{k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32) for k, v in initial.items()}
+              for _ in range(2)]
+    bad = _bad_updates(honest[0], initial)
+    replies = [_reply(0, honest[0], 10), _reply(1, honest[1], 30)]
+    replies += [_reply(p, update, 1000) for p, update in enumerate(bad.values(), start=2)]
+    with caplog.at_level(logging.WARNING, logger="fedshop"):
+        arrays, _ = ledger.aggregate_train(4, replies)
+
+    # the aggregate is the aggregate of the two valid updates alone
+    reference_dir = tmp_path / "reference"
+    clean, _, _ = _setup(reference_dir, initial, aggregation=aggregation)
+    expected, _ = clean.aggregate_train(4, [_reply(0, honest[0], 10), _reply(1, honest[1], 30)])
+    for got, want in zip(arrays.to_numpy_ndarrays(), expected.to_numpy_ndarrays()):
+        np.testing.assert_array_equal(got, want)
+        assert np.all(np.isfinite(got))
+    record = run_dir.read_metrics()[-1]
+    assert [r["merchant"] for r in record["rejected"]] == [f"m{p}" for p in range(2, 8)]
+    for (needle, _), rejection in zip(bad.items(), record["rejected"]):
+        assert needle in rejection["reason"], rejection
+    assert record["metrics"]["merchants-rejected"] == 6 and record["metrics"]["merchants-aggregated"] == 2
+    for p in range(2, 8):
+        assert f"round 4: rejected the update of merchant m{p}" in caplog.text
+    report = "\n".join(aggregation_lines(ledger.config, [record]))
+    assert f"method: {aggregation}" in report and "rejected updates: 6: m2 round 4 (NaN in" in report
+    # the ledger keeps describing what the merchants did (they trained): no new status for a rejection
+    statuses = {r["merchant"]: r["status"] for r in csv.DictReader(open(tmp_path / "privacy.csv"))}
+    assert set(statuses.values()) == {"trained"}
+
+
+def test_too_few_valid_updates_stop_the_run_naming_round_and_reasons(tmp_path):
+    rng = np.random.default_rng(7)
+    initial = _initial(rng)
+    ledger, _, run_dir = _setup(tmp_path, initial, num_merchants=3, min_valid_merchants=2)
+    honest = {k: v + 0.1 for k, v in initial.items()}
+    nan = {**honest, _b("q"): np.full_like(honest[_b("q")], np.nan)}
+    with pytest.raises(TooFewValidUpdates, match=r"round 3: 1 valid merchant update\(s\) after rejecting 2, fewer "
+                       r"than min-valid-merchants = 2; rejected: m1: NaN in .*; m2: NaN in "):
+        ledger.aggregate_train(3, [_reply(0, honest, 10), _reply(1, nan, 10), _reply(2, nan, 10)])
+    assert run_dir.read_metrics()[-1]["metrics"]["merchants-rejected"] == 2  # recorded before stopping
+
+
+def test_declines_alone_never_trip_min_valid_merchants(tmp_path):
+    initial = _initial(np.random.default_rng(8))
+    ledger, _, _ = _setup(tmp_path, initial, num_merchants=3, min_valid_merchants=3)
+    arrays, _ = ledger.aggregate_train(1, [_reply(0, None, 0, declined=True), _reply(1, None, 0, declined=True)])
+    assert arrays is None
+
+
+def test_central_dp_leaves_invalid_replies_unclipped_for_the_strategy_to_reject(tmp_path):
+    rng = np.random.default_rng(9)
+    initial = _initial(rng)
+    ledger, wrapped, run_dir = _setup(tmp_path, initial, privacy_unit="merchant", num_merchants=3)
+    wrapped.current_arrays = _record(initial)
+    honest = [{k: v + 0.001 * rng.normal(size=v.shape).astype(np.float32) for k, v in initial.items()}
+              for _ in range(2)]
+    shape = {**honest[0], _a("v"): np.zeros((R + 1, D_IN), np.float32)}
+    nan = {**honest[0], _a("q"): np.full((R, D_IN), np.nan, np.float32)}
+    arrays, _ = wrapped.aggregate_train(1, [_reply(0, honest[0], 5), _reply(1, honest[1], 5), _reply(2, shape, 5),
+                                            _reply(3, nan, 5)])
+    assert all(np.all(np.isfinite(a)) for a in arrays.to_numpy_ndarrays())
+    assert [r["merchant"] for r in run_dir.read_metrics()[-1]["rejected"]] == ["m2", "m3"]
+
+
+# --- robust --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "ffa"])
+@pytest.mark.parametrize("robust", ["median", "trimmed-mean"])
+def test_robust_merge_resists_one_huge_update(tmp_path, aggregation, robust):
+    rng = np.random.default_rng(10)
+    initial = _initial(rng)
+    keys = B_KEYS if aggregation == "ffa" else list(initial)
+    honest = [{k: (0.5 + 0.01 * rng.normal(size=initial[k].shape)).astype(np.float32) for k in keys}
+              for _ in range(4)]
+    attacker = {k: np.full(initial[k].shape, 1e6, np.float32) for k in keys}
+    replies = [_reply(p, u, 10) for p, u in enumerate(honest)] + [_reply(4, attacker, 10_000)]
+    # max-update-norm off: the robust merge alone has to hold the attacker back
+    ledger, _, _ = _setup(tmp_path, initial, aggregation=aggregation, robust=robust, trim_fraction=0.2,
+                          max_update_norm=0.0, num_merchants=5)
+    arrays, _ = ledger.aggregate_train(1, replies)
+    out = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays()))
+    # Bound: with one outlier among 5 the median and the 20 %-trimmed mean (one value cut at each end) stay inside
+    # the honest range, so per coordinate |aggregate - honest mean| < max - min of the honest values (about 0.05,
+    # against the 1e6 / 5 the plain mean moves even unweighted).
+    for key in keys:
+        stacked = np.stack([u[key] for u in honest]).astype(np.float64)
+        spread = stacked.max(axis=0) - stacked.min(axis=0)
+        assert np.all(np.abs(out[key] - stacked.mean(axis=0)) <= spread + 1e-6)
+        assert np.all(spread < 0.1)
+    if aggregation == "ffa":
+        assert all(out[k].tobytes() == initial[k].tobytes() for k in A_KEYS)
+    plain, _, _ = _setup(tmp_path / "plain", initial, aggregation=aggregation, max_update_norm=0.0, num_merchants=5)
+    moved, _ = plain.aggregate_train(1, [_reply(p, u, 10) for p, u in enumerate(honest)] + [_reply(4, attacker, 10)])
+    assert all(np.all(np.abs(moved[k].numpy() - 0.5) > 1e5) for k in keys)
