@@ -75,7 +75,7 @@ class FedShopConfig:
                                  high=10.0)
     eval_batch_size: int = _spec(256, "batch size of evaluation", low=1, high=65536)
     # --- aggregation of the merchants' adapters ----------------------------------------------------------------
-    aggregation: str = _spec("fedavg", "how the server merges the adapters: fedavg (weighted mean of A and B "
+    aggregation: str = _spec("ffa", "how the server merges the adapters: fedavg (weighted mean of A and B "
                              "separately), ffa (FFA-LoRA: A frozen at its shared initialisation, only B trains and "
                              "travels to the server, so the mean of B times A is the mean of the updates), svd "
                              "(weighted mean of the products (alpha/r)*B*A, re-factorised to rank r by truncated SVD; "

@@ -145,6 +145,7 @@ def _reply(partition: int, arrays: ArrayRecord) -> Message:
 
 def test_central_noise_has_the_configured_std_and_merchant_epsilon_composes(tmp_path, server_identity):
     config = FedShopConfig(run_dir=str(tmp_path), num_merchants=4, num_rounds=3, privacy_unit="merchant",
+                           aggregation="fedavg",
                            target_epsilon=8.0, central_clip_norm=0.5, progress=False)
     run_dir = RunDirectory(tmp_path)
     run_dir.start(config)
@@ -176,6 +177,7 @@ def test_central_noise_has_the_configured_std_and_merchant_epsilon_composes(tmp_
 
 def test_central_clipping_bounds_each_merchants_influence(tmp_path, server_identity):
     config = FedShopConfig(run_dir=str(tmp_path), num_merchants=4, num_rounds=3, privacy_unit="merchant",
+                           aggregation="fedavg",
                            central_clip_norm=0.5, progress=False)
     run_dir = RunDirectory(tmp_path)
     run_dir.start(config)

@@ -66,6 +66,7 @@ def _reply(partition: int, arrays: dict[str, np.ndarray] | None, examples: int, 
 
 
 def _setup(tmp_path, initial: dict[str, np.ndarray], **changes):
+    changes.setdefault("aggregation", "fedavg")  # tests name the strategy they exercise
     config = FedShopConfig(run_dir=str(tmp_path), progress=False, lora_r=R, **changes)
     run_dir = RunDirectory(tmp_path)
     run_dir.start(config)
