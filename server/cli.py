@@ -96,6 +96,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from server.export import export_run, verify
+
+    if args.verify:
+        problems = verify(args.verify)
+        for problem in problems:
+            print(f"fedshop: {args.verify}/{problem}", file=sys.stderr)
+        log.info("%s: %s", args.verify, "every file matches manifest.json" if not problems else
+                 f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    if args.run_dir is None or args.out is None:
+        raise UserError("export needs RUN_DIR and --out DIR (or --verify DIR)")
+    out = export_run(args.run_dir, args.out, merge=args.merge)
+    log.info("exported %s -> %s (model card: %s)", args.run_dir, out, out / "README.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedshop", description="Federated DP-LoRA T5 for shopper behaviour.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
@@ -129,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "canary lower bound eps_emp when the run had canaries)")
     audit.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     audit.set_defaults(func=cmd_audit)
+    export = sub.add_parser("export", help="the global adapter as a plain PEFT folder with a model card and a "
+                            "sha256 manifest")
+    export.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR")
+    export.add_argument("--out", type=Path, help="a new directory to write")
+    export.add_argument("--merge", action="store_true", help="also write merged/: the base with the adapter folded in")
+    export.add_argument("--verify", type=Path, metavar="DIR", help="check an export folder against its manifest")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

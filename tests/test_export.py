@@ -1,0 +1,113 @@
+"""`fedshop export`: a folder plain PEFT loads in a fresh interpreter, a card whose numbers are the ledger's, a
+manifest that detects a changed byte."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from server.export import export_run, verify
+from shared.errors import UserError
+from shared.model import add_lora, load_adapter_state, load_base, read_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = "next: i1 c1 i2 c2 i3 c0"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    run = tmp / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "simulate", "--config", str(ROOT / "configs/tiny.toml"),
+         "--set", f"base-dir={tmp / 'base'}", "--run-dir", str(run), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def _run_logits(run: Path) -> torch.Tensor:
+    from shared.config import load_config
+
+    config = load_config(run / "config.toml")
+    base, tokenizer, _ = load_base(config.base_dir)
+    model = add_lora(base, config)
+    load_adapter_state(model, read_adapter(run))
+    model.eval()
+    batch = tokenizer([SOURCE], return_tensors="pt")
+    start = torch.tensor([[base.config.decoder_start_token_id]])
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     decoder_input_ids=start).logits[0, 0]
+
+
+FRESH = f"""
+import sys, torch
+from peft import AutoPeftModelForSeq2SeqLM, PeftModel
+from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
+out = sys.argv[1]
+tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+batch = tokenizer([{SOURCE!r}], return_tensors="pt")
+models = [PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(out + "/base"), out),
+          AutoPeftModelForSeq2SeqLM.from_pretrained(out), T5ForConditionalGeneration.from_pretrained(out + "/merged")]
+rows = []
+for model in models:
+    model.eval()
+    start = torch.tensor([[model.config.decoder_start_token_id]])
+    with torch.no_grad():
+        rows.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          decoder_input_ids=start).logits[0, 0])
+torch.save(torch.stack(rows), out + "/../logits.pt")
+"""
+
+
+def test_export_loads_with_plain_peft_and_gives_the_runs_logits(run_dir, tmp_path):
+    out = export_run(run_dir, tmp_path / "export", merge=True)
+    done = subprocess.run([sys.executable, "-c", FRESH, str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)  # a fresh interpreter, no fedshop import
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = _run_logits(run_dir)
+    for got in torch.load(tmp_path / "logits.pt"):
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_card_numbers_are_the_ledgers_and_the_manifest_detects_a_changed_byte(run_dir, tmp_path):
+    out = export_run(run_dir, tmp_path / "export")
+    text = (out / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["library_name"] == "peft" and Path(front["base_model"]) == (out / "base").resolve()
+    assert {"lora", "t5", "federated-learning", "differential-privacy", "dp-sgd"} <= set(front["tags"])
+    rows = list(csv.DictReader(open(run_dir / "privacy.csv")))
+    final = {}
+    for row in rows:
+        final[row["merchant"]] = float(row["epsilon"])
+    spent = list(final.values())
+    assert f"| epsilon per merchant, max / mean | {max(spent):.3f} / {sum(spent) / len(spent):.3f} |" in text
+    assert "| unit | event |" in text and "| delta | 1e-05 |" in text and "| accountant | rdp |" in text
+    noise = ", ".join(f"{n:.4g}" for n in sorted({float(r["noise_multiplier"]) for r in rows}))
+    assert f"| noise multiplier (the merchants' values) | {noise} |" in text
+
+    assert verify(out) == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) >= {"adapter_config.json", "adapter_model.safetensors", "README.md",
+                                      "tokenizer.json", "base/model.safetensors"}
+    weights = bytearray((out / "adapter_model.safetensors").read_bytes())
+    weights[-1] ^= 0x01
+    (out / "adapter_model.safetensors").write_bytes(bytes(weights))
+    assert verify(out) == ["adapter_model.safetensors: sha256 differs from the manifest"]
+
+
+def test_export_refuses_what_it_cannot_do(run_dir, tmp_path):
+    with pytest.raises(UserError, match="not a fedshop run directory"):
+        export_run(tmp_path, tmp_path / "x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        export_run(run_dir, tmp_path / "busy")
+    with pytest.raises(UserError, match="not a fedshop export"):
+        verify(tmp_path)
