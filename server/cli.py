@@ -113,6 +113,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from server.predict import Predictor, render
+
+    predictor = Predictor(args.adapter)
+    candidates = [c.strip() for c in (args.candidates or "").split(",") if c.strip()]
+    result = predictor.predict(args.history.split(), args.task, args.top_k, candidates, args.explain)
+    print(render(result, args.format))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedshop", description="Federated DP-LoRA T5 for shopper behaviour.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
@@ -153,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merge", action="store_true", help="also write merged/: the base with the adapter folded in")
     export.add_argument("--verify", type=Path, metavar="DIR", help="check an export folder against its manifest")
     export.set_defaults(func=cmd_export)
+    predict = sub.add_parser("predict", help="predictions (and occlusion explanations) from an exported adapter")
+    predict.add_argument("--adapter", required=True, type=Path, help="an export folder (fedshop export)")
+    predict.add_argument("--history", required=True, help="the shopper's viewed items, oldest first, e.g. \"i3 i17\"")
+    predict.add_argument("--task", default="next-item", choices=("next-item", "intent"))
+    predict.add_argument("--candidates", help="intent: comma-separated candidate items")
+    predict.add_argument("--top-k", type=int, default=10, help="next-item: how many items (default 10)")
+    predict.add_argument("--format", default="table", choices=("table", "json"))
+    predict.add_argument("--explain", action="store_true", help="occlusion: how much each history event moved "
+                         "each score")
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 

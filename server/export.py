@@ -51,6 +51,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, out / name)
     shutil.copy2(run_dir / "adapter" / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    shutil.copy2(run_dir / "config.toml", out / "run-config.toml")  # what `fedshop predict` builds inputs with
     adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
     adapter_config["base_model_name_or_path"] = str((out / "base").resolve())
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")

@@ -111,3 +111,36 @@ def test_export_refuses_what_it_cannot_do(run_dir, tmp_path):
         export_run(run_dir, tmp_path / "busy")
     with pytest.raises(UserError, match="not a fedshop export"):
         verify(tmp_path)
+
+
+def test_predict_schema_and_occlusion_attributions_reproduce_the_scores(run_dir, tmp_path):
+    from server.predict import SCHEMA, Predictor
+
+    out = export_run(run_dir, tmp_path / "export")
+    predictor = Predictor(out)
+    history = list(predictor.facts.item_ids[:4])
+    result = predictor.predict(history, "next-item", 5, [], explain=True)
+    assert result["schema"] == SCHEMA and result["task"] == "next-item" and result["history"] == history
+    items = [p["item"] for p in result["predictions"]]
+    scores = [p["score"] for p in result["predictions"]]
+    assert len(items) == 5 and not set(items) & set(history) and scores == sorted(scores, reverse=True)
+    assert all(0 < s < 1 for s in scores)
+    json.dumps(result)  # serialisable as documented
+    for explanation in result["explanations"]:
+        index = predictor.index[explanation["item"]]
+        for a in explanation["attributions"]:
+            without = history[:a["event"]] + history[a["event"] + 1:]
+            direct = float(predictor.next_item_scores([without])[0, index])
+            assert abs(explanation["score"] - a["delta"] - direct) < 1e-6
+    intent = predictor.predict(history, "intent", 1, [predictor.facts.item_ids[9]], explain=True)
+    (only,) = intent["explanations"]
+    for a in only["attributions"]:
+        without = history[:a["event"]] + history[a["event"] + 1:]
+        direct = float(predictor.intent_scores([without], only["item"])[0])
+        assert abs(only["score"] - a["delta"] - direct) < 1e-6
+    with pytest.raises(UserError, match="unknown item"):
+        predictor.predict([*history, "i99999"], "next-item", 5, [], explain=False)
+    with pytest.raises(UserError, match="top-k 0"):
+        predictor.predict(history, "next-item", 0, [], explain=False)
+    with pytest.raises(UserError, match="not a fedshop export"):
+        Predictor(tmp_path)
