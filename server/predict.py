@@ -35,6 +35,12 @@ class Predictor:
         adapter = Path(adapter)
         if not (adapter / "manifest.json").is_file() or not (adapter / "run-config.toml").is_file():
             raise UserError(f"{adapter} is not a fedshop export (run `fedshop export RUN_DIR --out DIR` first)")
+        manifest = json.loads((adapter / "manifest.json").read_text(encoding="utf-8"))
+        from server.export import sha256
+
+        if sha256(adapter / "base" / "model.safetensors") != manifest.get("base-model-sha256"):
+            raise UserError(f"{adapter}/base/model.safetensors is not the base this adapter was trained on (its "
+                            "sha256 differs from manifest.json's base-model-sha256)")
         from peft import PeftModel
         from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
         from transformers.utils import logging as hf_logging

@@ -144,3 +144,8 @@ def test_predict_schema_and_occlusion_attributions_reproduce_the_scores(run_dir,
         predictor.predict(history, "next-item", 0, [], explain=False)
     with pytest.raises(UserError, match="not a fedshop export"):
         Predictor(tmp_path)
+    weights = bytearray((out / "base" / "model.safetensors").read_bytes())
+    weights[-1] ^= 0x01  # another base than the one the adapter was trained on
+    (out / "base" / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(UserError, match="not the base this adapter was trained on"):
+        Predictor(out)
