@@ -112,12 +112,12 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     if not config.local_dp:
         loss = _train_plain(model, data, optimizer, sampler, steps)
         return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, 0.0, math.inf, config.target_delta, loss)
-    if not admit(state, len(records), config):
-        spent = epsilon_of(state.history, config.target_delta, config.accountant)
-        return RoundResult(STATUS_DECLINED, 0, 0, sample_rate, state.noise_multiplier or 0.0, spent,
-                           config.target_delta, math.nan)
+    admitted = admit(state, len(records), config)
     noise = state.noise_multiplier
-    assert noise is not None
+    assert noise is not None  # admit() calibrates it
+    if not admitted:
+        spent = epsilon_of(state.history, config.target_delta, config.accountant)
+        return RoundResult(STATUS_DECLINED, 0, 0, sample_rate, noise, spent, config.target_delta, math.nan)
 
     model.train()
     with warnings.catch_warnings():

@@ -19,6 +19,7 @@ from pathlib import Path
 from server.audit import read_audit, run_config
 from server.report import TASK_ROWS, _epsilon_by_merchant, _f, privacy_lines
 from server.rundir import RunDirectory
+from shared.config import FedShopConfig
 from shared.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -57,7 +58,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
     if merge:
         _merge(out)
-    (out / "README.md").write_text(model_card(run_dir, out, merge), encoding="utf-8")
+    (out / "README.md").write_text(model_card(run_dir, config, out, merge), encoding="utf-8")
     write_manifest(out, base_sha256=sha256(base_dir / "model.safetensors"))
     return out
 
@@ -98,8 +99,7 @@ def verify(out: str | Path) -> list[str]:
     return problems
 
 
-def model_card(run_dir: Path, out: Path, merged: bool) -> str:
-    config = run_config(run_dir)
+def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool) -> str:
     directory = RunDirectory(run_dir)
     records = directory.read_metrics()
     evaluations = [r for r in records if r["scope"] == "evaluate"]

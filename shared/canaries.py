@@ -1,7 +1,8 @@
 """Canary records for the one-run privacy audit (Steinke, Nasr and Jagielski, 2023).
 
-Each canary is a shopper of its own with one next-item example: a random history of catalogue items and a target
-item that no other canary shares (while the catalogue has enough items). Every canary is assigned to a merchant and
+Each canary is a shopper of its own with one next-item example: a random sequence of price- and rating-band tokens
+as its history (a pattern no real history has, so nothing else in training competes with it) and a target item that
+no other canary shares (while the catalogue has enough items). Every canary is assigned to a merchant and
 is inserted into that merchant's training data with probability 1/2; the auditor knows the coin flips, the model
 does not. The bits and canaries depend only on the seed, so `fedshop audit` rebuilds them from the run's config.
 """

@@ -24,6 +24,8 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from shared.errors import UserError
+
 History = list[tuple[float, float, int]]
 
 
@@ -132,8 +134,6 @@ def history_from_ledger(run_dir: str | Path, merchant: str) -> tuple[float | Non
     """
     path = Path(run_dir) / "privacy.csv"
     if not path.is_file():
-        from shared.errors import UserError
-
         raise UserError(f"resume-from: {path} does not exist; expected the run directory of a finished fedshop run")
     history: History = []
     noise = None
