@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.train import STATUS_DECLINED, PrivacyState, train_round
+from shared.baselines import fit_baselines
 from shared.config import FedShopConfig, from_mapping
 from shared.data import merchant_data, merchant_id_for_partition
 from shared.model import add_lora, load_adapter_state, load_base, uplink_state
@@ -82,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     config, partition_id, model, tokenizer, data = _setup(msg, context)
     metrics = evaluate(model, tokenizer, data.test, data.facts, batch_size=config.eval_batch_size,
-                       popularity=data.popularity)
+                       baselines=fit_baselines(data.train, data.facts, data.popularity), tasks=config.task_list)
     shoppers = len({e.user_id for e in data.test})
     record = MetricRecord({**metrics, "num-examples": shoppers, "partition-id": partition_id})
     return Message(content=RecordDict({"metrics": record}), reply_to=msg)

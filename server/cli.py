@@ -46,6 +46,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not report.is_file():
         log.error("the simulation ended without writing %s; see the log above", report)
         return 1
+    if config.reference_list:
+        from server.references import run_references, write_references
+        from server.report import write_report
+        from server.rundir import RunDirectory
+
+        log.info("training the reference runs on the same splits: %s", ", ".join(config.reference_list))
+        write_references(config.run_dir, run_references(config, config.reference_list))
+        write_report(RunDirectory(config.run_dir), config, read_base_meta(config.base_dir))
     log.info("done in %.0f s; report: %s", time.perf_counter() - started, report)
     return 0
 

@@ -1,13 +1,24 @@
-"""`report.md` and `metrics.png`: what a person reads first, built from `metrics.jsonl` and `privacy.csv` only."""
+"""`report.md`, `metrics.png` and `price_curve.png`: what a person reads first, built from `metrics.jsonl`,
+`privacy.csv` and, when reference runs were trained, `references.json`."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from server.audit import describe, read_audit
 from server.rundir import RunDirectory
 from shared.config import FedShopConfig
+
+REFERENCES_FILE = "references.json"
+
+
+def read_references(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / REFERENCES_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
 
 TASK_ROWS = (
     # (label, model key, popularity key, oracle key)
@@ -61,11 +72,120 @@ def aggregation_lines(config: FedShopConfig, trains: list[dict]) -> list[str]:
     return lines
 
 
+# (task title, explanation, [(column label, key suffix, higher is better)])
+TASK_TABLES = (
+    ("intent", "Purchase intent", "Does the shopper buy the viewed candidate at the offered price? The baseline is a "
+     "logistic regression on the candidate's training purchase rate, the shopper's affinity to its category and the "
+     "price level.", (("AUC", "auc", True), ("log-loss", "logloss", False), ("ECE", "ece", False))),
+    ("next", "Next item", "Full-catalogue ranking of the next item viewed, items the shopper has seen excluded, ties "
+     "counted against the scorer.", (("HR@5", "hr@5", True), ("HR@10", "hr@10", True), ("NDCG@5", "ndcg@5", True),
+                                     ("NDCG@10", "ndcg@10", True), ("MRR", "mrr", True))),
+    ("churn", "Churn", "Does the shopper come back (any event) within the horizon after a calendar cutoff? The "
+     "baseline is a logistic regression on recency/frequency features (sessions, views, mean gap, days since the last "
+     "event, bought in the last session).", (("AUC", "auc", True), ("log-loss", "logloss", False),
+                                            ("ECE", "ece", False))),
+)
+BASELINE_ROWS = {  # task -> [(row label, key prefix)]
+    "intent": [("logistic baseline (item rate, category affinity, price)", "intent-baseline")],
+    "next": [("first-order Markov chain", "next-markov"), ("popularity", "next-popularity")],
+    "churn": [("recency/frequency logistic baseline", "churn-baseline")],
+    "price": [("logistic baseline (log price level)", "price-baseline")],
+}
+REFERENCE_LABELS = {"local-only": "local-only (each merchant alone, same DP budget)",
+                    "centralised": "centralised (pooled data, no DP)"}
+
+
+def scorer_rows(final: dict, start: dict, references: dict) -> list[tuple[str, str, dict]]:
+    """(row label, key prefix substitution, metrics) for the model, the base, the references."""
+    rows = [("**federated model**", "", final), ("base alone (round 0)", "", start)]
+    for kind, label in REFERENCE_LABELS.items():
+        if kind in references:
+            rows.append((label, "", references[kind]["metrics"]))
+    return rows
+
+
+def task_tables(final: dict, start: dict, references: dict) -> list[str]:
+    """One table per task: the federated model, the base, the reference runs, the baselines and the Bayes oracle."""
+    lines: list[str] = []
+    for task, title, words, columns in TASK_TABLES:
+        if f"{task}-{columns[0][1]}" not in final:
+            continue
+        lines += [f"### {title}", "", words, "", "| scorer | " + " | ".join(c[0] for c in columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+        rows = [(label, task, metrics) for label, _, metrics in scorer_rows(final, start, references)]
+        rows += [(label, prefix, final) for label, prefix in BASELINE_ROWS[task]]
+        rows.append(("Bayes oracle (synthetic truth)", f"{task}-oracle", final))
+        for label, prefix, metrics in rows:
+            values = [metrics.get(f"{prefix}-{suffix}") for _, suffix, _ in columns]
+            if all(v is None for v in values):
+                continue
+            lines.append(f"| {label} | " + " | ".join(_f(v) for v in values) + " |")
+        lines.append("")
+    if "price-elasticity" in final:
+        levels = sorted({k.split("@", 1)[1] for k in final if k.startswith("price-p@")}, key=lambda t: float(t[1:]))
+        lines += ["### Price sensitivity", "",
+                  "The intent head asked at every price level (offered price / list price) for each test view: the "
+                  "mean purchase probability per level, the elasticity (slope of log mean probability on log price) "
+                  "and the mean absolute distance to the true curve of each view.", "",
+                  "| scorer | " + " | ".join(f"P(buy) at {t}" for t in levels) + " | elasticity | curve MAE |",
+                  "|---" * (len(levels) + 3) + "|"]
+        rows = [(label, "price", metrics) for label, _, metrics in scorer_rows(final, start, references)]
+        rows += [(label, prefix, final) for label, prefix in BASELINE_ROWS["price"]]
+        rows.append(("truth (synthetic generator)", "price-oracle", final))
+        for label, prefix, metrics in rows:
+            if f"{prefix}-elasticity" not in metrics:
+                continue
+            lines.append(f"| {label} | " + " | ".join(_f(metrics.get(f"{prefix}-p@{t}")) for t in levels)
+                         + f" | {_f(metrics.get(f'{prefix}-elasticity'), 2)} | "
+                         + f"{_f(metrics.get(f'{prefix}-curve-mae')) if prefix != 'price-oracle' else '-'} |")
+        lines.append("")
+    return lines
+
+
+COMPARISONS = (  # (what, model key, reference or baseline key, higher is better)
+    ("purchase intent AUC", "intent-auc", True),
+    ("next item HR@10", "next-hr@10", True),
+    ("churn AUC", "churn-auc", True),
+    ("price curve MAE", "price-curve-mae", False),
+)
+
+
+def verdict_lines(final: dict, references: dict) -> list[str]:
+    """The claims a reader checks first: federated vs local-only, vs the next-item baselines, vs centralised."""
+    lines = []
+    local = references.get("local-only", {}).get("metrics", {})
+    central = references.get("centralised", {}).get("metrics", {})
+    for label, key, higher in COMPARISONS:
+        if key not in final:
+            continue
+        model = _num(final[key])
+        parts = []
+        if key in local:
+            diff = model - _num(local[key])
+            better = diff > 0 if higher else diff < 0
+            parts.append(f"{'beats' if better else 'does NOT beat'} local-only ({_f(local[key])}, {diff:+.3f})")
+        if key in central:
+            ref = _num(central[key])
+            gap = (ref - model) / abs(ref) if higher else (model - ref) / abs(ref)
+            parts.append(f"{gap:+.1%} behind centralised non-private ({_f(ref)})" if gap > 0
+                         else f"level with or ahead of centralised non-private ({_f(ref)}, {-gap:.1%} ahead)")
+        if key == "next-hr@10":
+            for name, baseline in (("popularity", "next-popularity-hr@10"), ("Markov", "next-markov-hr@10")):
+                if baseline in final:
+                    diff = model - _num(final[baseline])
+                    parts.append(f"{'beats' if diff > 0 else 'does NOT beat'} {name} ({_f(final[baseline])}, "
+                                 f"{diff:+.3f})")
+        if parts:
+            lines.append(f"- {label} {_f(final[key])}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) -> None:
     records = run_dir.read_metrics()
     evaluations = {r["round"]: r for r in records if r["scope"] == "evaluate"}
     trains = {r["round"]: r for r in records if r["scope"] == "train"}
     ledger = run_dir.read_privacy()
+    references = read_references(run_dir.path)
     last_round = max(evaluations) if evaluations else 0
     final = evaluations.get(last_round, {}).get("metrics", {})
     start = evaluations.get(0, {}).get("metrics", {})
@@ -76,39 +196,47 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
         f"# fedshop run report — `{run_dir.path}`", "",
         f"{config.num_merchants} merchants x {config.num_rounds} rounds, T5 `{config.model_size}` base from "
         f"`{config.base_dir}` (pretrained without DP on the public split), LoRA r={config.lora_r} "
-        f"alpha={config.lora_alpha:g} on {config.lora_targets}; {privacy_words}.", "",
-        "## Test metrics (leave-last-out, weighted over merchants by test shoppers)", "",
-        "The model is the final global adapter; round 0 is the pretrained base before any federated training. "
-        "Popularity ranks unseen items by their views in the merchant's training events; the Bayes oracle scores "
-        "with the true probabilities the synthetic generator drew from. Gap closed = (model - 0.5) / (oracle - 0.5) "
-        "for AUC.", "",
-        "| task metric | model | round 0 (base) | popularity | Bayes oracle |",
-        "|---|---|---|---|---|",
+        f"alpha={config.lora_alpha:g} on {config.lora_targets}; {privacy_words}; tasks {config.tasks} (churn horizon "
+        f"{config.churn_horizon_days:g} days).", "",
     ]
-    for label, key, popular, oracle in TASK_ROWS:
-        if key in final:
-            lines.append(f"| {label} | {_f(final.get(key))} | {_f(start.get(key))} | "
-                         f"{_f(final.get(popular)) if popular else 'n/a'} | {_f(final.get(oracle))} |")
+    verdict = verdict_lines(final, references)
+    if verdict:
+        lines += ["## In one look", ""] + verdict + [""]
+    lines += [
+        "## Test metrics (leave-last-out in time per shopper, weighted over merchants by test shoppers)", "",
+        "Every scorer is evaluated on the same test examples; baselines are fitted on each merchant's training "
+        "examples only. Round 0 is the pretrained base before any federated training. "
+        + ("Reference runs: " + ", ".join(REFERENCE_LABELS[k] for k in references) + "; see `references.json`."
+           if references else "No reference runs (set references = \"local-only,centralised\")."), "",
+    ]
+    lines += task_tables(final, start, references)
     if "intent-auc" in final and final.get("intent-oracle-auc"):
         gap = (_num(final["intent-auc"]) - 0.5) / (_num(final["intent-oracle-auc"]) - 0.5)
-        lines += ["", f"Purchase intent closes **{gap:.0%}** of the gap between 0.5 and the Bayes-oracle AUC."]
-    lines += ["", "## Per merchant (final round)", "",
-              "| merchant | test shoppers | intent AUC | oracle AUC | next HR@10 | popularity HR@10 | oracle HR@10 | "
-              f"epsilon (delta {delta:g}, {unit}) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"Purchase intent closes **{gap:.0%}** of the gap between 0.5 and the Bayes-oracle AUC.", ""]
+    local = references.get("local-only", {}).get("merchants", {})
+    columns = [("intent AUC", "intent-auc"), ("next HR@10", "next-hr@10"), ("churn AUC", "churn-auc"),
+               ("price elasticity", "price-elasticity")]
+    merchants = evaluations.get(last_round, {}).get("merchants", {})
+    present = [(label, key) for label, key in columns if any(key in v for v in merchants.values())]
+    lines += ["## Per merchant (final round; local-only in brackets)", "",
+              "| merchant | test shoppers | " + " | ".join(label for label, _ in present)
+              + f" | epsilon (delta {delta:g}, {unit}) |", "|---" * (len(present) + 3) + "|"]
     spent = _epsilon_by_merchant(ledger)
-    for merchant, values in evaluations.get(last_round, {}).get("merchants", {}).items():
-        lines.append(f"| {merchant} | {values.get('num-examples')} | {_f(values.get('intent-auc'))} | "
-                     f"{_f(values.get('intent-oracle-auc'))} | {_f(values.get('next-hr@10'))} | "
-                     f"{_f(values.get('next-popularity-hr@10'))} | {_f(values.get('next-oracle-hr@10'))} | "
-                     f"{_f(spent.get(merchant), 2)} |")
+    for merchant, values in merchants.items():
+        cells = []
+        for _, key in present:
+            alone = local.get(merchant, {}).get(key)
+            cells.append(_f(values.get(key)) + (f" ({_f(alone)})" if alone is not None else ""))
+        lines.append(f"| {merchant} | {values.get('num-examples')} | " + " | ".join(cells)
+                     + f" | {_f(spent.get(merchant), 2)} |")
     lines += ["", "## Per round", "", "| round | merchants trained | train loss | epsilon max | intent AUC | "
-              "next HR@10 |", "|---|---|---|---|---|---|"]
+              "next HR@10 | churn AUC |", "|---|---|---|---|---|---|---|"]
     for rnd in sorted(evaluations):
         train = trains.get(rnd, {}).get("metrics", {})
         metrics = evaluations[rnd]["metrics"]
         lines.append(f"| {rnd} | {train.get('merchants-trained', '-')} | {_f(train.get('train-loss'))} | "
                      f"{_f(_num(train.get('epsilon-max')), 2) if train else '-'} | {_f(metrics.get('intent-auc'))} | "
-                     f"{_f(metrics.get('next-hr@10'))} |")
+                     f"{_f(metrics.get('next-hr@10'))} | {_f(metrics.get('churn-auc'))} |")
     lines += ["", "## Aggregation", ""]
     lines += aggregation_lines(config, [trains[r] for r in sorted(trains)])
     lines += ["", "## Privacy", ""]
@@ -129,6 +257,8 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
                   "DP run must show eps_emp <= its epsilon. See `audit.json`."]
     if _plot(run_dir, evaluations):
         lines += ["", "![metrics per round](metrics.png)"]
+    if _plot_price(run_dir, final, references):
+        lines += ["", "![price response](price_curve.png)"]
     (run_dir.path / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -201,7 +331,8 @@ def _plot(run_dir: RunDirectory, evaluations: dict[int, dict]) -> bool:
 
     rounds = sorted(evaluations)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("intent-auc", "purchase intent AUC"), ("next-hr@10", "next item HR@10")):
+    for key, label in (("intent-auc", "purchase intent AUC"), ("next-hr@10", "next item HR@10"),
+                       ("churn-auc", "churn AUC")):
         values = [_num(evaluations[r]["metrics"].get(key)) for r in rounds]
         if not all(math.isnan(v) for v in values):
             ax.plot(rounds, values, marker="o", label=label)
@@ -212,5 +343,33 @@ def _plot(run_dir: RunDirectory, evaluations: dict[int, dict]) -> bool:
     ax.legend()
     fig.tight_layout()
     fig.savefig(run_dir.path / "metrics.png", dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _plot_price(run_dir: RunDirectory, final: dict, references: dict) -> bool:
+    levels = sorted({k.split("@", 1)[1] for k in final if k.startswith("price-p@")}, key=lambda t: float(t[1:]))
+    if not levels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [float(t[1:]) for t in levels]
+    curves = [("federated model", "price", final, "-"), ("truth", "price-oracle", final, "--"),
+              ("logistic baseline", "price-baseline", final, ":")]
+    curves += [(kind, "price", references[kind]["metrics"], "-.") for kind in references]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, prefix, metrics, style in curves:
+        values = [_num(metrics.get(f"{prefix}-p@{t}")) for t in levels]
+        if not all(math.isnan(v) for v in values):
+            ax.plot(x, values, style, marker="o", label=label)
+    ax.set_xlabel("offered price / list price")
+    ax.set_ylabel("mean P(purchase) over test views")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir.path / "price_curve.png", dpi=100)
     plt.close(fig)
     return True

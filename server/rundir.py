@@ -35,6 +35,7 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.toml").write_text(to_toml(config), encoding="utf-8")
         self.metrics_file.write_text("", encoding="utf-8")
+        (self.path / "references.json").unlink(missing_ok=True)  # a previous run's reference runs
         with self.privacy_file.open("w", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerow(PRIVACY_COLUMNS)
 

@@ -20,9 +20,10 @@ MODEL_SIZES = ("tiny", "small")
 ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_UNITS = ("event", "shopper", "merchant")
 LORA_TARGET_CHOICES = ("q", "k", "v", "o", "wi", "wo")
-TASK_CHOICES = ("intent", "next-item")
+TASK_CHOICES = ("intent", "next-item", "churn", "price")
 AGGREGATIONS = ("fedavg", "ffa", "svd")
 ROBUST_CHOICES = ("none", "median", "trimmed-mean")
+REFERENCE_CHOICES = ("none", "local-only", "centralised")
 
 
 class ConfigError(UserError):
@@ -52,7 +53,12 @@ class FedShopConfig:
     merchant_skew: float = _spec(0.3, "Dirichlet concentration of merchants' category mixes (smaller = more "
                                  "non-IID)", low=0.0, low_open=True, high=100.0)
     history_length: int = _spec(4, "most recent events of a shopper shown to the model", low=1, high=512)
-    tasks: str = _spec("intent,next-item", "comma-separated behaviour tasks", choices=TASK_CHOICES, multi=True)
+    tasks: str = _spec("intent,next-item,churn,price", "comma-separated behaviour tasks, all in one adapter: intent "
+                       "(purchase after a view), next-item (full-catalogue ranking), churn (does the shopper return "
+                       "within churn-horizon-days of a session's end), price (the intent head's purchase probability "
+                       "across price levels; needs intent)", choices=TASK_CHOICES, multi=True)
+    churn_horizon_days: float = _spec(7.0, "churn: a shopper who starts no session within this many days of a "
+                                      "session's end has churned", low=0.0, low_open=True, high=3650.0)
     # --- model -------------------------------------------------------------------------------------------
     model_size: str = _spec("small", "T5 size preset of the base model", choices=MODEL_SIZES)
     base_dir: str = _spec("bases/small", "base directory (config, safetensors, tokenizer) every merchant loads")
@@ -117,6 +123,10 @@ class FedShopConfig:
     run_dir: str = _spec("runs/latest", "run directory written by the server")
     resume_from: str = _spec("", "a finished run directory to continue: its final adapter is the starting point and "
                              "every merchant's privacy ledger carries on from its privacy.csv (empty = a fresh run)")
+    references: str = _spec("none", "reference runs `fedshop simulate` trains after the federation, on the same "
+                            "splits, for the report: local-only (each merchant alone, same recipe and DP budget), "
+                            "centralised (all merchants' training data pooled, no DP); simulation only",
+                            choices=REFERENCE_CHOICES, multi=True)
     progress: bool = _spec(True, "show a progress line per round")
     torch_threads: int = _spec(1, "torch intra-op threads per merchant process", low=1, high=256)
 
@@ -136,6 +146,9 @@ class FedShopConfig:
             raise ConfigError(f"config key 'robust' = {self.robust!r} cannot be combined with {central}: the noise "
                               "is calibrated to the fixed-denominator mean of clipped updates (each merchant's "
                               "influence is already bounded by central-clip-norm / merchants); use robust = none")
+        if "price" in self.task_list and "intent" not in self.task_list:
+            raise ConfigError(f"config key 'tasks' = {self.tasks!r}: price needs intent (the price curve is the intent "
+                              "head queried at every price level); add intent")
         if self.min_valid_merchants > self.num_merchants:
             raise ConfigError(f"config key 'min-valid-merchants' = {self.min_valid_merchants} exceeds num-merchants "
                               f"= {self.num_merchants}")
@@ -149,6 +162,10 @@ class FedShopConfig:
     @property
     def lora_target_list(self) -> list[str]:
         return _split(self.lora_targets)
+
+    @property
+    def reference_list(self) -> list[str]:
+        return [r for r in _split(self.references) if r != "none"]
 
     @property
     def task_list(self) -> list[str]:

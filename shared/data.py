@@ -12,7 +12,7 @@ from shared.canaries import make_canaries
 from shared.config import FedShopConfig
 from shared.errors import UserError
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, RATING_BANDS, SyntheticData, generate
-from shared.tasks import CatalogueFacts, Example, build_examples, by_split
+from shared.tasks import TASK_TOKENS, CatalogueFacts, Example, build_examples, by_split, churn_tokens, level_tokens
 
 
 @dataclass
@@ -39,7 +39,7 @@ def catalogue_facts(data: SyntheticData) -> CatalogueFacts:
 def vocabulary(facts: CatalogueFacts) -> tuple[list[str], list[str], list[str]]:
     categories = sorted(set(facts.category), key=lambda c: int(c[1:]) if c[1:].isdigit() else c)
     bands = [f"p{b}" for b in range(PRICE_BANDS)] + [f"r{b}" for b in range(RATING_BANDS)]
-    return list(facts.item_ids), categories, bands
+    return list(facts.item_ids), categories, bands + level_tokens() + churn_tokens()
 
 
 def merchant_data(config: FedShopConfig, merchant_id: str, data: SyntheticData | None = None) -> MerchantData:
@@ -52,6 +52,10 @@ def merchant_data(config: FedShopConfig, merchant_id: str, data: SyntheticData |
     examples = build_examples(
         data.events.take(rows), facts, tasks=config.task_list, history_length=config.history_length,
         truth_purchase_prob=data.truth_purchase_prob[rows], truth_next_rank=data.truth_next_rank[rows],
+        price_level=None if data.price_level is None else data.price_level[rows],
+        truth_price_curve=None if data.truth_price_curve is None else data.truth_price_curve[rows],
+        churn_horizon_days=config.churn_horizon_days, window_end_ms=data.window_end_ms,
+        churn_truth=data.shopper_truth,
     )
     splits = by_split(examples)
     popularity = np.zeros(len(facts.item_ids))
@@ -86,8 +90,9 @@ def merchant_id_for_partition(partition_id: int) -> str:
 
 
 def catalogue_fingerprint(facts: CatalogueFacts) -> str:
-    """sha256 of the public catalogue facts a base was pretrained on (items, categories, price and rating bands)."""
-    payload = json.dumps([facts.item_ids, facts.category, facts.price_band, facts.rating_band])
+    """sha256 of the catalogue facts and task vocabulary a base was pretrained on (items, categories, bands, tokens)."""
+    payload = json.dumps([facts.item_ids, facts.category, facts.price_band, facts.rating_band, TASK_TOKENS,
+                          level_tokens(), churn_tokens()])
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

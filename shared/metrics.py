@@ -1,4 +1,5 @@
-"""Metric functions: ROC AUC and full-catalogue ranking metrics with ties counted against the model."""
+"""Metric functions: ROC AUC, log-loss, calibration, price elasticity, and full-catalogue ranking metrics with ties
+counted against the model."""
 
 from __future__ import annotations
 
@@ -45,3 +46,41 @@ def ranking_metrics(ranks: np.ndarray, ks: tuple[int, ...] = (10,)) -> dict[str,
         out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
     out["mrr"] = float((1.0 / ranks).mean())
     return out
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean negative log-likelihood of binary labels (probabilities clipped to [eps, 1 - eps])."""
+    labels = np.asarray(labels, dtype=np.float64)
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), eps, 1.0 - eps)
+    if len(p) == 0:
+        return float("nan")
+    return float(-(labels * np.log(p) + (1.0 - labels) * np.log(1.0 - p)).mean())
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
+    """Sum over equal-width probability bins of |observed rate - mean probability| x the bin's share of examples."""
+    labels = np.asarray(labels, dtype=np.float64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    if len(p) == 0:
+        return float("nan")
+    which = np.minimum((p * bins).astype(np.int64), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            total += members.mean() * abs(labels[members].mean() - p[members].mean())
+    return float(total)
+
+
+def binary_metrics(prefix: str, labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """AUC, log-loss and ECE of one scorer, keyed `<prefix>-auc`, `<prefix>-logloss`, `<prefix>-ece`."""
+    return {f"{prefix}-auc": roc_auc(labels, probabilities), f"{prefix}-logloss": log_loss(labels, probabilities),
+            f"{prefix}-ece": expected_calibration_error(labels, probabilities)}
+
+
+def elasticity(levels: np.ndarray | tuple, mean_probability: np.ndarray) -> float:
+    """Least-squares slope of log(mean purchase probability) on log(price level): the curve's price elasticity."""
+    x = np.log(np.asarray(levels, dtype=np.float64))
+    y = np.log(np.clip(np.asarray(mean_probability, dtype=np.float64), 1e-12, None))
+    x = x - x.mean()
+    return float((x * (y - y.mean())).sum() / (x * x).sum())

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from shared.metrics import ranking_metrics, roc_auc, target_rank
-from shared.tasks import CatalogueFacts, Example
+from shared.baselines import Baselines
+from shared.metrics import binary_metrics, elasticity, ranking_metrics, target_rank
+from shared.tasks import PRICE_LEVELS, CatalogueFacts, Example, level_token
 
 
 @dataclass
@@ -61,32 +62,54 @@ def per_sample_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return nn.functional.cross_entropy(logits, target_ids, reduction="none")
 
 
+def _binary_probability(model: nn.Module, tokenizer: PreTrainedTokenizerFast, sources: list[str],
+                        batch_size: int) -> np.ndarray:
+    """p("yes") / (p("yes") + p("no")) of the first decoder step for each source."""
+    yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
+    out = []
+    for start in range(0, len(sources), batch_size):
+        batch = tokenizer(sources[start:start + batch_size], padding=True, return_tensors="pt")
+        logits = first_step_logits(model, batch["input_ids"], batch["attention_mask"])
+        out.append(torch.sigmoid(logits[:, yes] - logits[:, no]).double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def with_level(source: str, level: float) -> str:
+    """An intent input with its price level (its last token) replaced."""
+    return source.rsplit(" ", 1)[0] + " " + level_token(level)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: list[Example], facts: CatalogueFacts,
-             *, batch_size: int = 256, popularity: np.ndarray | None = None) -> dict[str, float]:
-    """Task metrics of the model on `examples`, with the Bayes oracle and a popularity ranking beside them.
+             *, batch_size: int = 256, baselines: Baselines | None = None,
+             tasks: list[str] | tuple[str, ...] = ("intent", "next-item", "churn", "price")) -> dict[str, float]:
+    """Task metrics of the model on `examples`, with the baselines and the Bayes oracle beside them.
 
-    intent: AUC of p(yes)/(p(yes)+p(no)); next-item: rank of the target among all catalogue items the shopper has not
-    seen (ties counted against), HR@10, NDCG@10, MRR.
+    intent and churn: AUC, log-loss and expected calibration error of p(yes)/(p(yes)+p(no)); next-item: rank of the
+    target among all catalogue items the shopper has not seen (ties counted against), HR@5/10, NDCG@5/10, MRR;
+    price: the intent head at every price level, its mean curve, elasticity and distance to the true curve.
+    Oracle keys appear only when the examples carry the truth (synthetic data); baseline keys when `baselines` is
+    given.
     """
     model.eval()
-    yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
-    item_token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(facts.item_ids)), dtype=torch.long)
     out: dict[str, float] = {}
     intent = [e for e in examples if e.task == "intent"]
-    if intent:
-        scores = []
-        for start in range(0, len(intent), batch_size):
-            chunk = encode(intent[start:start + batch_size], tokenizer)
-            logits = first_step_logits(model, chunk.input_ids, chunk.attention_mask)
-            scores.append((logits[:, yes] - logits[:, no]).float().numpy())
+    if intent and "intent" in tasks:
         labels = np.array([e.label for e in intent])
-        out["intent-auc"] = roc_auc(labels, np.concatenate(scores))
-        out["intent-oracle-auc"] = roc_auc(labels, np.array([e.truth for e in intent]))
+        out.update(binary_metrics("intent", labels, _binary_probability(model, tokenizer, [e.source for e in intent],
+                                                                        batch_size)))
+        truth = np.array([e.truth for e in intent])
+        if not np.isnan(truth).any():
+            out.update(binary_metrics("intent-oracle", labels, truth))
+        if baselines is not None and (p := baselines.intent_probability(intent)) is not None:
+            out.update(binary_metrics("intent-baseline", labels, p))
         out["intent-positive-rate"] = float(labels.mean())
         out["intent-examples"] = float(len(intent))
+    if intent and "price" in tasks:
+        out.update(_price_metrics(model, tokenizer, intent, batch_size, baselines))
     following = [e for e in examples if e.task == "next-item"]
-    if following:
+    if following and "next-item" in tasks:
+        item_token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(facts.item_ids)), dtype=torch.long)
         ranks = []
         for start in range(0, len(following), batch_size):
             part = following[start:start + batch_size]
@@ -94,15 +117,50 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: lis
             logits = first_step_logits(model, chunk.input_ids, chunk.attention_mask)[:, item_token_ids]
             for row, example in zip(logits.float().numpy(), part, strict=True):
                 ranks.append(target_rank(row, example.label, example.seen))
-        for name, value in ranking_metrics(np.array(ranks)).items():
-            out[f"next-{name}"] = value
+        out.update(_ranking("next", ranks))
         truth = np.array([e.truth for e in following])
         if not np.isnan(truth).any():
-            for name, value in ranking_metrics(truth).items():
-                out[f"next-oracle-{name}"] = value
-        if popularity is not None:
-            popular = [target_rank(popularity, e.label, e.seen) for e in following]
-            for name, value in ranking_metrics(np.array(popular)).items():
-                out[f"next-popularity-{name}"] = value
+            out.update(_ranking("next-oracle", truth))
+        if baselines is not None:
+            out.update(_ranking("next-popularity", [target_rank(baselines.popularity, e.label, e.seen)
+                                                     for e in following]))
+            out.update(_ranking("next-markov", [target_rank(baselines.markov_scores(e), e.label, e.seen)
+                                                 for e in following]))
         out["next-examples"] = float(len(following))
+    churn = [e for e in examples if e.task == "churn"]
+    if churn and "churn" in tasks:
+        labels = np.array([e.label for e in churn])
+        out.update(binary_metrics("churn", labels, _binary_probability(model, tokenizer, [e.source for e in churn],
+                                                                       batch_size)))
+        truth = np.array([e.truth for e in churn])
+        if not np.isnan(truth).any():
+            out.update(binary_metrics("churn-oracle", labels, truth))
+        if baselines is not None and (p := baselines.churn_probability(churn)) is not None:
+            out.update(binary_metrics("churn-baseline", labels, p))
+        out["churn-positive-rate"] = float(labels.mean())
+        out["churn-examples"] = float(len(churn))
+    return out
+
+
+def _ranking(prefix: str, ranks) -> dict[str, float]:
+    return {f"{prefix}-{name}": value for name, value in ranking_metrics(np.asarray(ranks), ks=(5, 10)).items()}
+
+
+def _price_metrics(model: nn.Module, tokenizer: PreTrainedTokenizerFast, intent: list[Example], batch_size: int,
+                   baselines: Baselines | None) -> dict[str, float]:
+    """The intent head's purchase probability at every price level: mean curve, elasticity, error against the truth."""
+    curves = {"price": np.stack([_binary_probability(model, tokenizer, [with_level(e.source, lv) for e in intent],
+                                                     batch_size) for lv in PRICE_LEVELS], axis=1)}
+    if all(len(e.curve) == len(PRICE_LEVELS) for e in intent):
+        curves["price-oracle"] = np.array([e.curve for e in intent], dtype=np.float64)
+    if baselines is not None and baselines.intent is not None:
+        curves["price-baseline"] = np.stack([baselines.intent_probability(intent, lv) for lv in PRICE_LEVELS], axis=1)
+    out: dict[str, float] = {}
+    for prefix, curve in curves.items():
+        mean = curve.mean(0)
+        out[f"{prefix}-elasticity"] = elasticity(PRICE_LEVELS, mean)
+        for level, value in zip(PRICE_LEVELS, mean, strict=True):
+            out[f"{prefix}-p@{level_token(level)}"] = float(value)
+        if "price-oracle" in curves and prefix != "price-oracle":
+            out[f"{prefix}-curve-mae"] = float(np.abs(curve - curves["price-oracle"]).mean())
     return out

@@ -81,7 +81,8 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
             scheduler.step()
             total += float(loss.detach())
         log.info("pretrain epoch %d/%d: loss %.4f", epoch + 1, config.pretrain_epochs, total / steps_per_epoch)
-    metrics = evaluate(model, tokenizer, public.valid, public.facts, batch_size=config.eval_batch_size)
+    metrics = evaluate(model, tokenizer, public.valid, public.facts, batch_size=config.eval_batch_size,
+                       tasks=config.task_list)
     metrics["pretrain-seconds"] = time.perf_counter() - started
     meta = {
         "model-size": config.model_size, "seed": config.seed, "trained-on": "public platform split (no DP)",

@@ -9,10 +9,17 @@ The generative story (every constant is named below):
   (item by popularity), otherwise it is a fresh draw (category by preference, item by popularity); a shopper never
   views the same item twice;
 - every view goes down the funnel view -> cart -> purchase; P(purchase | view) is a logistic function of item
-  quality, the item's price within its category and the shopper's affinity to the category.
+  quality, the item's price within its category, the shopper's affinity to the category, and the price the merchant
+  offers on this view: each view draws a price level from PRICE_LEVELS (a randomised promotion, so the price response
+  is identifiable) and the shopper's own price sensitivity scales its effect;
+- sessions follow a renewal process with a churn hazard: the first starts in the first FIRST_SESSION_SPAN of the
+  window; after each session the shopper leaves for good with a probability that is higher when the session ended
+  without a purchase (once they have MIN_VIEWS views); otherwise the next session starts MIN_GAP_DAYS plus an
+  exponential gap (the shopper's own mean) after the session's last event.
 
-Because the truth is known, `truth_purchase_prob` (per view) and `truth_next_rank` (rank of the viewed item under the
-exact next-view distribution, ties counted against) give the Bayes-oracle scores a report shows beside the model.
+Because the truth is known, `truth_purchase_prob` (per view), `truth_price_curve` (per view: P(purchase) at every
+price level), `truth_next_rank` (rank of the viewed item under the exact next-view distribution, ties counted
+against) and `shopper_truth` (what churn's Bayes oracle needs) give the oracle scores a report shows beside the model.
 The platform's public split (merchant "public") holds shoppers disjoint from every merchant's.
 """
 
@@ -24,6 +31,7 @@ import numpy as np
 
 from shared.config import FedShopConfig
 from shared.events import EventLog
+from shared.tasks import PRICE_LEVELS
 
 PUBLIC_MERCHANT = "public"
 FOLLOW_PROB = 0.75
@@ -37,10 +45,20 @@ PURCHASE_QUALITY = 1.1
 PURCHASE_PRICE = 0.9
 PURCHASE_AFFINITY = 0.35
 CART_GIVEN_PURCHASE_INTENT = 1.6  # P(cart | view) = min(1, 1.6 * P(purchase | view)); purchase only after a cart
-MEAN_SESSIONS = 3.0
 SHOPPER_CONCENTRATION = 8.0  # Dirichlet concentration of a shopper's preference around their merchant's mix
-MEAN_EXTRA_VIEWS = 2.5
-MIN_VIEWS = 5
+MEAN_EXTRA_VIEWS = 2.5  # views in a session: 1 + Poisson(MEAN_EXTRA_VIEWS)
+MIN_VIEWS = 5  # a shopper does not leave before this many views
+# price response: logit -= sensitivity * log(level); sensitivity = PRICE_SENSITIVITY * lognormal(PRICE_SENSITIVITY_SD)
+PRICE_SENSITIVITY = 3.0
+PRICE_SENSITIVITY_SD = 0.5
+# sessions and churn
+FIRST_SESSION_SPAN = 0.4  # the first session starts in this share of the window
+MIN_GAP_DAYS = 0.5
+MEAN_GAP_DAYS = 6.0  # a shopper's mean exponential gap = MEAN_GAP_DAYS * lognormal(MEAN_GAP_SD)
+MEAN_GAP_SD = 0.6
+LEAVE_BIAS = -2.0  # P(leave after a session) = sigmoid(LEAVE_BIAS + LEAVE_NO_PURCHASE * [no purchase] + offset)
+LEAVE_NO_PURCHASE = 1.5
+LEAVE_SHOPPER_SD = 0.7  # sd of a shopper's own offset
 
 
 @dataclass
@@ -62,6 +80,28 @@ class Catalogue:
         return np.array([f"c{c}" for c in self.category], dtype=object)
 
 
+@dataclass(frozen=True)
+class ShopperTruth:
+    """What churn's Bayes oracle needs: the shopper's gap law and leave probabilities."""
+
+    mean_gap_days: float
+    leave_if_bought: float
+    leave_if_not: float
+
+    def return_probability(self, views_so_far: int, bought_in_session: bool, days_since_last: float,
+                           horizon_days: float) -> float:
+        """P(an event within `horizon_days`), `days_since_last` days after the end of the last session."""
+        stay = 1.0 if views_so_far < MIN_VIEWS else 1.0 - (self.leave_if_bought if bought_in_session
+                                                           else self.leave_if_not)
+        survive_now, survive_later = self._no_return(days_since_last), self._no_return(days_since_last + horizon_days)
+        stay_now = stay * survive_now / (stay * survive_now + 1.0 - stay)  # has not come back yet: maybe left
+        return float(stay_now * (1.0 - survive_later / survive_now))
+
+    def _no_return(self, days: float) -> float:
+        """P(gap > days | the shopper stays)."""
+        return 1.0 if days <= MIN_GAP_DAYS else float(np.exp(-(days - MIN_GAP_DAYS) / self.mean_gap_days))
+
+
 @dataclass
 class SyntheticData:
     catalogue: Catalogue
@@ -69,6 +109,10 @@ class SyntheticData:
     truth_purchase_prob: np.ndarray  # per event row; NaN for rows that are not views
     truth_next_rank: np.ndarray  # per event row; NaN for rows that are not views or are a shopper's first view
     merchant_ids: list[str]
+    price_level: np.ndarray | None = None  # per event row: offered price / list price (None: all 1.0)
+    truth_price_curve: np.ndarray | None = None  # (rows, levels): P(purchase) at each PRICE_LEVELS; NaN if not a view
+    shopper_truth: dict[str, ShopperTruth] | None = None
+    window_end_ms: int | None = None  # the end of the observation window (churn labels are censored after it)
 
 
 def make_catalogue(num_items: int, num_categories: int, rng: np.random.Generator) -> Catalogue:
@@ -97,12 +141,18 @@ def make_catalogue(num_items: int, num_categories: int, rng: np.random.Generator
     return catalogue
 
 
-def purchase_probability(catalogue: Catalogue, preference: np.ndarray, item: int) -> float:
+def purchase_probability(catalogue: Catalogue, preference: np.ndarray, item: int, level: float = 1.0,
+                         sensitivity: float = PRICE_SENSITIVITY) -> float:
     num_categories = len(preference)
     affinity = np.clip(np.log(preference[catalogue.category[item]] * num_categories + 1e-12), -3.0, 3.0)
     logit = (PURCHASE_BIAS + PURCHASE_QUALITY * catalogue.quality[item]
-             - PURCHASE_PRICE * catalogue.price_z[item] + PURCHASE_AFFINITY * affinity)
+             - PURCHASE_PRICE * catalogue.price_z[item] + PURCHASE_AFFINITY * affinity
+             - sensitivity * np.log(level))
     return float(1.0 / (1.0 + np.exp(-logit)))
+
+
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-x)))
 
 
 def next_view_distribution(catalogue: Catalogue, preference: np.ndarray, previous: int | None,
@@ -139,6 +189,11 @@ def generate(config: FedShopConfig) -> SyntheticData:
     categories: list[str] = []
     truth_p: list[float] = []
     truth_rank: list[float] = []
+    levels: list[float] = []
+    curves: list[np.ndarray] = []
+    shoppers: dict[str, ShopperTruth] = {}
+    no_curve = np.full(len(PRICE_LEVELS), np.nan)
+    window_end = START_MS + config.days * 86_400_000
     groups = [(m, np.full(config.num_categories, 1.0 / config.num_categories) if m == PUBLIC_MERCHANT else
                rng.dirichlet(np.full(config.num_categories, config.merchant_skew)),
                config.public_shoppers if m == PUBLIC_MERCHANT else config.shoppers_per_merchant)
@@ -148,28 +203,41 @@ def generate(config: FedShopConfig) -> SyntheticData:
             user = f"{merchant}-u{u}"
             preference = rng.dirichlet(SHOPPER_CONCENTRATION * mix + 0.05) + 1e-4  # no exact zeros
             preference /= preference.sum()
-            sessions = _session_plan(rng, config.days)
+            sensitivity = PRICE_SENSITIVITY * float(np.exp(rng.normal(0.0, PRICE_SENSITIVITY_SD)))
+            offset = rng.normal(0.0, LEAVE_SHOPPER_SD)
+            truth = ShopperTruth(mean_gap_days=MEAN_GAP_DAYS * float(np.exp(rng.normal(0.0, MEAN_GAP_SD))),
+                                 leave_if_bought=_sigmoid(LEAVE_BIAS + offset),
+                                 leave_if_not=_sigmoid(LEAVE_BIAS + LEAVE_NO_PURCHASE + offset))
+            shoppers[user] = truth
             seen = np.zeros(catalogue.num_items, dtype=bool)
             previous: int | None = None
-            for day_ms, num_views in sessions:
-                clock = day_ms + int(rng.integers(8 * 3600_000, 22 * 3600_000))
+            clock = START_MS + int(rng.uniform(0.0, FIRST_SESSION_SPAN * config.days) * 86_400_000)
+            views_so_far = 0
+            while clock < window_end and not seen.all():  # a tiny catalogue can run out of unseen items
                 session_previous: int | None = None
-                for _ in range(num_views):
-                    if seen.all():  # a tiny catalogue can run out of unseen items
+                bought_in_session = False
+                for _ in range(1 + int(rng.poisson(MEAN_EXTRA_VIEWS))):
+                    if seen.all():
                         break
                     distribution = next_view_distribution(catalogue, preference, session_previous, seen)
                     item = int(rng.choice(catalogue.num_items, p=distribution))
                     rank = rank_with_ties_against(distribution, item) if previous is not None else np.nan
-                    p_buy = purchase_probability(catalogue, preference, item)
+                    level = PRICE_LEVELS[int(rng.integers(len(PRICE_LEVELS)))]
+                    curve = np.array([purchase_probability(catalogue, preference, item, lv, sensitivity)
+                                      for lv in PRICE_LEVELS])
+                    p_buy = float(curve[PRICE_LEVELS.index(level)])
                     seen[item] = True
                     previous = session_previous = item
-                    clock += int(rng.integers(30_000, 300_000))
+                    views_so_far += 1
+                    if views_so_far > 1:
+                        clock += int(rng.integers(30_000, 300_000))
                     funnel = ["view"]
                     p_cart = min(1.0, CART_GIVEN_PURCHASE_INTENT * p_buy)
                     if rng.random() < p_cart:
                         funnel.append("cart")
                         if rng.random() < p_buy / p_cart:
                             funnel.append("purchase")
+                            bought_in_session = True
                     for step, event in enumerate(funnel):
                         if step:
                             clock += int(rng.integers(20_000, 240_000))
@@ -178,10 +246,17 @@ def generate(config: FedShopConfig) -> SyntheticData:
                         rows["item_id"].append(catalogue.item_ids[item])
                         rows["event"].append(event)
                         rows["timestamp"].append(clock)
-                        prices.append(float(catalogue.price[item]))
+                        prices.append(round(float(catalogue.price[item]) * level, 2))
                         categories.append(f"c{catalogue.category[item]}")
+                        levels.append(level)
                         truth_p.append(p_buy if event == "view" else np.nan)
                         truth_rank.append(rank if event == "view" else np.nan)
+                        curves.append(curve if event == "view" else no_curve)
+                leave = truth.leave_if_bought if bought_in_session else truth.leave_if_not
+                if views_so_far >= MIN_VIEWS and rng.random() < leave:
+                    break
+                gap_days = MIN_GAP_DAYS + rng.exponential(truth.mean_gap_days)
+                clock += int(gap_days * 86_400_000)
     events = EventLog(
         merchant_id=np.array(rows["merchant_id"], dtype=object),
         user_id=np.array(rows["user_id"], dtype=object),
@@ -191,14 +266,8 @@ def generate(config: FedShopConfig) -> SyntheticData:
         price=np.array(prices, dtype=np.float64),
         category=np.array(categories, dtype=object),
     )
-    return SyntheticData(catalogue, events, np.array(truth_p), np.array(truth_rank), merchant_ids)
-
-
-def _session_plan(rng: np.random.Generator, days: int) -> list[tuple[int, int]]:
-    """(session start day in ms, views in the session), at least MIN_VIEWS views in all."""
-    num_sessions = 1 + int(rng.poisson(MEAN_SESSIONS))
-    session_days = np.sort(rng.choice(days, size=min(num_sessions, days), replace=False))
-    views = 1 + rng.poisson(MEAN_EXTRA_VIEWS, size=len(session_days))
-    if views.sum() < MIN_VIEWS:
-        views[-1] += MIN_VIEWS - views.sum()
-    return [(START_MS + int(d) * 86_400_000, int(v)) for d, v in zip(session_days, views, strict=True)]
+    return SyntheticData(catalogue=catalogue, events=events, truth_purchase_prob=np.array(truth_p),
+                         truth_next_rank=np.array(truth_rank), merchant_ids=merchant_ids,
+                         price_level=np.array(levels),
+                         truth_price_curve=np.array(curves).reshape(-1, len(PRICE_LEVELS)),
+                         shopper_truth=shoppers, window_end_ms=window_end)

@@ -1,4 +1,5 @@
-"""The domain tokenizer: one token per catalogue item, category, price band and rating band, built locally.
+"""The domain tokenizer: one token per catalogue item, category, price band, rating band, price level and
+churn feature band, built locally.
 
 Built with `tokenizers` (a word-level model over whitespace-separated tokens) and wrapped as a
 `PreTrainedTokenizerFast`, so it saves and loads with the base directory like any Hugging Face tokenizer.
@@ -11,8 +12,9 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from shared.tasks import TASK_TOKENS
+
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
-TASK_TOKENS = ("intent:", "next:", "cand", "yes", "no")
 
 
 def build_tokenizer(item_tokens: Iterable[str], category_tokens: Iterable[str],

@@ -23,3 +23,22 @@ def test_ranking_metrics_hand_values():
     assert out["hr@10"] == 2 / 3
     assert math.isclose(out["ndcg@10"], (1.0 + 1.0 / math.log2(4)) / 3)
     assert math.isclose(out["mrr"], (1 + 1 / 3 + 1 / 11) / 3)
+
+
+def test_log_loss_and_calibration_hand_values():
+    from shared.metrics import expected_calibration_error, log_loss
+
+    labels, p = np.array([1, 0, 1, 0]), np.array([0.8, 0.2, 0.6, 0.6])
+    assert math.isclose(log_loss(labels, p), -(2 * math.log(0.8) + math.log(0.6) + math.log(0.4)) / 4)
+    # bins: 0.2 -> bin 2 (rate 0, conf 0.2); 0.6, 0.6 -> bin 6 (rate 1/2, conf 0.6); 0.8 -> bin 8 (rate 1, conf 0.8)
+    expected = 0.25 * 0.2 + 0.5 * 0.1 + 0.25 * 0.2
+    assert math.isclose(expected_calibration_error(labels, p), expected)
+    assert expected_calibration_error(np.array([1, 0]), np.array([1.0, 0.0])) == 0.0  # p = 1 falls in the last bin
+
+
+def test_elasticity_recovers_a_constant_elasticity_curve():
+    from shared.metrics import elasticity
+
+    levels = np.array([0.8, 0.9, 1.0, 1.1, 1.25])
+    assert math.isclose(elasticity(levels, 0.3 * levels ** -2.5), -2.5)
+    assert math.isclose(elasticity(levels, np.full(5, 0.2)), 0.0, abs_tol=1e-12)

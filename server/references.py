@@ -1,0 +1,97 @@
+"""Reference runs a report sets beside the federated model, on exactly the same splits (simulation only).
+
+- `local-only`: every merchant trains the same LoRA adapter from the same base alone, with the same recipe and the
+  same DP budget (its own accountant, the same rounds x local epochs), and is evaluated on its own test shoppers.
+  What a merchant gets without joining the federation.
+- `centralised`: every merchant's training examples pooled in one place and trained without DP for the same
+  number of epochs. The upper reference that a federation with privacy gives up.
+
+Both read every merchant's data, which only a simulation can: they are research references, not something a
+deployment runs. No Flower here: the same `client.train.train_round` and `shared.modeling.evaluate` the merchants
+use, called directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from client.train import PrivacyState, train_round
+from server.report import REFERENCES_FILE
+from shared.config import FedShopConfig
+from shared.data import merchant_data
+from shared.model import add_lora, load_base
+from shared.modeling import encode, evaluate
+from shared.synthetic import generate
+
+log = logging.getLogger("fedshop")
+
+
+def _seed(config: FedShopConfig, server_round: int, partition_id: int) -> int:
+    return config.seed * 1_000_003 + server_round * 1_009 + partition_id  # the merchants' own seeding
+
+
+def weighted(merchants: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Metrics averaged over merchants weighted by their test shoppers (as the federated evaluation does)."""
+    total = sum(m["num-examples"] for m in merchants.values())
+    keys = set().union(*(m.keys() for m in merchants.values())) - {"num-examples"}
+    out = {}
+    for key in sorted(keys):
+        pairs = [(m[key], m["num-examples"]) for m in merchants.values() if key in m and not math.isnan(m[key])]
+        if pairs:
+            out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+    out["num-examples"] = float(total)
+    return out
+
+
+def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
+    """Train and evaluate each reference; returns {kind: {"metrics": ..., "merchants": ..., ...}}."""
+    world = generate(config)
+    base_dir = config.base_dir
+    data = {m: merchant_data(config, m, world) for m in world.merchant_ids}
+    out: dict[str, dict] = {}
+    for kind in kinds:
+        started = time.perf_counter()
+        merchants: dict[str, dict[str, float]] = {}
+        epsilons: dict[str, float] = {}
+        if kind == "local-only":
+            for index, (merchant, d) in enumerate(data.items()):
+                base, tokenizer, _ = load_base(base_dir)
+                model = add_lora(base, config, seed=config.seed)
+                state, encoded = PrivacyState(), encode(d.train, tokenizer)
+                for server_round in range(1, config.num_rounds + 1):
+                    result = train_round(model, encoded, config, state, seed=_seed(config, server_round, index),
+                                         owners=[e.user_id for e in d.train])
+                    epsilons[merchant] = result.epsilon
+                merchants[merchant] = _evaluate(model, tokenizer, d, config)
+        elif kind == "centralised":
+            plain = config.replace(dp=False)
+            base, tokenizer, _ = load_base(base_dir)
+            model = add_lora(base, plain, seed=config.seed)
+            pooled = [e for d in data.values() for e in d.train]
+            encoded, state = encode(pooled, tokenizer), PrivacyState()
+            for server_round in range(1, config.num_rounds + 1):
+                train_round(model, encoded, plain, state, seed=_seed(config, server_round, 10_000))
+            merchants = {m: _evaluate(model, tokenizer, d, config) for m, d in data.items()}
+        else:
+            raise ValueError(f"unknown reference {kind!r}")
+        out[kind] = {"metrics": weighted(merchants), "merchants": merchants,
+                     "epsilon": {m: (e if math.isfinite(e) else "inf") for m, e in epsilons.items()},
+                     "seconds": round(time.perf_counter() - started, 1)}
+        log.info("reference %s done in %.0f s", kind, out[kind]["seconds"])
+    return out
+
+
+def _evaluate(model, tokenizer, d, config: FedShopConfig) -> dict[str, float]:
+    metrics = evaluate(model, tokenizer, d.test, d.facts, batch_size=config.eval_batch_size, tasks=config.task_list)
+    metrics["num-examples"] = float(len({e.user_id for e in d.test}))
+    return metrics
+
+
+def write_references(run_dir: str | Path, references: dict) -> Path:
+    path = Path(run_dir) / REFERENCES_FILE
+    path.write_text(json.dumps(references, indent=1, sort_keys=True), encoding="utf-8")
+    return path
