@@ -20,6 +20,8 @@ def _config(args: argparse.Namespace) -> FedShopConfig:
         overrides.append(f"run-dir={args.run_dir}")
     if getattr(args, "no_progress", False):
         overrides.append("progress=false")
+    if getattr(args, "init_adapter", None):
+        overrides.append(f"init-adapter={args.init_adapter}")
     return load_config(args.config, overrides)
 
 
@@ -36,6 +38,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_base_matches(read_base_meta(config.base_dir), config)
     if config.resume_from:
         _check_resumable(config)
+    if config.init_adapter:
+        from server.continuation import check_init_adapter
+
+        check_init_adapter(config)
     from server.simulation import run_simulation
 
     log.info("simulating %d merchants x %d rounds (%s) -> %s", config.num_merchants, config.num_rounds,
@@ -108,8 +114,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     if args.run_dir is None or args.out is None:
         raise UserError("export needs RUN_DIR and --out DIR (or --verify DIR)")
-    out = export_run(args.run_dir, args.out, merge=args.merge)
-    log.info("exported %s -> %s (model card: %s)", args.run_dir, out, out / "README.md")
+    out = export_run(args.run_dir, args.out, merge=args.merge, round=args.round)
+    log.info("exported %s%s -> %s (model card: %s)", args.run_dir, "" if args.round is None else
+             f" round {args.round}", out, out / "README.md")
     return 0
 
 
@@ -136,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(simulate)
     simulate.add_argument("--run-dir", help="run directory to write (default: config key run-dir)")
     simulate.add_argument("--no-progress", action="store_true", help="no progress line per round")
+    simulate.add_argument("--init-adapter", metavar="DIR", help="continue from an export folder on this config's "
+                          "data: its adapter and its merchants' privacy ledger (config key init-adapter)")
     simulate.set_defaults(func=cmd_simulate)
 
     pretrain = sub.add_parser("pretrain", help="pretrain the T5 base on the public split (no DP)")
@@ -161,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR")
     export.add_argument("--out", type=Path, help="a new directory to write")
     export.add_argument("--merge", action="store_true", help="also write merged/: the base with the adapter folded in")
+    export.add_argument("--round", type=int, metavar="N", help="export the global adapter after round N "
+                        "(checkpoints/round-N of the run) instead of the final one")
     export.add_argument("--verify", type=Path, metavar="DIR", help="check an export folder against its manifest")
     export.set_defaults(func=cmd_export)
     predict = sub.add_parser("predict", help="predictions (and occlusion explanations) from an exported adapter")
