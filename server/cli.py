@@ -121,11 +121,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from server.predict import Predictor, render
+    from server.predict import Predictor, check_top_k, render
 
+    if (args.history is None) == (args.input is None):
+        raise UserError("predict needs one of --history \"ITEM ITEM ...\" (one shopper) or --input FILE.csv (a batch)")
+    if args.input is not None and args.candidates:
+        raise UserError("--candidates goes with --history; with --input give each shopper's candidates in the CSV's "
+                        "candidates column")
+    check_top_k(args.top_k)
     predictor = Predictor(args.adapter)
-    candidates = [c.strip() for c in (args.candidates or "").split(",") if c.strip()]
-    result = predictor.predict(args.history.split(), args.task, args.top_k, candidates, args.explain)
+    if args.input is not None:
+        result = predictor.predict_file(args.input, args.task, args.top_k, args.explain)
+    else:
+        candidates = [c.strip() for c in (args.candidates or "").split(",") if c.strip()]
+        result = predictor.predict(args.history.split(), args.task, args.top_k, candidates, args.explain)
     print(render(result, args.format))
     return 0
 
@@ -174,11 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(checkpoints/round-N of the run) instead of the final one")
     export.add_argument("--verify", type=Path, metavar="DIR", help="check an export folder against its manifest")
     export.set_defaults(func=cmd_export)
+    from server.predict import TASKS
+
     predict = sub.add_parser("predict", help="predictions (and occlusion explanations) from an exported adapter")
     predict.add_argument("--adapter", required=True, type=Path, help="an export folder (fedshop export)")
-    predict.add_argument("--history", required=True, help="the shopper's viewed items, oldest first, e.g. \"i3 i17\"")
-    predict.add_argument("--task", default="next-item", choices=("next-item", "intent"))
-    predict.add_argument("--candidates", help="intent: comma-separated candidate items")
+    predict.add_argument("--history", help="the shopper's viewed items, oldest first, e.g. \"i3 i17\"")
+    predict.add_argument("--input", type=Path, metavar="FILE.csv", help="a batch: CSV with header "
+                         "shopper_id,history[,candidates] (space-separated item ids, history oldest first)")
+    predict.add_argument("--task", default="next-item", choices=tuple(TASKS))
+    predict.add_argument("--candidates", help="intent with --history: comma-separated candidate items")
     predict.add_argument("--top-k", type=int, default=10, help="next-item: how many items (default 10)")
     predict.add_argument("--format", default="table", choices=("table", "json"))
     predict.add_argument("--explain", action="store_true", help="occlusion: how much each history event moved "
