@@ -37,8 +37,8 @@ def _setup(msg: Message, context: Context):
 
 def _load_state(context: Context, config: FedShopConfig, merchant_id: str) -> PrivacyState:
     if PRIVACY_STATE_KEY not in context.state:
-        if config.resume_from:  # a continued run: this merchant's earlier steps count against the same budget
-            noise, history = history_from_ledger(config.resume_from, merchant_id)
+        if config.continued_from:  # resume-from / init-adapter: this merchant's earlier steps count on
+            noise, history = history_from_ledger(config.continued_from, merchant_id)
             return PrivacyState(noise_multiplier=noise, history=history)
         return PrivacyState()
     record = context.state[PRIVACY_STATE_KEY]

@@ -20,6 +20,8 @@ def _config(args: argparse.Namespace) -> FedShopConfig:
         overrides.append(f"run-dir={args.run_dir}")
     if getattr(args, "no_progress", False):
         overrides.append("progress=false")
+    if getattr(args, "init_adapter", None):
+        overrides.append(f"init-adapter={args.init_adapter}")
     return load_config(args.config, overrides)
 
 
@@ -36,6 +38,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_base_matches(read_base_meta(config.base_dir), config)
     if config.resume_from:
         _check_resumable(config)
+    if config.init_adapter:
+        from server.continuation import check_init_adapter
+
+        check_init_adapter(config)
     from server.simulation import run_simulation
 
     log.info("simulating %d merchants x %d rounds (%s) -> %s", config.num_merchants, config.num_rounds,
@@ -116,17 +122,27 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     if args.run_dir is None or args.out is None:
         raise UserError("export needs RUN_DIR and --out DIR (or --verify DIR)")
-    out = export_run(args.run_dir, args.out, merge=args.merge)
-    log.info("exported %s -> %s (model card: %s)", args.run_dir, out, out / "README.md")
+    out = export_run(args.run_dir, args.out, merge=args.merge, round=args.round)
+    log.info("exported %s%s -> %s (model card: %s)", args.run_dir, "" if args.round is None else
+             f" round {args.round}", out, out / "README.md")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from server.predict import Predictor, render
+    from server.predict import Predictor, check_top_k, render
 
+    if (args.history is None) == (args.input is None):
+        raise UserError("predict needs one of --history \"ITEM ITEM ...\" (one shopper) or --input FILE.csv (a batch)")
+    if args.input is not None and args.candidates:
+        raise UserError("--candidates goes with --history; with --input give each shopper's candidates in the CSV's "
+                        "candidates column")
+    check_top_k(args.top_k)
     predictor = Predictor(args.adapter)
-    candidates = [c.strip() for c in (args.candidates or "").split(",") if c.strip()]
-    result = predictor.predict(args.history.split(), args.task, args.top_k, candidates, args.explain)
+    if args.input is not None:
+        result = predictor.predict_file(args.input, args.task, args.top_k, args.explain)
+    else:
+        candidates = [c.strip() for c in (args.candidates or "").split(",") if c.strip()]
+        result = predictor.predict(args.history.split(), args.task, args.top_k, candidates, args.explain)
     print(render(result, args.format))
     return 0
 
@@ -144,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(simulate)
     simulate.add_argument("--run-dir", help="run directory to write (default: config key run-dir)")
     simulate.add_argument("--no-progress", action="store_true", help="no progress line per round")
+    simulate.add_argument("--init-adapter", metavar="DIR", help="continue from an export folder on this config's "
+                          "data: its adapter and its merchants' privacy ledger (config key init-adapter)")
     simulate.set_defaults(func=cmd_simulate)
 
     pretrain = sub.add_parser("pretrain", help="pretrain the T5 base on the public split (no DP)")
@@ -169,13 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR")
     export.add_argument("--out", type=Path, help="a new directory to write")
     export.add_argument("--merge", action="store_true", help="also write merged/: the base with the adapter folded in")
+    export.add_argument("--round", type=int, metavar="N", help="export the global adapter after round N "
+                        "(checkpoints/round-N of the run) instead of the final one")
     export.add_argument("--verify", type=Path, metavar="DIR", help="check an export folder against its manifest")
     export.set_defaults(func=cmd_export)
+    from server.predict import TASKS
+
     predict = sub.add_parser("predict", help="predictions (and occlusion explanations) from an exported adapter")
     predict.add_argument("--adapter", required=True, type=Path, help="an export folder (fedshop export)")
-    predict.add_argument("--history", required=True, help="the shopper's viewed items, oldest first, e.g. \"i3 i17\"")
-    predict.add_argument("--task", default="next-item", choices=("next-item", "intent"))
-    predict.add_argument("--candidates", help="intent: comma-separated candidate items")
+    predict.add_argument("--history", help="the shopper's viewed items, oldest first, e.g. \"i3 i17\"")
+    predict.add_argument("--input", type=Path, metavar="FILE.csv", help="a batch: CSV with header "
+                         "shopper_id,history[,candidates] (space-separated item ids, history oldest first)")
+    predict.add_argument("--task", default="next-item", choices=tuple(TASKS))
+    predict.add_argument("--candidates", help="intent with --history: comma-separated candidate items")
     predict.add_argument("--top-k", type=int, default=10, help="next-item: how many items (default 10)")
     predict.add_argument("--format", default="table", choices=("table", "json"))
     predict.add_argument("--explain", action="store_true", help="occlusion: how much each history event moved "

@@ -5,10 +5,16 @@ model under `base/` (its path written as `base_model_name_or_path`, so `AutoPeft
 works without fedshop), a model card `README.md` whose Privacy section is built from the run's `privacy.csv`, and
 `manifest.json` with the sha256 of every file (`fedshop export --verify DIR` checks it). `--merge` adds `merged/`,
 the base with the adapter folded in (a plain `T5ForConditionalGeneration`).
+
+`--round N` exports the global adapter after round N (`checkpoints/round-<N>/` of the run directory) with a card whose
+privacy figures are those of the ledger rows of rounds <= N. Every export carries what continued training
+(`init-adapter`) needs: the ledger (`privacy.csv`, rows up to the exported round), the run's config
+(`run-config.toml`) and, for a run that itself continued another, `continued-from.json`.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -17,10 +23,12 @@ import warnings
 from pathlib import Path
 
 from server.audit import read_audit, run_config
+from server.continuation import continuation_lines
 from server.report import TASK_ROWS, _epsilon_by_merchant, _f, privacy_lines
-from server.rundir import RunDirectory
+from server.rundir import CHECKPOINTS, PRIVACY_COLUMNS, RunDirectory
 from shared.config import FedShopConfig
 from shared.errors import UserError
+from shared.privacy import CONTINUED_FROM
 
 MANIFEST = "manifest.json"
 BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", "fedshop_base.json")
@@ -35,14 +43,17 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
+def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, round: int | None = None) -> Path:
+    """Write the export of `run_dir`'s final adapter (or of the adapter after round `round`) into `out`."""
     run_dir, out = Path(run_dir), Path(out)
     config = run_config(run_dir)
+    adapter_dir = run_dir / "adapter" if round is None else round_checkpoint(run_dir, round)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose a new directory")
     base_dir = Path(config.base_dir)
     if not (base_dir / "model.safetensors").is_file():
         raise UserError(f"the run's base directory {base_dir} is missing; the export needs it beside the adapter")
+    ledger = [row for row in RunDirectory(run_dir).read_privacy() if round is None or int(row["round"]) <= round]
     out.mkdir(parents=True, exist_ok=True)
     (out / "base").mkdir()
     for name in BASE_FILES + TOKENIZER_FILES:
@@ -51,16 +62,61 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
     for name in TOKENIZER_FILES:
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, out / name)
-    shutil.copy2(run_dir / "adapter" / "adapter_model.safetensors", out / "adapter_model.safetensors")
-    shutil.copy2(run_dir / "config.toml", out / "run-config.toml")  # what `fedshop predict` builds inputs with
-    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+    shutil.copy2(adapter_dir / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    # what `fedshop predict` builds inputs with, and what `init-adapter` checks and continues from
+    shutil.copy2(run_dir / "config.toml", out / "run-config.toml")
+    write_ledger(out / "privacy.csv", ledger)
+    if (run_dir / CONTINUED_FROM).is_file():
+        shutil.copy2(run_dir / CONTINUED_FROM, out / CONTINUED_FROM)
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     adapter_config["base_model_name_or_path"] = str((out / "base").resolve())
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
     if merge:
         _merge(out)
-    (out / "README.md").write_text(model_card(run_dir, config, out, merge), encoding="utf-8")
-    write_manifest(out, base_sha256=sha256(base_dir / "model.safetensors"))
+    exported_round = round if round is not None else last_round(run_dir, config)
+    (out / "README.md").write_text(model_card(run_dir, config, out, merge, ledger, round), encoding="utf-8")
+    write_manifest(out, base_sha256=sha256(base_dir / "model.safetensors"),
+                   extra={"source-run": str(run_dir.resolve()), "round": exported_round})
     return out
+
+
+def available_rounds(run_dir: Path) -> list[int]:
+    """The rounds whose global adapter `run_dir/checkpoints/round-<N>/` holds."""
+    folder = run_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name.split("-", 1)[1]) for p in folder.glob("round-*")
+                  if p.name.split("-", 1)[1].isdigit() and (p / "adapter_model.safetensors").is_file())
+
+
+def round_checkpoint(run_dir: Path, round: int) -> Path:
+    """`checkpoints/round-<round>/` of a run, or a UserError listing the rounds there are."""
+    rounds = available_rounds(run_dir)
+    if round not in rounds:
+        have = (f"available rounds: {', '.join(map(str, rounds))}" if rounds else
+                "it has no per-round checkpoints (runs write checkpoints/round-<N>/ since this version)")
+        raise UserError(f"--round {round}: {run_dir} has no checkpoint of round {round}; {have}")
+    return run_dir / CHECKPOINTS / f"round-{round}"
+
+
+def last_round(run_dir: Path, config: FedShopConfig) -> int:
+    rounds = [r["round"] for r in RunDirectory(run_dir).read_metrics() if r["scope"] == "evaluate"]
+    return max(rounds) if rounds else config.num_rounds
+
+
+def write_ledger(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=PRIVACY_COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: row[c] for c in PRIVACY_COLUMNS} for row in rows)
+
+
+def check_base(export: Path, base_file: Path, what: str) -> None:
+    """UserError unless `base_file` is the base model the export's adapter was trained on (manifest's sha256)."""
+    manifest = json.loads((export / MANIFEST).read_text(encoding="utf-8"))
+    if not base_file.is_file() or sha256(base_file) != manifest.get("base-model-sha256"):
+        raise UserError(f"{what}: {base_file} is not the base this adapter was trained on (its sha256 differs from "
+                        f"{export / MANIFEST}'s base-model-sha256)")
 
 
 def _merge(out: Path) -> None:
@@ -79,9 +135,9 @@ def _merge(out: Path) -> None:
             shutil.copy2(out / name, out / "merged" / name)
 
 
-def write_manifest(out: Path, base_sha256: str) -> None:
+def write_manifest(out: Path, base_sha256: str, extra: dict | None = None) -> None:
     files = {str(p.relative_to(out)): sha256(p) for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    manifest = {"format": "fedshop-export/1", "base-model-sha256": base_sha256, "files": files}
+    manifest = {"format": "fedshop-export/1", "base-model-sha256": base_sha256, **(extra or {}), "files": files}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
@@ -99,21 +155,27 @@ def verify(out: str | Path) -> list[str]:
     return problems
 
 
-def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool) -> str:
+def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, ledger: list[dict[str, str]],
+               round: int | None = None) -> str:
+    """The card of an export: `ledger` holds the privacy rows the exported adapter rests on (rounds <= `round`)."""
     directory = RunDirectory(run_dir)
     records = directory.read_metrics()
-    evaluations = [r for r in records if r["scope"] == "evaluate"]
+    evaluations = [r for r in records if r["scope"] == "evaluate" and (round is None or r["round"] <= round)]
     final = evaluations[-1]["metrics"] if evaluations else {}
     start = evaluations[0]["metrics"] if evaluations else {}
-    ledger = directory.read_privacy()
     spent = [v for v in _epsilon_by_merchant(ledger).values() if math.isfinite(v)]
+    rounds = config.num_rounds if round is None else round
     local = [r for r in ledger if r["merchant"] != "all" and r["status"] == "trained"]
-    audit = read_audit(run_dir)
+    audit = read_audit(run_dir) if round is None else None  # the audit attacked the final adapter
     front = ["---", "library_name: peft", f"base_model: {(out / 'base').resolve()}",
              "tags:", *(f"- {t}" for t in ("lora", "t5", "federated-learning", "differential-privacy", "dp-sgd")),
              "---", ""]
     lines = [
-        f"# fedshop global adapter — run `{run_dir}`", "",
+        f"# fedshop global adapter — run `{run_dir}`"
+        + ("" if round is None else f", round {round} of {config.num_rounds}"), "",
+        *([] if round is None else [f"This is the global adapter after round **{round}** (of {config.num_rounds}), "
+                                    f"from `checkpoints/round-{round}/`; its metrics and privacy figures are those of "
+                                    f"rounds 0-{round}.", ""]),
         "A LoRA adapter for a T5 shopper-behaviour model, trained with Flower across merchants that each kept their "
         "event logs; only adapter tensors and scalar metrics left a merchant.", "",
         "## Load it", "", "```python",
@@ -127,7 +189,7 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool) ->
             lines.append(f"| {label} | {_f(final.get(key))} | {_f(start.get(key))} | "
                          f"{_f(final.get(popular)) if popular else 'n/a'} | {_f(final.get(oracle))} |")
     lines += ["", "## Training", "",
-              f"- {config.num_merchants} merchants x {config.num_rounds} rounds, aggregation `{config.aggregation}`, "
+              f"- {config.num_merchants} merchants x {rounds} rounds, aggregation `{config.aggregation}`, "
               f"{config.local_epochs} local epoch(s) per round, batch {config.batch_size}, learning rate "
               f"{config.learning_rate:g} (AdamW).",
               f"- LoRA r = {config.lora_r}, alpha = {config.lora_alpha:g}, dropout {config.lora_dropout:g}, targets "
@@ -135,7 +197,8 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool) ->
               + (" `merged/` holds the base with the adapter folded in." if merged else ""), "",
               "## Privacy", ""]
     lines += privacy_lines(config, ledger)
-    if config.local_dp and local:
+    lines += continuation_lines(run_dir)
+    if config.local_dp and local and spent:
         rates = sorted({float(r["sample_rate"]) for r in local})
         steps = sorted({int(r["steps"]) for r in local})
         noise = sorted({float(r["noise_multiplier"]) for r in local})
@@ -147,7 +210,7 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool) ->
                   f"| clipping norm | {config.max_grad_norm:g} |",
                   f"| sampling rate (the merchants' values) | {', '.join(f'{q:.4g}' for q in rates)} |",
                   f"| local steps per round (the merchants' values) | {', '.join(str(s) for s in steps)} |",
-                  f"| rounds | {config.num_rounds} |",
+                  f"| rounds | {rounds} |",
                   f"| secure RNG | {'on' if config.secure_mode else 'off'} |"]
     if audit:
         from server.audit import describe

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from server.audit import describe, read_audit
+from server.continuation import continuation_lines
 from server.rundir import RunDirectory
 from shared.config import FedShopConfig
 
@@ -241,6 +242,7 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
     lines += aggregation_lines(config, [trains[r] for r in sorted(trains)])
     lines += ["", "## Privacy", ""]
     lines += privacy_lines(config, ledger)
+    lines += continuation_lines(run_dir.path)
     declined = [r for r in ledger if r["status"] not in ("trained", "released")]
     if declined:
         lines.append(f"- {len(declined)} merchant-round(s) did not train: "

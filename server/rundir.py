@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 from shared.config import FedShopConfig, to_toml
+from shared.privacy import CONTINUED_FROM
 
 PRIVACY_COLUMNS = ("merchant", "round", "noise_multiplier", "sample_rate", "steps", "epsilon", "delta", "unit",
                    "accountant", "status")
+CHECKPOINTS = "checkpoints"  # checkpoints/round-<N>/: the global adapter after round N (PEFT format)
 
 
 class RunDirectory:
@@ -30,9 +33,15 @@ class RunDirectory:
     def adapter_dir(self) -> Path:
         return self.path / "adapter"
 
+    def checkpoint_dir(self, server_round: int) -> Path:
+        return self.path / CHECKPOINTS / f"round-{server_round}"
+
     def start(self, config: FedShopConfig) -> None:
         """A fresh run: resolved config written, metrics and ledger emptied."""
         self.path.mkdir(parents=True, exist_ok=True)
+        if (self.path / CHECKPOINTS).is_dir():  # a previous run's checkpoints would pass for this run's
+            shutil.rmtree(self.path / CHECKPOINTS)
+        (self.path / CONTINUED_FROM).unlink(missing_ok=True)  # written again by a run that continues another
         (self.path / "config.toml").write_text(to_toml(config), encoding="utf-8")
         self.metrics_file.write_text("", encoding="utf-8")
         (self.path / "references.json").unlink(missing_ok=True)  # a previous run's reference runs

@@ -8,12 +8,13 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from server.continuation import check_init_adapter, record_origin, starting_adapter
 from server.report import write_report
 from server.rundir import RunDirectory
 from server.strategy import build_strategy
 from shared.config import from_mapping
 from shared.data import check_base_matches
-from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base, read_adapter
+from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base
 from shared.pretrain import pretrain
 from shared.privacy import history_from_ledger
 
@@ -33,18 +34,28 @@ def main(grid: Grid, context: Context) -> None:
     check_base_matches(base_meta, config)
     # B = 0: the starting adapter leaves the base unchanged; under ffa its A stays frozen for the whole run
     model = add_lora(base, config, seed=config.seed)
-    if config.resume_from:
-        load_adapter_state(model, read_adapter(config.resume_from))
-        log.info("continuing %s: its final adapter is the starting point, its privacy ledger carries on",
-                 config.resume_from)
+    if config.continued_from:
+        if config.init_adapter:
+            check_init_adapter(config)
+        load_adapter_state(model, starting_adapter(config))
+        record_origin(run_dir.path, config)
+        log.info("continuing %s: its adapter is the starting point, its privacy ledger carries on",
+                 config.continued_from)
     initial = ArrayRecord(adapter_state(model))
 
     ledger, strategy = build_strategy(run_dir, config, initial)
-    if config.resume_from and config.central:
-        ledger.central_history = history_from_ledger(config.resume_from, "all")[1]
+    if config.continued_from and config.central:
+        ledger.central_history = history_from_ledger(config.continued_from, "all")[1]
     ledger.evaluate_initial(grid, initial)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        """Flower calls this with the global adapter after every round (after any central noise); it is kept as
+        checkpoints/round-<N>/, written like adapter/."""
+        load_adapter_state(model, ledger.final_arrays(arrays).to_torch_state_dict())
+        model.save_pretrained(run_dir.checkpoint_dir(server_round))
+
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_rounds,
-                            train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+                            train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=checkpoint)
     # no round aggregated (every merchant declined, say): Flower returns an empty record; nothing changed
     final = result.arrays if result.arrays is not None and len(result.arrays) else initial
     final = ledger.final_arrays(final)  # ffa: the server's A re-attached

@@ -123,6 +123,11 @@ class FedShopConfig:
     run_dir: str = _spec("runs/latest", "run directory written by the server")
     resume_from: str = _spec("", "a finished run directory to continue: its final adapter is the starting point and "
                              "every merchant's privacy ledger carries on from its privacy.csv (empty = a fresh run)")
+    init_adapter: str = _spec("", "an export folder (fedshop export) to continue on new data: its adapter is the "
+                              "starting point (verified against its manifest, its base and this config's LoRA "
+                              "shape) and the merchants in its privacy.csv carry their accountant history on; "
+                              "merchants new to the federation start from zero (empty = a fresh run; not with "
+                              "resume-from)")
     references: str = _spec("none", "reference runs `fedshop simulate` trains after the federation, on the same "
                             "splits, for the report: local-only (each merchant alone, same recipe and DP budget), "
                             "centralised (all merchants' training data pooled, no DP); simulation only",
@@ -146,6 +151,9 @@ class FedShopConfig:
             raise ConfigError(f"config key 'robust' = {self.robust!r} cannot be combined with {central}: the noise "
                               "is calibrated to the fixed-denominator mean of clipped updates (each merchant's "
                               "influence is already bounded by central-clip-norm / merchants); use robust = none")
+        if self.resume_from and self.init_adapter:
+            raise ConfigError("config keys 'resume-from' and 'init-adapter' cannot both be set: resume-from continues "
+                              "a run directory, init-adapter an export folder; set one of them")
         if "price" in self.task_list and "intent" not in self.task_list:
             raise ConfigError(f"config key 'tasks' = {self.tasks!r}: price needs intent (the price curve is the intent "
                               "head queried at every price level); add intent")
@@ -184,6 +192,11 @@ class FedShopConfig:
     @property
     def central_epsilon(self) -> float:
         return self.target_epsilon if self.privacy_unit == "merchant" else self.central_target_epsilon
+
+    @property
+    def continued_from(self) -> str:
+        """The run directory or export folder this run continues (resume-from or init-adapter), '' for none."""
+        return self.resume_from or self.init_adapter
 
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case mapping of every key, as Flower's run config and `config.toml` hold it."""

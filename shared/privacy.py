@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import json
 import math
 import os
 import warnings
@@ -126,17 +127,21 @@ def schedule(num_records: int, batch_size: int, local_epochs: int) -> tuple[floa
     return 1.0 / batches, local_epochs * batches
 
 
+CONTINUED_FROM = "continued-from.json"  # a continued run's (and its export's) carried-over accountant histories
+
+
 def history_from_ledger(run_dir: str | Path, merchant: str) -> tuple[float | None, History]:
-    """(last noise multiplier, accountant history) of `merchant` in a run directory's `privacy.csv`.
+    """(last noise multiplier, accountant history) of `merchant` in a run directory's (or export's) `privacy.csv`.
 
     Rows that trained (or, for the server's merchant-level rows, were released) are the steps taken; declined and
-    failed rows took none. A merchant absent from the ledger starts from nothing.
+    failed rows took none. When the run itself continued another (`continued-from.json` beside the ledger), the
+    history it carried over comes first, so a chain of continued runs composes every step. A merchant absent from
+    both starts from nothing.
     """
     path = Path(run_dir) / "privacy.csv"
     if not path.is_file():
-        raise UserError(f"resume-from: {path} does not exist; expected the run directory of a finished fedshop run")
-    history: History = []
-    noise = None
+        raise UserError(f"{path} does not exist; expected a finished fedshop run directory or a fedshop export")
+    noise, history = carried_history(run_dir, merchant)
     with path.open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             if row["merchant"] != merchant or row["status"] not in ("trained", "released"):
@@ -146,3 +151,26 @@ def history_from_ledger(run_dir: str | Path, merchant: str) -> tuple[float | Non
             noise = float(row["noise_multiplier"])
             history.append((noise, float(row["sample_rate"]), int(row["steps"])))
     return noise, history
+
+
+def carried_history(run_dir: str | Path, merchant: str) -> tuple[float | None, History]:
+    """(noise multiplier, history) that a continued run carried over for `merchant` (none for a fresh run)."""
+    path = Path(run_dir) / CONTINUED_FROM
+    if not path.is_file():
+        return None, []
+    entry = json.loads(path.read_text(encoding="utf-8")).get("histories", {}).get(merchant)
+    if not entry:
+        return None, []
+    return entry["noise-multiplier"], [(float(n), float(q), int(s)) for n, q, s in entry["history"]]
+
+
+def ledger_merchants(run_dir: str | Path) -> list[str]:
+    """Every merchant (and `all`, the server's merchant-level rows) with a history in a run's or export's ledger,
+    the carried-over ones included."""
+    names: set[str] = set()
+    path = Path(run_dir) / CONTINUED_FROM
+    if path.is_file():
+        names |= set(json.loads(path.read_text(encoding="utf-8")).get("histories", {}))
+    with (Path(run_dir) / "privacy.csv").open(newline="", encoding="utf-8") as handle:
+        names |= {row["merchant"] for row in csv.DictReader(handle)}
+    return sorted(names)

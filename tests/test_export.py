@@ -149,3 +149,62 @@ def test_predict_schema_and_occlusion_attributions_reproduce_the_scores(run_dir,
     (out / "base" / "model.safetensors").write_bytes(bytes(weights))
     with pytest.raises(UserError, match="not the base this adapter was trained on"):
         Predictor(out)
+
+
+def test_batch_predict_gives_every_shopper_the_single_history_result_and_names_bad_lines(run_dir, tmp_path):
+    from server.predict import BATCH_SCHEMA, Predictor, read_requests
+
+    # Prepare
+    out = export_run(run_dir, tmp_path / "export")
+    predictor = Predictor(out, batch_size=3)  # several forward batches for five shoppers
+    items = predictor.facts.item_ids
+    histories = [items[:4], items[10:11], items[20:26], items[5:8], items[30:33]]
+    candidates = [items[40:42], items[43:44], items[44:47], items[50:51], items[52:54]]
+    good = tmp_path / "shoppers.csv"
+    good.write_text("shopper_id,history,candidates\n" + "".join(
+        f"s{i},{' '.join(h)},{' '.join(c)}\n" for i, (h, c) in enumerate(zip(histories, candidates))))
+    # Execute
+    nexts = predictor.predict_file(good, "next-item", 5, explain=True)
+    intents = predictor.predict_file(good, "intent", 1, explain=False)
+    # Assert
+    for batch, task in ((nexts, "next-item"), (intents, "intent")):
+        assert batch["schema"] == BATCH_SCHEMA and batch["task"] == task and batch["input"] == str(good)
+        assert [s["shopper_id"] for s in batch["predictions"]] == [f"s{i}" for i in range(5)]
+        assert [s["line"] for s in batch["predictions"]] == [2, 3, 4, 5, 6]
+        json.dumps(batch)
+        for shopper, history, cands in zip(batch["predictions"], histories, candidates):
+            single = predictor.predict(list(history), task, 5, list(cands), explain=task == "next-item")
+            assert shopper["history"] == single["history"]
+            assert [p["item"] for p in shopper["predictions"]] == [p["item"] for p in single["predictions"]]
+            assert torch.allclose(torch.tensor([p["score"] for p in shopper["predictions"]]),
+                                  torch.tensor([p["score"] for p in single["predictions"]]), atol=1e-5)
+            for mine, theirs in zip(shopper.get("explanations", []), single.get("explanations", [])):
+                assert torch.allclose(torch.tensor([a["delta"] for a in mine["attributions"]]),
+                                      torch.tensor([a["delta"] for a in theirs["attributions"]]), atol=1e-5)
+    assert all(len(s["predictions"]) == 5 for s in nexts["predictions"])
+    assert [len(s["predictions"]) for s in intents["predictions"]] == [len(c) for c in candidates]
+
+    def refused(text: str, task: str = "next-item") -> str:
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        with pytest.raises(UserError) as error:
+            predictor.predict_file(bad, task, 5, explain=False)
+        return str(error.value)
+
+    assert f"{tmp_path / 'bad.csv'}:3: column history: unknown item(s) i99999" in refused(
+        f"shopper_id,history\na,{items[0]}\nb,{items[1]} i99999\n")
+    assert f"{tmp_path / 'bad.csv'}:2: column history is empty" in refused("shopper_id,history\na,\n")
+    assert f"{tmp_path / 'bad.csv'}:1: missing column(s) history" in refused("shopper_id,items\na,i1\n")
+    assert f"{tmp_path / 'bad.csv'}:2: column candidates: unknown item(s) nope" in refused(
+        f"shopper_id,history,candidates\na,{items[0]},nope\n", "intent")
+    assert f"{tmp_path / 'bad.csv'}:2: column candidates is empty" in refused(
+        f"shopper_id,history,candidates\na,{items[0]},\n", "intent")
+    assert "needs a candidates column" in refused(f"shopper_id,history\na,{items[0]}\n", "intent")
+    with pytest.raises(UserError, match="no such file"):
+        read_requests(tmp_path / "missing.csv", needs_candidates=False)
+    with pytest.raises(UserError, match="top-k 0"):
+        predictor.predict_file(good, "next-item", 0, explain=False)
+    done = subprocess.run([sys.executable, "-m", "server.cli", "predict", "--adapter", str(out), "--input", str(good),
+                           "--format", "json", "--top-k", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["predictions"][4]["shopper_id"] == "s4"
