@@ -142,7 +142,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         result = predictor.predict_file(args.input, args.task, args.top_k, args.explain)
     else:
         candidates = [c.strip() for c in (args.candidates or "").split(",") if c.strip()]
-        result = predictor.predict(args.history.split(), args.task, args.top_k, candidates, args.explain)
+        activity = None
+        if args.task == "churn":
+            from server.predict import Activity
+
+            if args.sessions is None or args.days_since_last is None:
+                raise UserError("--task churn with --history needs --sessions and --days-since-last (and, if the "
+                                "shopper had several sessions, --mean-gap-days; --bought-last-session if they bought)")
+            activity = Activity(args.sessions, args.days_since_last, args.mean_gap_days, args.bought_last_session)
+        result = predictor.predict(args.history.split(), args.task, args.top_k, candidates, args.explain,
+                                   price_level=args.price_level, activity=activity)
     print(render(result, args.format))
     return 0
 
@@ -201,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--task", default="next-item", choices=tuple(TASKS))
     predict.add_argument("--candidates", help="intent with --history: comma-separated candidate items")
     predict.add_argument("--top-k", type=int, default=10, help="next-item: how many items (default 10)")
+    predict.add_argument("--price-level", type=float, default=1.0, help="intent: offered price / list price "
+                         "(default 1; the price task scores every level)")
+    predict.add_argument("--sessions", type=int, help="churn: the shopper's sessions so far")
+    predict.add_argument("--days-since-last", type=float, help="churn: days since the shopper's last event")
+    predict.add_argument("--mean-gap-days", type=float, help="churn: mean days between sessions (omit for one session)")
+    predict.add_argument("--bought-last-session", action="store_true", help="churn: the last session had a purchase")
     predict.add_argument("--format", default="table", choices=("table", "json"))
     predict.add_argument("--explain", action="store_true", help="occlusion: how much each history event moved "
                          "each score")

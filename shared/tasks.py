@@ -55,6 +55,21 @@ def churn_tokens() -> list[str]:
             + ["b0", "b1"])
 
 
+def history_text(history: list[str], facts: CatalogueFacts, index: dict[str, int]) -> str:
+    return " ".join(f"{h} {facts.category[index[h]]}" for h in history)
+
+
+def intent_source(history: str, item: int, facts: CatalogueFacts, level: float) -> str:
+    return (f"intent: {history} cand {facts.item_ids[item]} {facts.category[item]} {facts.price_band[item]} "
+            f"{facts.rating_band[item]} {level_token(level)}")
+
+
+def churn_source(history: str, sessions: int, views: int, mean_gap_days: float | None, days_since_last: float,
+                 bought_in_last_session: bool) -> str:
+    return (f"churn: {history} s{min(max(1, sessions), SESSION_BANDS)} {_view_band(max(1, views))} "
+            f"{_gap_band(mean_gap_days)} d{_days_band(days_since_last)} b{int(bought_in_last_session)}")
+
+
 def _view_band(views: int) -> str:
     return f"n{max(v for v in VIEW_BANDS if v <= views)}"
 
@@ -142,15 +157,13 @@ def build_examples(log: EventLog, facts: CatalogueFacts, *, tasks: list[str], hi
                 continue
             item = log.item_id[row]
             history = [log.item_id[r] for r in views[max(0, k - history_length):k]]
-            history_text = " ".join(f"{h} {facts.category[index[h]]}" for h in history)
+            text = history_text(history, facts, index)
             seen = tuple(index[log.item_id[r]] for r in views[:k])
             if "intent" in tasks:
                 level = float(price_level[row]) if price_level is not None else 1.0
                 i = index[item]
                 examples.append(Example(
-                    task="intent",
-                    source=f"intent: {history_text} cand {item} {facts.category[i]} {facts.price_band[i]} "
-                           f"{facts.rating_band[i]} {level_token(level)}",
+                    task="intent", source=intent_source(text, i, facts, level),
                     target="yes" if item in purchase_time else "no", split=split, user_id=user,
                     label=int(item in purchase_time), seen=seen, time=int(log.timestamp[row]), item=i, level=level,
                     truth=float(truth_purchase_prob[row]) if truth_purchase_prob is not None else float("nan"),
@@ -158,7 +171,7 @@ def build_examples(log: EventLog, facts: CatalogueFacts, *, tasks: list[str], hi
                 ))
             if "next-item" in tasks:
                 examples.append(Example(
-                    task="next-item", source=f"next: {history_text}", target=item, split=split, user_id=user,
+                    task="next-item", source=f"next: {text}", target=item, split=split, user_id=user,
                     label=index[item], seen=seen, time=int(log.timestamp[row]),
                     truth=float(truth_next_rank[row]) if truth_next_rank is not None else float("nan"),
                 ))
@@ -208,13 +221,12 @@ def _churn_examples(log: EventLog, rows: list[int], views: list[int], facts: Cat
         recency = (cutoff - past_times[-1]) / 86_400_000
         views_so_far = sum(1 for i in past if log.event[rows[i]] == "view")
         history = [log.item_id[r] for r in past_views[-history_length:]]
-        history_text = " ".join(f"{h} {facts.category[index[h]]}" for h in history)
         truth = (churn_truth.return_probability(views_so_far, bought, recency, horizon_ms / 86_400_000)
                  if churn_truth is not None else float("nan"))
         out.append(Example(
             task="churn",
-            source=f"churn: {history_text} s{min(len(sessions), SESSION_BANDS)} {_view_band(views_so_far)} "
-                   f"{_gap_band(mean_gap)} d{_days_band(recency)} b{int(bought)}",
+            source=churn_source(history_text(history, facts, index), len(sessions), views_so_far, mean_gap, recency,
+                                bought),
             target="yes" if label else "no", split=split, user_id=user, label=label,
             seen=tuple(index[log.item_id[r]] for r in past_views), truth=truth, time=cutoff,
             features=(float(len(sessions)), float(views_so_far), float(mean_gap or 0.0), recency, float(bought)),

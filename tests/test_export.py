@@ -208,3 +208,44 @@ def test_batch_predict_gives_every_shopper_the_single_history_result_and_names_b
                            "--format", "json", "--top-k", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["predictions"][4]["shopper_id"] == "s4"
+
+
+def test_predict_price_curve_and_churn_risk_agree_with_the_intent_and_churn_heads(run_dir, tmp_path):
+    import math
+
+    from server.predict import Activity, Predictor
+    from shared.tasks import PRICE_LEVELS, churn_source
+
+    out = export_run(run_dir, tmp_path / "export")
+    predictor = Predictor(out)
+    history, candidate = list(predictor.facts.item_ids[:4]), predictor.facts.item_ids[9]
+    price = predictor.predict(history, "price", 1, [candidate], explain=True)
+    (curve,) = price["predictions"]
+    assert [c["price_level"] for c in curve["curve"]] == list(PRICE_LEVELS)
+    for point in curve["curve"]:  # each point is the intent head at that price level
+        direct = float(predictor.intent_scores([history], candidate, point["price_level"])[0])
+        assert abs(point["score"] - direct) < 1e-6
+        at_level = predictor.predict(history, "intent", 1, [candidate], False, price_level=point["price_level"])
+        assert abs(at_level["predictions"][0]["score"] - point["score"]) < 1e-6
+    assert math.isfinite(curve["elasticity"]) and price["explanations"][0]["item"] == candidate
+    activity = Activity(sessions=3, days_since_last=2.5, mean_gap_days=4.0, bought_last_session=True)
+    churn = predictor.predict(history, "churn", 1, [], explain=True, activity=activity)
+    (only,) = churn["predictions"]
+    direct = float(predictor._yes_probability([churn_source(predictor._history_text(history), 3, 4, 4.0, 2.5,
+                                                            True)])[0])
+    assert abs(only["score"] - direct) < 1e-6 and abs(only["churn_risk"] - (1 - direct)) < 1e-9
+    for a in churn["explanations"][0]["attributions"]:  # occlusion deltas reproduce the scores they explain
+        without = history[:a["event"]] + history[a["event"] + 1:]  # the item left out; the activity counts stay
+        again = float(predictor._yes_probability([churn_source(predictor._history_text(without), 3, 4, 4.0, 2.5,
+                                                               True)])[0])
+        assert abs(only["score"] - a["delta"] - again) < 1e-6
+    json.dumps(churn)
+    json.dumps(price)
+    with pytest.raises(UserError, match="price-level 3"):
+        predictor.predict(history, "intent", 1, [candidate], False, price_level=3.0)
+    with pytest.raises(UserError, match="needs the shopper's activity"):
+        predictor.predict(history, "churn", 1, [], False)
+    bad = tmp_path / "churn.csv"
+    bad.write_text("shopper_id,history,sessions,days_since_last\ns1,i1 i2,two,1\n")
+    with pytest.raises(UserError, match=r"churn.csv:2: column sessions: 'two' is not an integer"):
+        predictor.predict_file(bad, "churn", 1, False)
