@@ -348,7 +348,8 @@ def _stream(path: Path, rows: Iterable[list[str]] | csv.Reader, header: list[str
             stats.rows_read += 1
             try:
                 if len(row) != width:
-                    raise _Bad("", f"{len(row)} fields, expected {width} as in the header "
+                    raise _Bad(header[len(row)] if len(row) < width else "",
+                               f"{len(row)} fields, expected {width} as in the header "
                                f"({','.join(header)}); a wrong delimiter, a stray quote or a truncated line?",
                                "wrong field count")
                 user, item, raw_event, timestamp, price, category, group = parse(row)
