@@ -21,7 +21,7 @@ from shared.config import FedShopConfig, load_config
 from shared.data import catalogue_facts, merchant_data
 from shared.errors import UserError
 from shared.model import load_base
-from shared.synthetic import generate
+from shared.sources import load_world
 
 log = logging.getLogger("fedshop")
 AUDIT_FILE = "audit.json"
@@ -48,7 +48,7 @@ def audit_run(run_dir: str | Path) -> dict[str, float]:
         # peft 0.21 asks transformers 5.x a deprecated question while wrapping; nothing for a user to act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
         model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
-    data = generate(config)
+    data = load_world(config)
     members: dict[str, float] = {}
     nonmembers: dict[str, float] = {}
     for merchant_id in data.merchant_ids:

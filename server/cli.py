@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from shared.config import FedShopConfig, load_config
+from shared.config import DATA_FORMATS, FedShopConfig, load_config
 from shared.errors import UserError
 
 log = logging.getLogger("fedshop")
+FORMAT_CHOICES = tuple(f for f in DATA_FORMATS if f != "auto")
 
 
 def _config(args: argparse.Namespace) -> FedShopConfig:
@@ -156,6 +157,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    overrides = list(args.set or [])
+    if args.format:
+        overrides.append(f"data-format={args.format}")
+    config = load_config(args.config, [*overrides, f"data-path={args.file}"])
+    from server.datareport import inspect_file
+
+    out = inspect_file(config, str(args.file), args.out or Path(str(args.file) + ".report"))
+    print(out.read_text(encoding="utf-8"))
+    log.info("data report: %s (heat map and histograms: %s)", out, out.with_suffix(".png"))
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    config = load_config(args.config, list(args.set or []))
+    from shared.formats import write_format
+    from shared.synthetic import generate
+
+    data = generate(config)
+    files = write_format(data.events, args.out, args.format)
+    log.info("%d synthetic events (%d merchants and the public split) -> %s", len(data.events),
+             config.num_merchants, ", ".join(str(f) for f in files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedshop", description="Federated DP-LoRA T5 for shopper behaviour.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
@@ -220,6 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--explain", action="store_true", help="occlusion: how much each history event moved "
                          "each score")
     predict.set_defaults(func=cmd_predict)
+    data = sub.add_parser("data", help="data tools: inspect an events file, write synthetic data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    inspect = data_sub.add_parser("inspect", help="what an events file holds and what the merchant partition would "
+                                  "be: markdown report and a PNG (category mix heat map, sizes, events per shopper)")
+    common(inspect)
+    inspect.add_argument("file", type=Path, metavar="FILE")
+    inspect.add_argument("--format", choices=("auto", *FORMAT_CHOICES), help="data format (default: config key "
+                         "data-format, auto = detected)")
+    inspect.add_argument("--out", type=Path, help="report folder (default FILE.report/)")
+    inspect.set_defaults(func=cmd_data_inspect)
+    synth = data_sub.add_parser("synth", help="write the synthetic generator's events (merchants and the public "
+                                "split) as canonical CSV, or in another format")
+    common(synth)
+    synth.add_argument("--out", required=True, type=Path, help="file to write (e.g. data/synthetic.csv)")
+    synth.add_argument("--format", default="canonical", choices=FORMAT_CHOICES, help="default canonical")
+    synth.set_defaults(func=cmd_data_synth)
     return parser
 
 

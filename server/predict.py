@@ -98,11 +98,11 @@ class Predictor:
 
         from shared.config import load_config
         from shared.data import catalogue_facts
-        from shared.synthetic import generate
+        from shared.sources import load_world
 
         hf_logging.disable_progress_bar()
         self.config = load_config(adapter / "run-config.toml")
-        self.facts = catalogue_facts(generate(self.config))
+        self.facts = catalogue_facts(load_world(self.config))
         self.index = self.facts.index()
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(adapter)
         with warnings.catch_warnings():

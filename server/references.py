@@ -25,7 +25,7 @@ from shared.config import FedShopConfig
 from shared.data import merchant_data
 from shared.model import add_lora, load_base
 from shared.modeling import encode, evaluate
-from shared.synthetic import generate
+from shared.sources import load_world
 
 log = logging.getLogger("fedshop")
 
@@ -49,7 +49,7 @@ def weighted(merchants: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
     """Train and evaluate each reference; returns {kind: {"metrics": ..., "merchants": ..., ...}}."""
-    world = generate(config)
+    world = load_world(config)
     base_dir = config.base_dir
     data = {m: merchant_data(config, m, world) for m in world.merchant_ids}
     out: dict[str, dict] = {}

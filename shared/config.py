@@ -24,6 +24,9 @@ TASK_CHOICES = ("intent", "next-item", "churn", "price")
 AGGREGATIONS = ("fedavg", "ffa", "svd")
 ROBUST_CHOICES = ("none", "median", "trimmed-mean")
 REFERENCE_CHOICES = ("none", "local-only", "centralised")
+DATA_FORMATS = ("auto", "canonical", "parquet", "retailrocket", "taobao", "rees46", "recbole", "transactions")
+ON_BAD_ROWS = ("error", "skip")
+PARTITION_KINDS = ("iid", "dirichlet", "size-skew")
 
 
 class ConfigError(UserError):
@@ -59,6 +62,36 @@ class FedShopConfig:
                        "across price levels; needs intent)", choices=TASK_CHOICES, multi=True)
     churn_horizon_days: float = _spec(7.0, "churn: a shopper who starts no session within this many days of a "
                                       "session's end has churned", low=0.0, low_open=True, high=3650.0)
+    # --- data: your own event log instead of the generator (shared/sources.py; README "Your own data") ------------
+    data_path: str = _spec("", "events file to train on instead of the synthetic generator (empty = synthetic)")
+    data_format: str = _spec("auto", "format of data-path (auto = detected from the file name and header)",
+                             choices=DATA_FORMATS)
+    item_properties_path: str = _spec("", "retailrocket: item_properties.csv file(s), comma-separated, for categories "
+                                      "(property categoryid) and prices (790); recbole: the .item file (default: "
+                                      "the .item beside the .inter)")
+    event_map: str = _spec("", "raw event -> view|cart|purchase|drop, comma-separated pairs over the format's "
+                           "defaults, e.g. \"pv:view,buy:purchase,cart:cart,fav:view\"; drop = dropped and counted")
+    item_column: str = _spec("", "transactions: the column naming the item bought (empty = one \"basket\" item)")
+    timestamp_format: str = _spec("", "strptime format of date strings (rees46, transactions); empty = ISO 8601")
+    purchase_rating: float = _spec(4.0, "recbole: a rated interaction at least this is also a purchase", low=0.0)
+    on_bad_rows: str = _spec("error", "a malformed row stops loading with file:line:column (error) or is skipped "
+                             "and counted in the data report (skip)", choices=ON_BAD_ROWS)
+    partition: str = _spec("dirichlet", "merchant assignment: natural:<column> (one merchant per value, e.g. "
+                           "natural:brand), iid, dirichlet (over shoppers' main category) or size-skew")
+    partition_alpha: float = _spec(0.5, "Dirichlet concentration of the dirichlet and size-skew partitions (smaller = "
+                                   "more skewed)", low=0.0, low_open=True, high=1e6)
+    shoppers_at_several_merchants: bool = _spec(False, "let one shopper appear at several merchants (natural: every "
+                                                "merchant they bought from; partitioners: per shopper and category); "
+                                                "shopper-level epsilon then composes over those merchants")
+    public_fraction: float = _spec(0.2, "fraction of shoppers that form the public split (pretraining only)",
+                                   low=0.0, low_open=True, high=0.9)
+    min_shopper_events: int = _spec(5, "cleaning: drop shoppers with fewer events (k-core, with min-item-events)",
+                                    low=1, high=1_000_000)
+    min_item_events: int = _spec(2, "cleaning: drop items with fewer events (k-core)", low=1, high=1_000_000)
+    max_events_per_shopper_per_day: int = _spec(1000, "cleaning: a shopper with more events on one day is a bot and "
+                                                "dropped (0 = no limit)", low=0)
+    time_window_start: str = _spec("", "cleaning: keep events at or after this ISO date/time (UTC; empty = no bound)")
+    time_window_end: str = _spec("", "cleaning: keep events before this ISO date/time (UTC; empty = no bound)")
     # --- model -------------------------------------------------------------------------------------------
     model_size: str = _spec("small", "T5 size preset of the base model", choices=MODEL_SIZES)
     base_dir: str = _spec("bases/small", "base directory (config, safetensors, tokenizer) every merchant loads")
@@ -157,6 +190,17 @@ class FedShopConfig:
         if "price" in self.task_list and "intent" not in self.task_list:
             raise ConfigError(f"config key 'tasks' = {self.tasks!r}: price needs intent (the price curve is the intent "
                               "head queried at every price level); add intent")
+        if self.partition not in PARTITION_KINDS and not (self.partition.startswith("natural:")
+                                                          and self.partition[len("natural:"):].strip()):
+            raise ConfigError(f"config key 'partition' = {self.partition!r}: expected natural:<column> (e.g. "
+                              f"natural:brand) or one of {', '.join(PARTITION_KINDS)}")
+        for key in ("time-window-start", "time-window-end"):
+            parse_time_bound(key, getattr(self, key.replace("-", "_")))
+        for pair in _split(self.event_map):
+            raw, _, canonical = pair.partition(":")
+            if not raw.strip() or canonical.strip() not in ("view", "cart", "purchase", "drop"):
+                raise ConfigError(f"config key 'event-map' entry {pair!r}: expected raw:canonical with canonical one "
+                                  "of view, cart, purchase, drop (e.g. \"pv:view,buy:purchase,fav:drop\")")
         if self.min_valid_merchants > self.num_merchants:
             raise ConfigError(f"config key 'min-valid-merchants' = {self.min_valid_merchants} exceeds num-merchants "
                               f"= {self.num_merchants}")
@@ -204,6 +248,22 @@ class FedShopConfig:
 
     def replace(self, **changes: Any) -> FedShopConfig:
         return from_mapping({**self.to_flat(), **{_kebab(k): v for k, v in changes.items()}})
+
+
+def parse_time_bound(key: str, text: str) -> int | None:
+    """An ISO date or date-time (naive = UTC) in ms since the epoch; None when empty."""
+    if not text:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"config key '{key}' = {text!r}: expected an ISO date or date-time such as 2019-10-01 or "
+                          "2019-10-01T12:00:00") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
 
 
 def _split(value: str) -> list[str]:

@@ -11,7 +11,8 @@ import numpy as np
 from shared.canaries import make_canaries
 from shared.config import FedShopConfig
 from shared.errors import UserError
-from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, RATING_BANDS, SyntheticData, generate
+from shared.sources import load_world
+from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, RATING_BANDS, SyntheticData
 from shared.tasks import TASK_TOKENS, CatalogueFacts, Example, build_examples, by_split, churn_tokens, level_tokens
 
 
@@ -44,7 +45,7 @@ def vocabulary(facts: CatalogueFacts) -> tuple[list[str], list[str], list[str]]:
 
 def merchant_data(config: FedShopConfig, merchant_id: str, data: SyntheticData | None = None) -> MerchantData:
     """A merchant's (or the public split's) examples, split leave-last-out per shopper."""
-    data = data if data is not None else generate(config)
+    data = data if data is not None else load_world(config)
     if merchant_id != PUBLIC_MERCHANT and merchant_id not in data.merchant_ids:
         raise UserError(f"merchant {merchant_id!r} does not exist; merchants are {', '.join(data.merchant_ids)}")
     rows = np.flatnonzero(data.events.merchant_id == merchant_id)
@@ -99,12 +100,16 @@ def catalogue_fingerprint(facts: CatalogueFacts) -> str:
 def check_base_matches(meta: dict, config: FedShopConfig, data: SyntheticData | None = None) -> None:
     """A base knows one catalogue (its item tokens and what it learned about them): refuse a base made for another."""
     flat = config.to_flat()
+    # a real log's catalogue comes from the file, not from the generator's knobs: its fingerprint alone decides
+    knobs = ("seed", "num-items", "num-categories") if not config.data_path else ()
     different = [f"{key} = {meta.get(key)!r} in the base, {flat[key]!r} in the config"
-                 for key in ("seed", "num-items", "num-categories") if meta.get(key) != flat[key]]
+                 for key in knobs if meta.get(key) != flat[key]]
     if not different:
-        facts = catalogue_facts(data if data is not None else generate(config))
+        facts = catalogue_facts(data if data is not None else load_world(config))
         if meta.get("catalogue-sha256") != catalogue_fingerprint(facts):
-            different.append("the catalogue facts differ (the base predates this version of the data generator)")
+            different.append("the catalogue facts differ (" + (f"the base was pretrained on other data than "
+                             f"{config.data_path}" if config.data_path else "the base predates this version of the "
+                             "data generator") + ")")
     if different:
         raise UserError(f"base directory {config.base_dir} was pretrained for another catalogue ("
                         + "; ".join(different) + "): pretrain a base for this config (`fedshop pretrain`) "

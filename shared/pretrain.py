@@ -17,7 +17,8 @@ from shared.config import FedShopConfig
 from shared.data import catalogue_fingerprint, merchant_data, vocabulary
 from shared.model import build_base, save_base
 from shared.modeling import encode, evaluate, per_sample_loss
-from shared.synthetic import PUBLIC_MERCHANT, generate
+from shared.sources import load_world
+from shared.synthetic import PUBLIC_MERCHANT
 from shared.tasks import CatalogueFacts
 from shared.tokenizer import build_tokenizer
 
@@ -44,7 +45,7 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
     base_dir = Path(base_dir or config.base_dir)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
-    data = generate(config)
+    data = load_world(config)
     public = merchant_data(config, PUBLIC_MERCHANT, data)
     tokenizer = build_tokenizer(*vocabulary(public.facts))
     model = build_base(config.model_size, tokenizer, seed=config.seed)

@@ -8,9 +8,12 @@ Built with `tokenizers` (a word-level model over whitespace-separated tokens) an
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is built: the data tools only need the token names
+    from transformers import PreTrainedTokenizerFast
 
 from shared.tasks import TASK_TOKENS
 
@@ -19,6 +22,8 @@ PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 
 def build_tokenizer(item_tokens: Iterable[str], category_tokens: Iterable[str],
                     attribute_tokens: Iterable[str]) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     vocab: dict[str, int] = {}
     for token in (PAD, EOS, UNK, *TASK_TOKENS, *category_tokens, *attribute_tokens, *item_tokens):
         if token not in vocab:

@@ -1,0 +1,202 @@
+"""Where a run's events come from: the synthetic generator, or a real log (load, clean, assign merchants).
+
+`load_world(config)` is the one seam every consumer uses (merchants, the pretrainer, the server's checks): with an
+empty `data-path` it is `shared.synthetic.generate(config)`; otherwise the file is loaded (`shared.loaders`),
+cleaned (`shared.cleaning`), split into the public split and merchants m0..m{N-1} (`shared.partition`), and turned
+into the same `SyntheticData` shape with a catalogue derived from the events:
+
+- items: those that survive cleaning (their ids are the model's item tokens; whitespace becomes "_");
+- category: the item's most frequent category, mapped to tokens c0..c{K-1} by frequency (c0 the most frequent; one
+  "c0" when the file has none); the mapping is in the `SourceReport`;
+- price band: the quantile band (PRICE_BANDS) of the item's median price within its category, 0 when unknown;
+- rating band 0 (unknown); latent quality NaN, popularity and price_z 0: real data has no generator truth, so the
+  oracle columns are NaN and reports print n/a.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared.cleaning import CleaningOptions, CleaningStep, clean
+from shared.config import FedShopConfig, parse_time_bound
+from shared.events import DataError, EventLog
+from shared.loaders import LoadOptions, LoadStats, RawEvents, event_names, load_events
+from shared.partition import DROPPED, PUBLIC, PartitionOptions, PartitionResult, assign_merchants, parse_partition
+from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, Catalogue, SyntheticData, generate
+from shared.tokenizer import TASK_TOKENS
+
+UNKNOWN_CATEGORY = "(unknown)"
+
+
+@dataclass
+class SourceReport:
+    """What loading, cleaning and merchant assignment did: the data report's figures."""
+
+    load: LoadStats
+    cleaning: list[CleaningStep]
+    partition: PartitionResult
+    category_names: dict[str, str] = field(default_factory=dict)  # "c{k}" -> the file's category id
+    events_before_cleaning: int = 0
+    renamed_items: int = 0
+
+
+def load_world(config: FedShopConfig) -> SyntheticData:
+    """The run's data: synthetic when `data-path` is empty, else the file (see the module doc)."""
+    if not config.data_path:
+        return generate(config)
+    return load_real(config)[0]
+
+
+def load_options(config: FedShopConfig) -> LoadOptions:
+    kind, column = parse_partition(config.partition)
+    return LoadOptions(data_format=config.data_format, item_properties_path=config.item_properties_path,
+                       event_map=config.event_map, on_bad_rows=config.on_bad_rows, group_column=column,
+                       item_column=config.item_column, timestamp_format=config.timestamp_format,
+                       purchase_rating=config.purchase_rating)
+
+
+def cleaning_options(config: FedShopConfig) -> CleaningOptions:
+    return CleaningOptions(window_start_ms=parse_time_bound("time-window-start", config.time_window_start),
+                           window_end_ms=parse_time_bound("time-window-end", config.time_window_end),
+                           max_events_per_shopper_per_day=config.max_events_per_shopper_per_day,
+                           min_shopper_events=config.min_shopper_events, min_item_events=config.min_item_events)
+
+
+def partition_options(config: FedShopConfig) -> PartitionOptions:
+    return PartitionOptions(partition=config.partition, num_merchants=config.num_merchants,
+                            alpha=config.partition_alpha, several_merchants=config.shoppers_at_several_merchants,
+                            public_fraction=config.public_fraction, seed=config.seed)
+
+
+def load_real(config: FedShopConfig, path: str | None = None) -> tuple[SyntheticData, SourceReport]:
+    raw = load_events(path or config.data_path, load_options(config))
+    before = len(raw)
+    cleaned, steps = clean(raw, cleaning_options(config))
+    if not len(cleaned):
+        raise DataError(f"{path or config.data_path}: cleaning left no events ("
+                        + "; ".join(f"{s.name}: {s.events_dropped}" for s in steps if s.events_dropped)
+                        + "); lower min-shopper-events / min-item-events or widen the time window")
+    assignment = assign_merchants(cleaned, partition_options(config))
+    data, categories, renamed = build_world(cleaned, assignment, config.num_merchants)
+    report = SourceReport(load=raw.stats, cleaning=steps, partition=assignment, category_names=categories,
+                          events_before_cleaning=before, renamed_items=renamed)
+    return data, report
+
+
+def build_world(raw: RawEvents, assignment: PartitionResult, num_merchants: int
+                ) -> tuple[SyntheticData, dict[str, str], int]:
+    keep = np.flatnonzero(assignment.merchant != DROPPED)
+    raw, merchant = raw.take(keep), assignment.merchant[keep]
+    if not len(raw):
+        raise DataError(f"{raw.stats.path}: no events left after merchant assignment "
+                        f"({dict(assignment.dropped)})")
+    items, item_of_event = np.unique(raw.item, return_inverse=True)
+    # each item's category: its most frequent one; category tokens by frequency of items
+    category_of_item = _mode_per_group(item_of_event, raw.category, len(items), len(raw.category_names))
+    category_codes, item_category_rank = np.unique(category_of_item, return_inverse=True)
+    sizes = np.bincount(item_category_rank)
+    by_size = sorted(range(len(category_codes)), key=lambda k: (-sizes[k], str(raw.category_names[category_codes[k]])))
+    token_of = np.empty(len(category_codes), dtype=np.int64)
+    token_of[by_size] = np.arange(len(by_size))
+    item_category = token_of[item_category_rank]
+    names = {f"c{token_of[k]}": (str(raw.category_names[code]) or UNKNOWN_CATEGORY)
+             for k, code in enumerate(category_codes)}
+    names = dict(sorted(names.items(), key=lambda kv: int(kv[0][1:])))
+    median_price = _median_per_group(item_of_event, raw.price, len(items))
+    price_band = _price_bands(item_category, median_price)
+    item_ids, renamed = item_tokens(raw.item_names[items])
+    catalogue = Catalogue(
+        item_ids=item_ids, category=item_category, price=median_price, price_band=price_band,
+        rating_band=np.zeros(len(items), dtype=np.int64), quality=np.full(len(items), np.nan),
+        popularity=np.zeros(len(items)), price_z=np.zeros(len(items)),
+    )
+    merchant_names = np.empty(num_merchants + 1, dtype=object)
+    merchant_names[:num_merchants] = [f"m{k}" for k in range(num_merchants)]
+    merchant_names[num_merchants] = PUBLIC_MERCHANT
+    merchant_index = np.where(merchant == PUBLIC, num_merchants, merchant)
+    # sorted by (merchant, user, timestamp) as strings, like EventLog.sorted, using ranks of the name tables
+    merchant_rank = np.argsort(np.argsort(merchant_names.astype(str)))
+    user_rank = np.empty(len(raw.user_names), dtype=np.int64)
+    user_rank[np.argsort(raw.user_names.astype(str), kind="stable")] = np.arange(len(raw.user_names))
+    order = np.lexsort((raw.timestamp, user_rank[raw.user], merchant_rank[merchant_index]))
+    category_tokens = np.array([f"c{c}" for c in range(len(category_codes))], dtype=object)
+    events = EventLog(
+        merchant_id=merchant_names[merchant_index[order]], user_id=raw.user_names[raw.user[order]],
+        item_id=item_ids[item_of_event[order]], event=event_names(raw.event[order]),
+        timestamp=raw.timestamp[order], price=raw.price[order],
+        category=category_tokens[item_category[item_of_event[order]]],
+    )
+    nan = np.full(len(events), np.nan)
+    data = SyntheticData(catalogue=catalogue, events=events, truth_purchase_prob=nan, truth_next_rank=nan.copy(),
+                         merchant_ids=[f"m{k}" for k in range(num_merchants)])
+    return data, names, renamed
+
+
+def item_tokens(names: np.ndarray) -> tuple[np.ndarray, int]:
+    """Item ids usable as whitespace-separated tokens that collide with no category, band or task token."""
+    reserved = {*TASK_TOKENS, "<pad>", "</s>", "<unk>"}
+    out, renamed = [], 0
+    for name in names.tolist():
+        token = "_".join(str(name).split()) or "_"
+        if token in reserved or (token[:1] in "cpr" and token[1:].isdigit()):
+            token = f"item:{token}"
+        renamed += token != name
+        out.append(token)
+    if len(set(out)) != len(out):
+        raise DataError("item ids collide once whitespace is replaced by '_' (e.g. 'a b' and 'a_b'); rename them")
+    tokens = np.empty(len(out), dtype=object)
+    tokens[:] = out
+    return tokens, renamed
+
+
+def _mode_per_group(group: np.ndarray, value: np.ndarray, groups: int, values: int) -> np.ndarray:
+    key = group.astype(np.int64) * values + value
+    keys, counts = np.unique(key, return_counts=True)
+    group_of, value_of = keys // values, keys % values
+    order = np.lexsort((value_of, -counts, group_of))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = group_of[order][1:] != group_of[order][:-1]
+    out = np.zeros(groups, dtype=np.int64)
+    out[group_of[order][first]] = value_of[order][first]
+    return out
+
+
+def _median_per_group(group: np.ndarray, value: np.ndarray, groups: int) -> np.ndarray:
+    known = np.isfinite(value)
+    group, value = group[known], value[known]
+    out = np.full(groups, np.nan)
+    if not len(value):
+        return out
+    order = np.lexsort((value, group))
+    group, value = group[order], value[order]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    ends = np.r_[starts[1:], len(group)]
+    lower, upper = value[starts + (ends - starts - 1) // 2], value[starts + (ends - starts) // 2]
+    out[group[starts]] = (lower + upper) / 2.0
+    return out
+
+
+def _price_bands(category: np.ndarray, price: np.ndarray) -> np.ndarray:
+    band = np.zeros(len(price), dtype=np.int64)
+    for c in np.unique(category):
+        members = np.flatnonzero((category == c) & np.isfinite(price))
+        if len(members):
+            ranks = price[members].argsort(kind="stable").argsort()
+            band[members] = (ranks * PRICE_BANDS) // len(members)
+    return band
+
+
+def describe_counts(report: SourceReport) -> dict[str, int]:
+    """Every dropped or skipped count of the report, flat, for logs and tests."""
+    out: dict[str, int] = {}
+    for reason, count in report.load.skipped.items():
+        out[f"skipped: {reason}"] = count
+    for raw, count in report.load.dropped_by_event_map.items():
+        out[f"event map drop: {raw}"] = count
+    for step in report.cleaning:
+        out[f"cleaning: {step.name}"] = step.events_dropped
+    for reason, count in report.partition.dropped.items():
+        out[f"partition: {reason}"] = count
+    return out

@@ -1,0 +1,210 @@
+"""Real logs in, merchants out: partitioners, cleaning counts, the derived catalogue, `fedshop data`, and one
+2-round simulation on a REES46-format file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.cleaning import CleaningOptions, clean
+from shared.config import ConfigError, FedShopConfig, from_mapping
+from shared.data import check_base_matches, merchant_data, vocabulary
+from shared.events import DataError
+from shared.formats import write_format
+from shared.loaders import LoadOptions, load_events
+from shared.partition import PUBLIC, PartitionOptions, assign_merchants, partition_units
+from shared.sources import describe_counts, load_real, load_world
+from shared.synthetic import PUBLIC_MERCHANT, generate
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(num_merchants=3, shoppers_per_merchant=20, public_shoppers=30, num_items=40, num_categories=4)
+
+
+@pytest.fixture(scope="module")
+def rees46(tmp_path_factory) -> Path:
+    """The tiny synthetic world as a REES46 file (merchants in the brand column, the public split as brand public)."""
+    path = tmp_path_factory.mktemp("rees46") / "2019-Oct.csv"
+    write_format(generate(FedShopConfig(**TINY)).events, path, "rees46")
+    return path
+
+
+def _shopper_counts(result, users) -> Counter:
+    return Counter({k: len(np.unique(users[result.merchant == k])) for k in set(result.merchant.tolist()) if k >= 0})
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "size-skew"])
+def test_partitioners_give_the_requested_merchants_and_same_seed_same_partition(rees46, kind):
+    # Prepare
+    raw = load_events(rees46)
+    options = PartitionOptions(partition=kind, num_merchants=4, alpha=0.5, public_fraction=0.2, seed=3)
+    # Execute
+    first, again = assign_merchants(raw, options), assign_merchants(raw, options)
+    other = assign_merchants(raw, PartitionOptions(**{**options.__dict__, "seed": 4}))
+    # Assert
+    assert sorted(set(first.merchant.tolist())) == [PUBLIC, 0, 1, 2, 3]
+    assert np.array_equal(first.merchant, again.merchant) and not np.array_equal(first.merchant, other.merchant)
+    public_users = set(raw.user[first.merchant == PUBLIC].tolist())
+    assert 0.1 < len(public_users) / len(set(raw.user.tolist())) < 0.3
+    for k in range(4):  # disjoint shoppers: nobody at two merchants, nobody both public and private
+        users = set(raw.user[first.merchant == k].tolist())
+        assert not users & public_users
+        assert all(not users & set(raw.user[first.merchant == j].tolist()) for j in range(k))
+
+
+def test_skew_follows_alpha():
+    # Prepare: 2000 shoppers, 8 categories as labels
+    labels = np.arange(2000) % 8
+    # Execute
+    sizes = {a: np.bincount(partition_units(labels, "size-skew", 5, a, seed=1), minlength=5) for a in (0.2, 100.0)}
+    iid = np.bincount(partition_units(labels, "iid", 5, 1.0, seed=1), minlength=5)
+    mixes = {a: partition_units(labels, "dirichlet", 4, a, seed=1) for a in (0.1, 100.0)}
+
+    def label_spread(assignment):  # mean over merchants of the largest category's share
+        return np.mean([np.bincount(labels[assignment == k], minlength=8).max() / max(1, (assignment == k).sum())
+                        for k in range(4)])
+
+    # Assert
+    assert iid.tolist() == [400] * 5
+    assert sizes[0.2].sum() == sizes[100.0].sum() == 2000
+    assert sizes[0.2].max() / sizes[0.2].min() > 3 > sizes[100.0].max() / sizes[100.0].min()
+    assert label_spread(mixes[0.1]) > 0.4 > label_spread(mixes[100.0])
+
+
+def test_natural_partition_keeps_the_largest_and_names_them(tmp_path):
+    # Prepare: brand b1 has 3 shoppers, b2 has 2, b3 has 1; u1 also buys at b2; one row has no brand
+    path = tmp_path / "events.csv"
+    rows = ["merchant_id,user_id,item_id,event,timestamp,brand"]
+    for user, brand, n in [("u1", "b1", 3), ("u2", "b1", 2), ("u3", "b1", 2), ("u4", "b2", 2), ("u5", "b2", 2),
+                           ("u6", "b3", 2), ("u1", "b2", 1), ("u7", "", 1)]:
+        rows += [f"x,{user},i{k},view,{k}000,{brand}" for k in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    raw = load_events(path, LoadOptions(group_column="brand"))
+    options = PartitionOptions(partition="natural:brand", num_merchants=2, public_fraction=1e-9)
+    # Execute
+    disjoint = assign_merchants(raw, options)
+    shared = assign_merchants(raw, PartitionOptions(**{**options.__dict__, "several_merchants": True}))
+    # Assert
+    assert disjoint.names == {"m0": "brand = b1", "m1": "brand = b2"}
+    assert disjoint.dropped == {"no value in column brand": 1, "at merchants beyond the 2 largest values of brand": 2,
+                                "a shopper's events at merchants other than their main one (disjoint shoppers)": 1}
+    u1 = raw.user == list(raw.user_names).index("u1")
+    assert set(disjoint.merchant[u1].tolist()) == {0, -2} and set(shared.merchant[u1].tolist()) == {0, 1}
+    with pytest.raises(DataError, match="finds 3 merchant"):
+        assign_merchants(raw, PartitionOptions(partition="natural:brand", num_merchants=5))
+
+
+def test_cleaning_counts_every_step(tmp_path):
+    # Prepare: a duplicate, a bot (5 events in a day), a rare item, a shopper with one event, one outside the window
+    day = 86_400_000
+    lines = ["merchant_id,user_id,item_id,event,timestamp"]
+    lines += [f"m,u1,i{k % 2},view,{day + k}" for k in range(4)] + ["m,u1,i0,view,86400000"]  # duplicate
+    lines += [f"m,u2,i{k % 2},view,{day + k * day}" for k in range(4)] + ["m,u2,i9,view,86400500"]  # rare i9
+    lines += [f"m,bot,i{k % 2},view,{2 * day + k}" for k in range(5)]
+    lines += ["m,u3,i0,view,86400000", f"m,u1,i1,view,{40 * day}"]
+    path = tmp_path / "events.csv"
+    path.write_text("\n".join(lines) + "\n")
+    raw = load_events(path)
+    # Execute
+    cleaned, steps = clean(raw, CleaningOptions(window_end_ms=30 * day, max_events_per_shopper_per_day=4,
+                                                min_shopper_events=2, min_item_events=2))
+    # Assert
+    dropped = {s.name: (s.events_dropped, s.shoppers_dropped, s.items_dropped) for s in steps}
+    assert dropped == {"outside the time window": (1, 0, 0), "exact duplicates": (1, 0, 0),
+                       "bot-like shoppers": (5, 1, 0), "k-core": (2, 1, 1)}
+    assert len(cleaned) == len(raw) - 9
+    assert sorted(set(cleaned.user_names[cleaned.user].tolist())) == ["u1", "u2"]
+
+
+def test_load_world_builds_the_synthetic_shape_from_a_real_file(rees46):
+    # Prepare
+    config = FedShopConfig(**TINY, data_path=str(rees46), partition="natural:brand")
+    synthetic = generate(FedShopConfig(**TINY))
+    # Execute
+    data, report = load_real(config)
+    merchant = merchant_data(config, "m1", data)
+    # Assert: the same events back, merchants m0..m2 (brand m0..m2 by shopper count), public split from brand public
+    assert len(data.events) == len(synthetic.events) and data.merchant_ids == ["m0", "m1", "m2"]
+    assert set(data.events.merchant_id.tolist()) == {"m0", "m1", "m2", PUBLIC_MERCHANT}
+    assert report.partition.names == {"m0": "brand = m0", "m1": "brand = m1", "m2": "brand = m2"}
+    assert np.isnan(data.truth_purchase_prob).all() and np.isnan(data.catalogue.quality).all()
+    items, categories, _ = vocabulary(merchant.facts)
+    assert categories == [f"c{k}" for k in range(6)] and set(items) == set(synthetic.catalogue.item_ids.tolist())
+    assert set(report.category_names.values()) == {f"c{k}" for k in range(6)}  # the file's ids, kept in the report
+    assert 0 <= data.catalogue.price_band.min() and data.catalogue.price_band.max() == 9
+    assert merchant.train and merchant.test and all(np.isnan(e.truth) for e in merchant.test)
+    assert describe_counts(report)["cleaning: exact duplicates"] == 0
+    # a base knows its catalogue: the fingerprint decides, not the synthetic knobs
+    meta = {"catalogue-sha256": "0" * 64}
+    with pytest.raises(Exception, match="catalogue facts differ"):
+        check_base_matches(meta, config, data)
+
+
+def test_purchases_only_data_still_gives_examples(tmp_path):
+    # Prepare: a CRM transactions table (each purchase is also a view)
+    log = generate(FedShopConfig(**SMALL)).events
+    path = write_format(log, tmp_path / "sales.csv", "transactions")[0]
+    config = FedShopConfig(**SMALL, data_path=str(path), item_column="sku", partition="iid", min_shopper_events=4,
+                           min_item_events=1)
+    # Execute
+    merchant = merchant_data(config, "m0", load_world(config))
+    # Assert
+    assert merchant.train and {e.target for e in merchant.train if e.task == "intent"} == {"yes"}
+
+
+def test_config_refuses_bad_data_keys():
+    for key, value, words in [("partition", "natural:", "natural:<column>"), ("partition", "kmeans", "natural:"),
+                              ("data-format", "excel", "one of auto"), ("time-window-start", "last week", "ISO"),
+                              ("event-map", "pv=view", "raw:canonical"), ("on-bad-rows", "ignore", "error, skip")]:
+        with pytest.raises(ConfigError, match=key) as error:
+            from_mapping({key: value})
+        assert words in str(error.value)
+
+
+def test_data_synth_and_inspect_commands(tmp_path):
+    # Prepare
+    out = tmp_path / "shop.csv"
+    synth = subprocess.run([sys.executable, "-m", "server.cli", "data", "synth", "--config",
+                            str(ROOT / "configs/tiny.toml"), "--out", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    # Execute
+    inspect = subprocess.run([sys.executable, "-m", "server.cli", "data", "inspect", str(out), "--set",
+                              "num-merchants=3", "--set", "partition=natural:merchant_id", "--out",
+                              str(tmp_path / "report")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    missing = subprocess.run([sys.executable, "-m", "server.cli", "data", "inspect", str(tmp_path / "nope.csv")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # Assert
+    assert synth.returncode == 0, synth.stderr
+    assert next(csv.reader(out.open())) == ["merchant_id", "user_id", "item_id", "event", "timestamp", "price",
+                                            "category"]
+    assert inspect.returncode == 0, inspect.stderr
+    report = (tmp_path / "report" / "data-report.md").read_text()
+    assert "| m0 | merchant_id = m" in report and "k-core" in report and "Category mix" in report
+    assert (tmp_path / "report" / "data-report.png").stat().st_size > 10_000
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_simulate_runs_end_to_end_on_a_rees46_file(rees46, tmp_path):
+    # Prepare
+    run_dir = tmp_path / "run"
+    # Execute
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "simulate", "--config", str(ROOT / "configs/tiny.toml"),
+         "--set", f"data-path={rees46}", "--set", "partition=natural:brand", "--set", f"base-dir={tmp_path / 'base'}",
+         "--run-dir", str(run_dir), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # Assert
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = records[-1]["metrics"]
+    assert 0.0 <= final["intent-auc"] <= 1.0 and 0.0 <= final["next-hr@10"] <= 1.0
+    assert "intent-oracle-auc" not in final and "next-oracle-hr@10" not in final  # no truth on real data
+    assert set(records[-1]["merchants"]) == {"m0", "m1", "m2"}
+    report = (run_dir / "report.md").read_text()
+    assert "| purchase intent AUC |" in report and "n/a |" in report
