@@ -24,7 +24,7 @@ from pathlib import Path
 
 from server.audit import read_audit, run_config
 from server.continuation import continuation_lines
-from server.report import TASK_ROWS, _epsilon_by_merchant, _f, privacy_lines
+from server.report import _epsilon_by_merchant, _f, privacy_lines, read_references, task_tables
 from server.rundir import CHECKPOINTS, PRIVACY_COLUMNS, RunDirectory
 from shared.config import FedShopConfig
 from shared.errors import UserError
@@ -181,14 +181,15 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
         "## Load it", "", "```python",
         "from peft import AutoPeftModelForSeq2SeqLM",
         "model = AutoPeftModelForSeq2SeqLM.from_pretrained(\"<this folder>\")  # base: ./base", "```", "",
-        "## Tasks and test metrics (leave-last-out per shopper, weighted over merchants)", "",
-        "| metric | this adapter | base alone | popularity | Bayes oracle (synthetic truth) |", "|---|---|---|---|---|",
+        "## Tasks and test metrics (leave-last-out in time per shopper, weighted over merchants)", "",
+        f"Tasks `{config.tasks}` in one adapter, each with its task prefix (see `fedshop predict`); churn means no "
+        f"event within {config.churn_horizon_days:g} days. \"federated model\" is this adapter"
+        + ("" if round is None else f" (round {round})") + "; baselines are fitted on each merchant's training "
+        "examples; the Bayes oracle uses the synthetic generator's truth (n/a on real data).", "",
     ]
-    for label, key, popular, oracle in TASK_ROWS:
-        if key in final:
-            lines.append(f"| {label} | {_f(final.get(key))} | {_f(start.get(key))} | "
-                         f"{_f(final.get(popular)) if popular else 'n/a'} | {_f(final.get(oracle))} |")
-    lines += ["", "## Training", "",
+    references = read_references(run_dir) if round is None else {}  # the references match the final round
+    lines += task_tables(final, start, references)
+    lines += ["## Training", "",
               f"- {config.num_merchants} merchants x {rounds} rounds, aggregation `{config.aggregation}`, "
               f"{config.local_epochs} local epoch(s) per round, batch {config.batch_size}, learning rate "
               f"{config.learning_rate:g} (AdamW).",

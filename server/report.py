@@ -21,15 +21,6 @@ def read_references(run_dir: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-TASK_ROWS = (
-    # (label, model key, popularity key, oracle key)
-    ("purchase intent AUC", "intent-auc", None, "intent-oracle-auc"),
-    ("next item HR@10", "next-hr@10", "next-popularity-hr@10", "next-oracle-hr@10"),
-    ("next item NDCG@10", "next-ndcg@10", "next-popularity-ndcg@10", "next-oracle-ndcg@10"),
-    ("next item MRR", "next-mrr", "next-popularity-mrr", "next-oracle-mrr"),
-)
-
-
 def _f(value: Any, digits: int = 3) -> str:
     if value is None:
         return "n/a"

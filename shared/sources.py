@@ -129,8 +129,14 @@ def build_world(raw: RawEvents, assignment: PartitionResult, num_merchants: int
         category=category_tokens[item_category[item_of_event[order]]],
     )
     nan = np.full(len(events), np.nan)
+    # the price level of an event: what was paid or shown against the item's median price (1 when either is unknown)
+    usual = median_price[item_of_event[order]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        level = np.where(np.isfinite(events.price) & (usual > 0), events.price / usual, 1.0)
     data = SyntheticData(catalogue=catalogue, events=events, truth_purchase_prob=nan, truth_next_rank=nan.copy(),
-                         merchant_ids=[f"m{k}" for k in range(num_merchants)])
+                         merchant_ids=[f"m{k}" for k in range(num_merchants)],
+                         price_level=np.where(np.isfinite(level), level, 1.0),
+                         window_end_ms=int(events.timestamp.max()))  # churn: the log's end is the window's
     return data, names, renamed
 
 
