@@ -159,7 +159,7 @@ def verdict_lines(final: dict, references: dict) -> list[str]:
         if key in central:
             ref = _num(central[key])
             gap = (ref - model) / abs(ref) if higher else (model - ref) / abs(ref)
-            parts.append(f"{gap:+.1%} behind centralised non-private ({_f(ref)})" if gap > 0
+            parts.append(f"{gap:.1%} behind centralised non-private ({_f(ref)})" if gap >= 0.0005
                          else f"level with or ahead of centralised non-private ({_f(ref)}, {-gap:.1%} ahead)")
         if key == "next-hr@10":
             for name, baseline in (("popularity", "next-popularity-hr@10"), ("Markov", "next-markov-hr@10")):
