@@ -5,7 +5,8 @@ empty `data-path` it is `shared.synthetic.generate(config)`; otherwise the file 
 cleaned (`shared.cleaning`), split into the public split and merchants m0..m{N-1} (`shared.partition`), and turned
 into the same `SyntheticData` shape with a catalogue derived from the events:
 
-- items: those that survive cleaning (their ids are the model's item tokens; whitespace becomes "_");
+- items: those that survive cleaning (their ids are the model's item tokens; whitespace becomes "_", and an id that
+  looks like a task, category, band, price-level or churn token gets an "item:" prefix);
 - category: the item's most frequent category, mapped to tokens c0..c{K-1} by frequency (c0 the most frequent; one
   "c0" when the file has none); the mapping is in the `SourceReport`;
 - price band: the quantile band (PRICE_BANDS) of the item's median price within its category, 0 when unknown;
@@ -25,7 +26,7 @@ from shared.events import DataError, EventLog
 from shared.loaders import LoadOptions, LoadStats, RawEvents, event_names, load_events
 from shared.partition import DROPPED, PUBLIC, PartitionOptions, PartitionResult, assign_merchants, parse_partition
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, Catalogue, SyntheticData, generate
-from shared.tokenizer import TASK_TOKENS
+from shared.tasks import TASK_TOKENS, churn_tokens, level_tokens
 
 UNKNOWN_CATEGORY = "(unknown)"
 
@@ -142,11 +143,11 @@ def build_world(raw: RawEvents, assignment: PartitionResult, num_merchants: int
 
 def item_tokens(names: np.ndarray) -> tuple[np.ndarray, int]:
     """Item ids usable as whitespace-separated tokens that collide with no category, band or task token."""
-    reserved = {*TASK_TOKENS, "<pad>", "</s>", "<unk>"}
+    reserved = {*TASK_TOKENS, *level_tokens(), *churn_tokens(), "<pad>", "</s>", "<unk>"}
     out, renamed = [], 0
     for name in names.tolist():
         token = "_".join(str(name).split()) or "_"
-        if token in reserved or (token[:1] in "cpr" and token[1:].isdigit()):
+        if token in reserved or (token[:1] in "cprsngdbx" and token[1:].replace(".", "", 1).isdigit()):
             token = f"item:{token}"
         renamed += token != name
         out.append(token)

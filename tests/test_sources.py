@@ -208,3 +208,13 @@ def test_simulate_runs_end_to_end_on_a_rees46_file(rees46, tmp_path):
     assert set(records[-1]["merchants"]) == {"m0", "m1", "m2"}
     report = (run_dir / "report.md").read_text()
     assert "### Purchase intent" in report and "| Bayes oracle" not in report  # no oracle row without the truth
+
+
+def test_item_ids_never_collide_with_a_task_category_band_level_or_churn_token():
+    from shared.sources import item_tokens
+
+    names = np.array(["i1", "sku-1", "s1", "x0.8", "b0", "churn:", "c3", "p7", "g2", "d4", "n10", "a b"], dtype=object)
+    tokens, renamed = item_tokens(names)
+    assert tokens.tolist() == ["i1", "sku-1", "item:s1", "item:x0.8", "item:b0", "item:churn:", "item:c3", "item:p7",
+                               "item:g2", "item:d4", "item:n10", "a_b"]
+    assert renamed == 10
