@@ -391,19 +391,24 @@ def read_requests(path: str | Path, needs_candidates: bool, needs_activity: bool
 def render(result: dict, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(result, indent=2)
-    label = {"next-item": "P(next)", "churn": "P(return)"}.get(result["task"], "P(buy)")
+    label = {"next-item": "P(next)", "churn": "P(return) | churn risk"}.get(result["task"], "P(buy)")
     if result["task"] == "price":
         return _price_table(result)
+    rule = "|---" * (label.count("|") + 1)
+
+    def cells(p: dict) -> str:
+        return f"{p['score']:.4f}" + (f" | {p['churn_risk']:.4f}" if "churn_risk" in p else "")
+
     if result["schema"] == BATCH_SCHEMA:
         lines = [f"{result['task']} for {len(result['predictions'])} shopper(s) of {result['input']}", "",
-                 f"| shopper | item | {label} |", "|---|---|---|"]
-        lines += [f"| {s['shopper_id']} | {p['item']} | {p['score']:.4f} |" for s in result["predictions"]
+                 f"| shopper | item | {label} |", f"|---{rule}|---|"]
+        lines += [f"| {s['shopper_id']} | {p['item']} | {cells(p)} |" for s in result["predictions"]
                   for p in s["predictions"]]
         for shopper in result["predictions"]:
             lines += _explanation_lines(shopper, f"{shopper['shopper_id']}: ")
         return "\n".join(lines)
-    lines = [f"{result['task']} for history {' '.join(result['history'])}", "", f"| item | {label} |", "|---|---|"]
-    lines += [f"| {p['item']} | {p['score']:.4f} |" for p in result["predictions"]]
+    lines = [f"{result['task']} for history {' '.join(result['history'])}", "", f"| item | {label} |", f"{rule}|---|"]
+    lines += [f"| {p['item']} | {cells(p)} |" for p in result["predictions"]]
     return "\n".join(lines + _explanation_lines(result, ""))
 
 
