@@ -25,6 +25,7 @@ where <history> lists the most recent viewed items, oldest first, each followed 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,7 +126,8 @@ def build_examples(log: EventLog, facts: CatalogueFacts, *, tasks: list[str], hi
     """Examples of one event log (one merchant, or the public split).
 
     `window_end_ms` is the end of the observation window (default: the log's last timestamp); `churn_truth` maps a
-    shopper to an object with `return_probability(views, bought, horizon_days)` (the synthetic truth), or is None.
+    shopper to an object with `return_probability(views, bought, days_since_last, horizon_days)` (the synthetic
+    truth), or is None.
     Rows must be time-ordered per shopper.
     """
     index = facts.index()
@@ -200,36 +202,40 @@ def churn_cutoffs(window_end: int, horizon_ms: int, first_time: int) -> list[tup
 
 def _churn_examples(log: EventLog, rows: list[int], views: list[int], facts: CatalogueFacts, index: dict[str, int],
                     history_length: int, horizon_ms: int, window_end: int, churn_truth, user: str) -> list[Example]:
+    """One example per calendar cutoff at which the shopper had arrived (linear in events plus cutoffs)."""
     times = [int(log.timestamp[r]) for r in rows]
-    view_set = set(views)
+    if not times:
+        return []
+    position = {r: i for i, r in enumerate(rows)}
+    view_positions = [position[r] for r in views]  # first views, in time order
+    is_view = np.cumsum([0] + [log.event[r] == "view" for r in rows])  # views among the first i events
+    bought = np.cumsum([0] + [log.event[r] == "purchase" for r in rows])
+    sessions = sessions_of(times)
+    starts = [first for first, _ in sessions]
     out: list[Example] = []
-    for cutoff, split in churn_cutoffs(window_end, horizon_ms, times[0] if times else window_end):
-        past = [i for i, t in enumerate(times) if t <= cutoff]
-        if not past:
-            continue  # the shopper had not arrived yet
-        label = int(any(cutoff < t <= cutoff + horizon_ms for t in times))
-        past_times = times[:past[-1] + 1]
-        sessions = sessions_of(past_times)
-        first, last = sessions[-1]
-        past_views = [rows[i] for i in past if rows[i] in view_set]
-        if not past_views:
-            continue
-        bought = any(log.event[rows[i]] == "purchase" for i in range(first, last + 1))
-        gaps = [(past_times[sessions[s][0]] - past_times[sessions[s - 1][1]]) / 86_400_000
-                for s in range(1, len(sessions))]
+    for cutoff, split in churn_cutoffs(window_end, horizon_ms, times[0]):
+        past = bisect.bisect_right(times, cutoff)  # events 0 .. past-1 are at or before the cutoff
+        seen_views = bisect.bisect_left(view_positions, past)
+        if past == 0 or seen_views == 0:
+            continue  # the shopper had not arrived (or viewed nothing) yet
+        label = int(bisect.bisect_right(times, cutoff + horizon_ms) > past)
+        count = bisect.bisect_left(starts, past)  # sessions begun by the cutoff
+        first = starts[count - 1]
+        gaps = [(times[starts[s]] - times[sessions[s - 1][1]]) / 86_400_000 for s in range(1, count)]
         mean_gap = sum(gaps) / len(gaps) if gaps else None
-        recency = (cutoff - past_times[-1]) / 86_400_000
-        views_so_far = sum(1 for i in past if log.event[rows[i]] == "view")
-        history = [log.item_id[r] for r in past_views[-history_length:]]
-        truth = (churn_truth.return_probability(views_so_far, bought, recency, horizon_ms / 86_400_000)
+        recency = (cutoff - times[past - 1]) / 86_400_000
+        views_so_far = int(is_view[past])
+        in_session = bool(bought[past] - bought[first])
+        history = [log.item_id[rows[i]] for i in view_positions[max(0, seen_views - history_length):seen_views]]
+        truth = (churn_truth.return_probability(views_so_far, in_session, recency, horizon_ms / 86_400_000)
                  if churn_truth is not None else float("nan"))
         out.append(Example(
             task="churn",
-            source=churn_source(history_text(history, facts, index), len(sessions), views_so_far, mean_gap, recency,
-                                bought),
+            source=churn_source(history_text(history, facts, index), count, views_so_far, mean_gap, recency,
+                                in_session),
             target="yes" if label else "no", split=split, user_id=user, label=label,
-            seen=tuple(index[log.item_id[r]] for r in past_views), truth=truth, time=cutoff,
-            features=(float(len(sessions)), float(views_so_far), float(mean_gap or 0.0), recency, float(bought)),
+            seen=tuple(index[log.item_id[rows[i]]] for i in view_positions[:seen_views]), truth=truth, time=cutoff,
+            features=(float(count), float(views_so_far), float(mean_gap or 0.0), recency, float(in_session)),
         ))
     return out
 
