@@ -18,11 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from sections import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("fedavg", "ffa", "svd")
 METRICS = (("intent-auc", "intent AUC"), ("next-hr@10", "next HR@10"), ("next-ndcg@10", "NDCG@10"),
            ("next-mrr", "MRR"))
-BEGIN, END = "<!-- bench/aggregation.py begin -->", "<!-- bench/aggregation.py end -->"
 
 
 def run_one(config: str, aggregation: str, epsilon: float, run_dir: Path) -> dict:
@@ -87,17 +88,11 @@ def main() -> int:
     print(text)
     if not args.no_write:
         command = f"python bench/aggregation.py --config {args.config} --epsilons {args.epsilons}"
-        section = (f"{BEGIN}\n## Aggregation strategies\n\n`{command}` ({time.strftime('%Y-%m-%d')}, 2 cores, one "
+        section = (f"## Aggregation strategies\n\n`{command}` ({time.strftime('%Y-%m-%d')}, 2 cores, one "
                    "run per row, same seed and data; the base pretrained beforehand). Metrics are the final round's "
                    "test metrics weighted over merchants; bytes are the float32 adapter tensors a merchant sends "
-                   "(uplink) and receives (downlink) per round.\n\n" + text + f"\n{END}")
-        path = ROOT / "BENCHMARKS.md"
-        current = path.read_text(encoding="utf-8") if path.is_file() else "# fedshop benchmarks\n"
-        if BEGIN in current:
-            current = current[:current.index(BEGIN)] + section + current[current.index(END) + len(END):]
-        else:
-            current = current.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(current, encoding="utf-8")
+                   "(uplink) and receives (downlink) per round.\n\n" + text)
+        write_section("aggregation", section)
     return 0 if all(r["ok"] for r in rows) else 1
 
 

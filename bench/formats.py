@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from sections import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- bench/formats.py begin -->", "<!-- bench/formats.py end -->"
 FORMATS = {
     # format: (file name, extra --set overrides)
     "canonical": ("events.csv", ["partition=natural:merchant_id"]),
@@ -92,19 +93,13 @@ def main() -> int:
     print(text)
     if not args.no_write:
         command = f"nice -n 10 python bench/formats.py --config {args.config}"
-        section = (f"{BEGIN}\n## Formats\n\n`{command}` ({time.strftime('%Y-%m-%d')}, 2 shared cores): the tiny "
+        section = (f"## Formats\n\n`{command}` ({time.strftime('%Y-%m-%d')}, 2 shared cores): the tiny "
                    "synthetic world written in each format by `fedshop data synth --format F`, then `fedshop data "
                    "inspect` and a 2-round `fedshop simulate` (3 merchants, DP ε 8, its own tiny base pretrained on "
                    "the file's public split). Seconds include process start and, for simulate, pretraining. Real "
                    "data has no oracle (n/a). Transactions keep purchases only (each also a view), so every intent "
-                   "label is yes and its AUC is undefined.\n\n" + text + f"\n{END}")
-        path = ROOT / "BENCHMARKS.md"
-        current = path.read_text(encoding="utf-8") if path.is_file() else "# fedshop benchmarks\n"
-        if BEGIN in current:
-            current = current[:current.index(BEGIN)] + section + current[current.index(END) + len(END):]
-        else:
-            current = current.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(current, encoding="utf-8")
+                   "label is yes and its AUC is undefined.\n\n" + text)
+        write_section("formats", section)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sections import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- bench/loaders.py begin -->", "<!-- bench/loaders.py end -->"
 CHUNK = 500_000
 START_MS = 1_569_888_000_000  # 2019-10-01
 
@@ -135,19 +135,13 @@ def main() -> int:
     print(text)
     if not args.no_write:
         command = f"nice -n 10 python bench/loaders.py --events {args.events}"
-        section = (f"{BEGIN}\n## Loaders\n\n`{command}` ({time.strftime('%Y-%m-%d')}, 2 shared cores). Each row is "
+        section = (f"## Loaders\n\n`{command}` ({time.strftime('%Y-%m-%d')}, 2 shared cores). Each row is "
                    "a fresh process; peak RSS includes the interpreter and numpy (plus `datasets` and flwr-datasets "
                    "for the partition). `load + clean + partition` is `shared.sources.load_real`: duplicates, bots, "
                    "5-core, Dirichlet partition over shoppers into 8 merchants and a public split, catalogue and "
                    "`EventLog`; the generated files have 20 events per shopper on average, so 5-core keeps most of "
-                   "them.\n\n" + text + f"\n{END}")
-        path = ROOT / "BENCHMARKS.md"
-        current = path.read_text(encoding="utf-8") if path.is_file() else "# fedshop benchmarks\n"
-        if BEGIN in current:
-            current = current[:current.index(BEGIN)] + section + current[current.index(END) + len(END):]
-        else:
-            current = current.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(current, encoding="utf-8")
+                   "them.\n\n" + text)
+        write_section("loaders", section)
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from sections import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BEGIN, END = "<!-- bench/predict.py begin -->", "<!-- bench/predict.py end -->"
 
 
 def prepare(work: Path) -> Path:
@@ -109,7 +110,7 @@ def main() -> int:
                    + (f" --export {args.export}" if args.export else ""))
         source = (f"the export `{args.export}`" if args.export else "the export of a one-round `configs/tiny.toml` run")
         config = predictor.config
-        section = (f"{BEGIN}\n## Predict\n\n`{command}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
+        section = (f"## Predict\n\n`{command}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
                    f"torch threads {args.threads}, {platform.machine()}). Batch predict (`fedshop predict --input "
                    f"FILE.csv`) from {source} (T5 `{config.model_size}`, "
                    f"LoRA r = {config.lora_r} on {config.lora_targets}, {config.num_items} items): random shoppers "
@@ -117,14 +118,8 @@ def main() -> int:
                    "one candidate per shopper, price scores it at each of the 5 price levels, churn scores one "
                    "return probability. Times cover reading and checking the CSV, the model and building the "
                    "output; the batch-1 rows (one forward pass per shopper, a tenth of the shoppers) show what "
-                   "batching buys.\n\n" + text + f"\n{END}")
-        path = ROOT / "BENCHMARKS.md"
-        current = path.read_text(encoding="utf-8") if path.is_file() else "# fedshop benchmarks\n"
-        if BEGIN in current:
-            current = current[:current.index(BEGIN)] + section + current[current.index(END) + len(END):]
-        else:
-            current = current.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(current, encoding="utf-8")
+                   "batching buys.\n\n" + text)
+        write_section("predict", section)
     return 0
 
 
