@@ -141,7 +141,7 @@ def _partitioner(raw: RawEvents, private: np.ndarray, merchant: np.ndarray, kind
         label = (units % len(raw.category_names)).astype(np.int64)
     else:
         units, unit_of_event = np.unique(users, return_inverse=True)
-        label = _main_category(unit_of_event, categories, len(units), len(raw.category_names))
+        label = mode_per_group(unit_of_event, categories, len(units), len(raw.category_names))
     count, n = len(units), options.num_merchants
     if count < n:
         unit = "shopper-category pairs" if options.several_merchants else "shoppers"
@@ -155,16 +155,18 @@ def _partitioner(raw: RawEvents, private: np.ndarray, merchant: np.ndarray, kind
     return {f"m{k}": f"{what} partition of {unit}, part {k}" for k in range(n)}
 
 
-def _main_category(unit_of_event: np.ndarray, categories: np.ndarray, units: int, num_categories: int) -> np.ndarray:
-    key = unit_of_event.astype(np.int64) * num_categories + categories
+def mode_per_group(group: np.ndarray, value: np.ndarray, groups: int, values: int) -> np.ndarray:
+    """The most frequent value (codes < `values`) of each group (codes < `groups`), ties to the smallest value;
+    0 for a group with no rows. A shopper's main category, an item's category."""
+    key = group.astype(np.int64) * values + value
     keys, counts = np.unique(key, return_counts=True)
-    unit_of, category_of = keys // num_categories, keys % num_categories
-    order = np.lexsort((category_of, -counts, unit_of))
+    group_of, value_of = keys // values, keys % values
+    order = np.lexsort((value_of, -counts, group_of))
     first = np.ones(len(order), dtype=bool)
-    first[1:] = unit_of[order][1:] != unit_of[order][:-1]
-    label = np.zeros(units, dtype=np.int64)
-    label[unit_of[order][first]] = category_of[order][first]
-    return label
+    first[1:] = group_of[order][1:] != group_of[order][:-1]
+    out = np.zeros(groups, dtype=np.int64)
+    out[group_of[order][first]] = value_of[order][first]
+    return out
 
 
 def partition_units(label: np.ndarray, kind: str, num_merchants: int, alpha: float, seed: int) -> np.ndarray:

@@ -24,7 +24,15 @@ from shared.cleaning import CleaningOptions, CleaningStep, clean
 from shared.config import FedShopConfig, parse_time_bound
 from shared.events import DataError, EventLog
 from shared.loaders import LoadOptions, LoadStats, RawEvents, event_names, load_events
-from shared.partition import DROPPED, PUBLIC, PartitionOptions, PartitionResult, assign_merchants, parse_partition
+from shared.partition import (
+    DROPPED,
+    PUBLIC,
+    PartitionOptions,
+    PartitionResult,
+    assign_merchants,
+    mode_per_group,
+    parse_partition,
+)
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, Catalogue, SyntheticData, generate
 from shared.tasks import TASK_TOKENS, churn_tokens, level_tokens
 
@@ -95,7 +103,7 @@ def build_world(raw: RawEvents, assignment: PartitionResult, num_merchants: int
                         f"({dict(assignment.dropped)})")
     items, item_of_event = np.unique(raw.item, return_inverse=True)
     # each item's category: its most frequent one; category tokens by frequency of items
-    category_of_item = _mode_per_group(item_of_event, raw.category, len(items), len(raw.category_names))
+    category_of_item = mode_per_group(item_of_event, raw.category, len(items), len(raw.category_names))
     category_codes, item_category_rank = np.unique(category_of_item, return_inverse=True)
     sizes = np.bincount(item_category_rank)
     by_size = sorted(range(len(category_codes)), key=lambda k: (-sizes[k], str(raw.category_names[category_codes[k]])))
@@ -156,18 +164,6 @@ def item_tokens(names: np.ndarray) -> tuple[np.ndarray, int]:
     tokens = np.empty(len(out), dtype=object)
     tokens[:] = out
     return tokens, renamed
-
-
-def _mode_per_group(group: np.ndarray, value: np.ndarray, groups: int, values: int) -> np.ndarray:
-    key = group.astype(np.int64) * values + value
-    keys, counts = np.unique(key, return_counts=True)
-    group_of, value_of = keys // values, keys % values
-    order = np.lexsort((value_of, -counts, group_of))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = group_of[order][1:] != group_of[order][:-1]
-    out = np.zeros(groups, dtype=np.int64)
-    out[group_of[order][first]] = value_of[order][first]
-    return out
 
 
 def _median_per_group(group: np.ndarray, value: np.ndarray, groups: int) -> np.ndarray:
