@@ -114,7 +114,7 @@ def task_tables(final: dict, start: dict, references: dict) -> list[str]:
             lines.append(f"| {label} | " + " | ".join(_f(v) for v in values) + " |")
         lines.append("")
     if "price-elasticity" in final:
-        levels = sorted({k.split("@", 1)[1] for k in final if k.startswith("price-p@")}, key=lambda t: float(t[1:]))
+        levels = _price_levels(final)
         lines += ["### Price sensitivity", "",
                   "The intent head asked at every price level (offered price / list price) for each test view: the "
                   "mean purchase probability per level, the elasticity (slope of log mean probability on log price) "
@@ -318,55 +318,55 @@ def _epsilon_by_merchant(ledger: list[dict[str, str]]) -> dict[str, float]:
     return spent
 
 
-def _plot(run_dir: RunDirectory, evaluations: dict[int, dict]) -> bool:
-    if len(evaluations) < 2:
-        return False
+def _price_levels(metrics: dict) -> list[str]:
+    """The price-level tokens (x0.8 ...) the price metrics carry, in price order."""
+    return sorted({k.split("@", 1)[1] for k in metrics if k.startswith("price-p@")}, key=lambda t: float(t[1:]))
+
+
+def _line_plot(path, series: list[tuple[str, list[float], list[float], str]], xlabel: str, ylabel: str,
+               xticks: list[float] | None = None) -> None:
+    """One PNG of (label, x, y, line style) series; a series with no value at all is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = sorted(evaluations)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("intent-auc", "purchase intent AUC"), ("next-hr@10", "next item HR@10"),
-                       ("churn-auc", "churn AUC")):
-        values = [_num(evaluations[r]["metrics"].get(key)) for r in rounds]
-        if not all(math.isnan(v) for v in values):
-            ax.plot(rounds, values, marker="o", label=label)
-    ax.set_xticks(rounds)
-    ax.set_xlabel("round (0 = pretrained base)")
-    ax.set_ylabel("test metric")
+    for label, x, y, style in series:
+        if not all(math.isnan(v) for v in y):
+            ax.plot(x, y, style, marker="o", label=label)
+    if xticks is not None:
+        ax.set_xticks(xticks)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir.path / "metrics.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot(run_dir: RunDirectory, evaluations: dict[int, dict]) -> bool:
+    if len(evaluations) < 2:
+        return False
+    rounds = sorted(evaluations)
+    series = [(label, rounds, [_num(evaluations[r]["metrics"].get(key)) for r in rounds], "-")
+              for key, label in (("intent-auc", "purchase intent AUC"), ("next-hr@10", "next item HR@10"),
+                                 ("churn-auc", "churn AUC"))]
+    _line_plot(run_dir.path / "metrics.png", series, "round (0 = pretrained base)", "test metric", xticks=rounds)
     return True
 
 
 def _plot_price(run_dir: RunDirectory, final: dict, references: dict) -> bool:
-    levels = sorted({k.split("@", 1)[1] for k in final if k.startswith("price-p@")}, key=lambda t: float(t[1:]))
+    levels = _price_levels(final)
     if not levels:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x = [float(t[1:]) for t in levels]
     curves = [("federated model", "price", final, "-"), ("truth", "price-oracle", final, "--"),
               ("logistic baseline", "price-baseline", final, ":")]
     curves += [(kind, "price", references[kind]["metrics"], "-.") for kind in references]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, prefix, metrics, style in curves:
-        values = [_num(metrics.get(f"{prefix}-p@{t}")) for t in levels]
-        if not all(math.isnan(v) for v in values):
-            ax.plot(x, values, style, marker="o", label=label)
-    ax.set_xlabel("offered price / list price")
-    ax.set_ylabel("mean P(purchase) over test views")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir.path / "price_curve.png", dpi=100)
-    plt.close(fig)
+    series = [(label, x, [_num(metrics.get(f"{prefix}-p@{t}")) for t in levels], style)
+              for label, prefix, metrics, style in curves]
+    _line_plot(run_dir.path / "price_curve.png", series, "offered price / list price",
+               "mean P(purchase) over test views")
     return True
