@@ -283,11 +283,12 @@ class Predictor:
                                                     level) for history, candidate, level in pairs])
 
     def _yes_probability(self, sources: list[str]) -> torch.Tensor:
+        """p("yes") / (p("yes") + p("no")) of each source (the evaluation's own scoring, batched)."""
         import torch
 
-        logits = self._logits(sources)
-        yes, no = self.tokenizer.convert_tokens_to_ids(["yes", "no"])
-        return torch.sigmoid(logits[:, yes] - logits[:, no])
+        from shared.modeling import binary_probability
+
+        return torch.from_numpy(binary_probability(self.model, self.tokenizer, sources, self.batch_size)).float()
 
 
 def check_price_level(level: float, where: str) -> None:

@@ -62,8 +62,9 @@ def per_sample_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return nn.functional.cross_entropy(logits, target_ids, reduction="none")
 
 
-def _binary_probability(model: nn.Module, tokenizer: PreTrainedTokenizerFast, sources: list[str],
-                        batch_size: int) -> np.ndarray:
+@torch.no_grad()
+def binary_probability(model: nn.Module, tokenizer: PreTrainedTokenizerFast, sources: list[str],
+                       batch_size: int) -> np.ndarray:
     """p("yes") / (p("yes") + p("no")) of the first decoder step for each source."""
     yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
     out = []
@@ -96,7 +97,7 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: lis
     intent = [e for e in examples if e.task == "intent"]
     if intent and "intent" in tasks:
         labels = np.array([e.label for e in intent])
-        out.update(binary_metrics("intent", labels, _binary_probability(model, tokenizer, [e.source for e in intent],
+        out.update(binary_metrics("intent", labels, binary_probability(model, tokenizer, [e.source for e in intent],
                                                                         batch_size)))
         truth = np.array([e.truth for e in intent])
         if not np.isnan(truth).any():
@@ -130,7 +131,7 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: lis
     churn = [e for e in examples if e.task == "churn"]
     if churn and "churn" in tasks:
         labels = np.array([e.label for e in churn])
-        out.update(binary_metrics("churn", labels, _binary_probability(model, tokenizer, [e.source for e in churn],
+        out.update(binary_metrics("churn", labels, binary_probability(model, tokenizer, [e.source for e in churn],
                                                                        batch_size)))
         truth = np.array([e.truth for e in churn])
         if not np.isnan(truth).any():
@@ -149,7 +150,7 @@ def _ranking(prefix: str, ranks) -> dict[str, float]:
 def _price_metrics(model: nn.Module, tokenizer: PreTrainedTokenizerFast, intent: list[Example], batch_size: int,
                    baselines: Baselines | None) -> dict[str, float]:
     """The intent head's purchase probability at every price level: mean curve, elasticity, error against the truth."""
-    curves = {"price": np.stack([_binary_probability(model, tokenizer, [with_level(e.source, lv) for e in intent],
+    curves = {"price": np.stack([binary_probability(model, tokenizer, [with_level(e.source, lv) for e in intent],
                                                      batch_size) for lv in PRICE_LEVELS], axis=1)}
     if all(len(e.curve) == len(PRICE_LEVELS) for e in intent):
         curves["price-oracle"] = np.array([e.curve for e in intent], dtype=np.float64)
