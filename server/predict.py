@@ -248,7 +248,9 @@ class Predictor:
 
     # --- the model ----------------------------------------------------------------------------------------------
     def _history_text(self, history: list[str]) -> str:
-        return " ".join(f"{h} {self.facts.category[self.index[h]]}" for h in history[-self.history_length:])
+        from shared.tasks import history_text
+
+        return history_text(history[-self.history_length:], self.facts, self.index)
 
     def _logits(self, sources: list[str]) -> torch.Tensor:
         """First-decoder-step logits of every source, `batch_size` sources a forward pass."""
