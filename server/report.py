@@ -64,18 +64,18 @@ def aggregation_lines(config: FedShopConfig, trains: list[dict]) -> list[str]:
     return lines
 
 
-# (task title, explanation, [(column label, key suffix, higher is better)])
+# (key prefix, task title, explanation, [(column label, key suffix)])
 TASK_TABLES = (
     ("intent", "Purchase intent", "Does the shopper buy the viewed candidate at the offered price? The baseline is a "
      "logistic regression on the candidate's training purchase rate, the shopper's affinity to its category and the "
-     "price level.", (("AUC", "auc", True), ("log-loss", "logloss", False), ("ECE", "ece", False))),
+     "price level.", (("AUC", "auc"), ("log-loss", "logloss"), ("ECE", "ece"))),
     ("next", "Next item", "Full-catalogue ranking of the next item viewed, items the shopper has seen excluded, ties "
-     "counted against the scorer.", (("HR@5", "hr@5", True), ("HR@10", "hr@10", True), ("NDCG@5", "ndcg@5", True),
-                                     ("NDCG@10", "ndcg@10", True), ("MRR", "mrr", True))),
+     "counted against the scorer.", (("HR@5", "hr@5"), ("HR@10", "hr@10"), ("NDCG@5", "ndcg@5"),
+                                     ("NDCG@10", "ndcg@10"), ("MRR", "mrr"))),
     ("churn", "Churn", "Does the shopper come back (any event) within the horizon after a calendar cutoff? The "
      "baseline is a logistic regression on recency/frequency features (sessions, views, mean gap, days since the last "
-     "event, bought in the last session).", (("AUC", "auc", True), ("log-loss", "logloss", False),
-                                            ("ECE", "ece", False))),
+     "event, bought in the last session).", (("AUC", "auc"), ("log-loss", "logloss"),
+                                            ("ECE", "ece"))),
 )
 BASELINE_ROWS = {  # task -> [(row label, key prefix)]
     "intent": [("logistic baseline (item rate, category affinity, price)", "intent-baseline")],
@@ -87,12 +87,12 @@ REFERENCE_LABELS = {"local-only": "local-only (each merchant alone, same DP budg
                     "centralised": "centralised (pooled data, no DP)"}
 
 
-def scorer_rows(final: dict, start: dict, references: dict) -> list[tuple[str, str, dict]]:
-    """(row label, key prefix substitution, metrics) for the model, the base, the references."""
-    rows = [("**federated model**", "", final), ("base alone (round 0)", "", start)]
+def scorer_rows(final: dict, start: dict, references: dict, prefix: str) -> list[tuple[str, str, dict]]:
+    """(row label, key prefix, metrics) of the model, the base and the reference runs for one task."""
+    rows = [("**federated model**", prefix, final), ("base alone (round 0)", prefix, start)]
     for kind, label in REFERENCE_LABELS.items():
         if kind in references:
-            rows.append((label, "", references[kind]["metrics"]))
+            rows.append((label, prefix, references[kind]["metrics"]))
     return rows
 
 
@@ -104,11 +104,11 @@ def task_tables(final: dict, start: dict, references: dict) -> list[str]:
             continue
         lines += [f"### {title}", "", words, "", "| scorer | " + " | ".join(c[0] for c in columns) + " |",
                   "|---" * (len(columns) + 1) + "|"]
-        rows = [(label, task, metrics) for label, _, metrics in scorer_rows(final, start, references)]
+        rows = scorer_rows(final, start, references, task)
         rows += [(label, prefix, final) for label, prefix in BASELINE_ROWS[task]]
         rows.append(("Bayes oracle (synthetic truth)", f"{task}-oracle", final))
         for label, prefix, metrics in rows:
-            values = [metrics.get(f"{prefix}-{suffix}") for _, suffix, _ in columns]
+            values = [metrics.get(f"{prefix}-{suffix}") for _, suffix in columns]
             if all(v is None for v in values):
                 continue
             lines.append(f"| {label} | " + " | ".join(_f(v) for v in values) + " |")
@@ -121,7 +121,7 @@ def task_tables(final: dict, start: dict, references: dict) -> list[str]:
                   "and the mean absolute distance to the true curve of each view.", "",
                   "| scorer | " + " | ".join(f"P(buy) at {t}" for t in levels) + " | elasticity | curve MAE |",
                   "|---" * (len(levels) + 3) + "|"]
-        rows = [(label, "price", metrics) for label, _, metrics in scorer_rows(final, start, references)]
+        rows = scorer_rows(final, start, references, "price")
         rows += [(label, prefix, final) for label, prefix in BASELINE_ROWS["price"]]
         rows.append(("truth (synthetic generator)", "price-oracle", final))
         for label, prefix, metrics in rows:
@@ -134,7 +134,7 @@ def task_tables(final: dict, start: dict, references: dict) -> list[str]:
     return lines
 
 
-COMPARISONS = (  # (what, model key, reference or baseline key, higher is better)
+COMPARISONS = (  # (what, model key, higher is better)
     ("purchase intent AUC", "intent-auc", True),
     ("next item HR@10", "next-hr@10", True),
     ("churn AUC", "churn-auc", True),
