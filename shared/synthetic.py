@@ -141,14 +141,18 @@ def make_catalogue(num_items: int, num_categories: int, rng: np.random.Generator
     return catalogue
 
 
-def purchase_probability(catalogue: Catalogue, preference: np.ndarray, item: int, level: float = 1.0,
-                         sensitivity: float = PRICE_SENSITIVITY) -> float:
+LOG_PRICE_LEVELS = np.log(np.array(PRICE_LEVELS))
+
+
+def purchase_curve(catalogue: Catalogue, preference: np.ndarray, item: int,
+                   sensitivity: float = PRICE_SENSITIVITY) -> np.ndarray:
+    """P(purchase | view) of `item` at every PRICE_LEVELS entry, for a shopper with this preference and sensitivity."""
     num_categories = len(preference)
     affinity = np.clip(np.log(preference[catalogue.category[item]] * num_categories + 1e-12), -3.0, 3.0)
     logit = (PURCHASE_BIAS + PURCHASE_QUALITY * catalogue.quality[item]
              - PURCHASE_PRICE * catalogue.price_z[item] + PURCHASE_AFFINITY * affinity
-             - sensitivity * np.log(level))
-    return float(1.0 / (1.0 + np.exp(-logit)))
+             - sensitivity * LOG_PRICE_LEVELS)
+    return 1.0 / (1.0 + np.exp(-logit))
 
 
 def _sigmoid(x: float) -> float:
@@ -223,8 +227,7 @@ def generate(config: FedShopConfig) -> SyntheticData:
                     item = int(rng.choice(catalogue.num_items, p=distribution))
                     rank = rank_with_ties_against(distribution, item) if previous is not None else np.nan
                     level = PRICE_LEVELS[int(rng.integers(len(PRICE_LEVELS)))]
-                    curve = np.array([purchase_probability(catalogue, preference, item, lv, sensitivity)
-                                      for lv in PRICE_LEVELS])
+                    curve = purchase_curve(catalogue, preference, item, sensitivity)
                     p_buy = float(curve[PRICE_LEVELS.index(level)])
                     seen[item] = True
                     previous = session_previous = item
