@@ -18,7 +18,7 @@ from peft import PeftModel
 from shared.audit import canary_audit, example_losses, mean_loss_by_shopper, membership_inference
 from shared.canaries import CANARY_PREFIX, make_canaries
 from shared.config import FedShopConfig, load_config
-from shared.data import catalogue_facts, merchant_data
+from shared.data import catalogue_facts, merchant_data, semantic_ids_for
 from shared.errors import UserError
 from shared.model import load_base
 from shared.sources import load_world
@@ -63,8 +63,9 @@ def audit_run(run_dir: str | Path) -> dict[str, float]:
         members = {k: members[k] for k in keep}
     result: dict[str, float] = membership_inference(members, nonmembers)
     if config.audit_canaries:
-        canaries = make_canaries(config.audit_canaries, catalogue_facts(data), list(data.merchant_ids),
-                                 seed=config.seed, history_length=config.history_length)
+        facts = catalogue_facts(data, semantic_ids_for(config))
+        canaries = make_canaries(config.audit_canaries, facts, list(data.merchant_ids), seed=config.seed,
+                                 history_length=config.history_length)
         examples = [c.example for c in canaries]
         trained_loss = example_losses(model, tokenizer, examples, config.eval_batch_size)
         with model.disable_adapter():

@@ -24,14 +24,15 @@ from pathlib import Path
 
 from server.audit import read_audit, run_config
 from server.continuation import continuation_lines
-from server.report import _epsilon_by_merchant, _f, privacy_lines, read_references, task_tables
+from server.report import ITEM_ID_WORDS, _epsilon_by_merchant, _f, privacy_lines, read_references, task_tables
 from server.rundir import CHECKPOINTS, PRIVACY_COLUMNS, RunDirectory
 from shared.config import FedShopConfig
 from shared.errors import UserError
 from shared.privacy import CONTINUED_FROM
+from shared.semantic import SEMANTIC_FILE
 
 MANIFEST = "manifest.json"
-BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", "fedshop_base.json")
+BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", "fedshop_base.json", SEMANTIC_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -194,7 +195,8 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
               f"{config.local_epochs} local epoch(s) per round, batch {config.batch_size}, learning rate "
               f"{config.learning_rate:g} (AdamW).",
               f"- LoRA r = {config.lora_r}, alpha = {config.lora_alpha:g}, dropout {config.lora_dropout:g}, targets "
-              f"{config.lora_targets}; base T5 `{config.model_size}` (base-model sha256 in `manifest.json`)."
+              f"{config.lora_targets}; base T5 `{config.model_size}` (base-model sha256 in `manifest.json`); "
+              f"{ITEM_ID_WORDS[config.item_ids]}."
               + (" `merged/` holds the base with the adapter folded in." if merged else ""), "",
               "## Privacy", ""]
     lines += privacy_lines(config, ledger)

@@ -91,18 +91,18 @@ class Predictor:
         from server.export import check_base
 
         check_base(adapter, adapter / "base" / "model.safetensors", "predict")
-        import torch
         from peft import PeftModel
         from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
         from shared.config import load_config
-        from shared.data import catalogue_facts
+        from shared.data import catalogue_facts, semantic_ids_for
+        from shared.modeling import ItemScorer
         from shared.sources import load_world
 
         hf_logging.disable_progress_bar()
         self.config = load_config(adapter / "run-config.toml")
-        self.facts = catalogue_facts(load_world(self.config))
+        self.facts = catalogue_facts(load_world(self.config), semantic_ids_for(self.config, adapter / "base"))
         self.index = self.facts.index()
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(adapter)
         with warnings.catch_warnings():
@@ -113,7 +113,7 @@ class Predictor:
         self.model.eval()
         self.history_length = history_length or self.config.history_length
         self.batch_size = batch_size or self.config.eval_batch_size
-        self.items = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(self.facts.item_ids)))
+        self.scorer = ItemScorer(self.tokenizer, self.facts)
 
     # --- entry points ---------------------------------------------------------------------------------------
     def predict(self, history: list[str], task: str, top_k: int, candidates: list[str], explain: bool,
@@ -252,24 +252,17 @@ class Predictor:
 
         return history_text(history[-self.history_length:], self.facts, self.index)
 
-    def _logits(self, sources: list[str]) -> torch.Tensor:
-        """First-decoder-step logits of every source, `batch_size` sources a forward pass."""
-        import torch
-
-        from shared.modeling import first_step_logits
-
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(sources), self.batch_size):
-                batch = self.tokenizer(sources[start:start + self.batch_size], padding=True, return_tensors="pt")
-                out.append(first_step_logits(self.model, batch["input_ids"], batch["attention_mask"]))
-        return torch.cat(out) if out else torch.zeros((0, len(self.tokenizer)))
-
     def next_item_scores(self, histories: list[list[str]]) -> torch.Tensor:
         """(H, items) probabilities over the catalogue, items already in the history set to 0."""
         import torch
 
-        logits = self._logits([f"next: {self._history_text(h)}" for h in histories])[:, self.items]
+        sources = [f"next: {self._history_text(h)}" for h in histories]
+        parts = []
+        with torch.no_grad():
+            for start in range(0, len(sources), self.batch_size):
+                batch = self.tokenizer(sources[start:start + self.batch_size], padding=True, return_tensors="pt")
+                parts.append(self.scorer.scores(self.model, batch["input_ids"], batch["attention_mask"]))
+        logits = torch.cat(parts) if parts else torch.zeros((0, len(self.facts.item_ids)))
         for row, history in enumerate(histories):
             logits[row, [self.index[i] for i in history]] = -math.inf
         return torch.softmax(logits, dim=1)

@@ -23,6 +23,7 @@ from client.train import PrivacyState, train_round
 from server.report import REFERENCES_FILE
 from shared.config import FedShopConfig
 from shared.data import merchant_data
+from shared.metrics import pool_by_count
 from shared.model import add_lora, load_base
 from shared.modeling import encode, evaluate
 from shared.sources import load_world
@@ -43,6 +44,7 @@ def weighted(merchants: dict[str, dict[str, float]]) -> dict[str, float]:
         pairs = [(m[key], m["num-examples"]) for m in merchants.values() if key in m and not math.isnan(m[key])]
         if pairs:
             out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+    out.update(pool_by_count(list(merchants.values()), "next-new"))  # only some merchants have new targets
     out["num-examples"] = float(total)
     return out
 

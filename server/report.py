@@ -83,6 +83,9 @@ BASELINE_ROWS = {  # task -> [(row label, key prefix)]
     "churn": [("recency/frequency logistic baseline", "churn-baseline")],
     "price": [("logistic baseline (log price level)", "price-baseline")],
 }
+ITEM_ID_WORDS = {"token": "items written as one token each",
+                 "semantic": "items written as semantic ids (category, co-view cluster, price band, slot; ranking "
+                             "decodes only valid ids)"}
 REFERENCE_LABELS = {"local-only": "local-only (each merchant alone, same DP budget)",
                     "centralised": "centralised (pooled data, no DP)"}
 
@@ -113,6 +116,15 @@ def task_tables(final: dict, start: dict, references: dict) -> list[str]:
                 continue
             lines.append(f"| {label} | " + " | ".join(_f(v) for v in values) + " |")
         lines.append("")
+        if task == "next" and "next-new-hr@10" in final:
+            lines += [f"The {final['next-new-examples']:.0f} test targets the base never saw (items with no view in "
+                      "the public split), pooled over merchants:", "",
+                      "| scorer | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+            for label, _, metrics in scorer_rows(final, start, references, "next-new"):
+                values = [metrics.get(f"next-new-{suffix}") for _, suffix in columns]
+                if any(v is not None for v in values):
+                    lines.append(f"| {label} | " + " | ".join(_f(v) for v in values) + " |")
+            lines.append("")
     if "price-elasticity" in final:
         levels = _price_levels(final)
         lines += ["### Price sensitivity", "",
@@ -191,7 +203,7 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
         f"{config.num_merchants} merchants x {config.num_rounds} rounds, T5 `{config.model_size}` base from "
         f"`{config.base_dir}` (pretrained without DP on the public split), LoRA r={config.lora_r} "
         f"alpha={config.lora_alpha:g} on {config.lora_targets}; {privacy_words}; tasks {config.tasks} (churn horizon "
-        f"{config.churn_horizon_days:g} days).", "",
+        f"{config.churn_horizon_days:g} days); {ITEM_ID_WORDS[config.item_ids]}.", "",
     ]
     verdict = verdict_lines(final, references)
     if verdict:

@@ -43,6 +43,7 @@ from server.aggregation import (
 from server.rundir import RunDirectory
 from shared.config import FedShopConfig
 from shared.data import merchant_id_for_partition
+from shared.metrics import pool_by_count
 from shared.model import is_frozen_key
 from shared.privacy import History, Uniform, epsilon_of, noise_for_budget, would_exceed
 
@@ -281,6 +282,7 @@ class LedgerFedAvg(FedAvg):
                 k: v for k, v in metrics.items() if k != "partition-id"}
         metrics = super().aggregate_evaluate(server_round, replies)
         summary = {k: v for k, v in (metrics or {}).items() if k != "partition-id"}
+        summary.update(pool_by_count(list(merchants.values()), "next-new"))  # only some merchants have new targets
         self.run_dir.append_metrics({"round": server_round, "scope": "evaluate", "metrics": summary,
                                      "merchants": dict(sorted(merchants.items()))})
         self._progress(server_round, summary)

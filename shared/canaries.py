@@ -36,7 +36,7 @@ def make_canaries(count: int, facts: CatalogueFacts, merchant_ids: list[str], *,
     bands = sorted(set(facts.price_band) | set(facts.rating_band))
     for i in range(count):
         text = " ".join(rng.choice(bands, size=2 * history_length))
-        example = Example(task="next-item", source=f"next: {text}", target=facts.item_ids[targets[i]], split="train",
+        example = Example(task="next-item", source=f"next: {text}", target=facts.item_text(targets[i]), split="train",
                           user_id=f"{CANARY_PREFIX}{i}", label=int(targets[i]))
         canaries.append(Canary(i, merchant_ids[i % len(merchant_ids)], bool(included[i]), example))
     return canaries

@@ -17,6 +17,7 @@ from typing import Any
 from shared.errors import UserError
 
 MODEL_SIZES = ("tiny", "small")
+ITEM_ID_CHOICES = ("token", "semantic")
 ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_UNITS = ("event", "shopper", "merchant")
 LORA_TARGET_CHOICES = ("q", "k", "v", "o", "wi", "wo")
@@ -60,6 +61,9 @@ class FedShopConfig:
                        "(purchase after a view), next-item (full-catalogue ranking), churn (does the shopper return "
                        "within churn-horizon-days of a session's end), price (the intent head's purchase probability "
                        "across price levels; needs intent)", choices=TASK_CHOICES, multi=True)
+    new_items: int = _spec(0, "the last this many catalogue items never appear in the public split (items launched "
+                           "after the base was pretrained; for measuring how item-ids handles them)", low=0,
+                           high=1_000_000)
     churn_horizon_days: float = _spec(7.0, "churn: a shopper who starts no session within this many days of a "
                                       "session's end has churned", low=0.0, low_open=True, high=3650.0)
     # --- data: your own event log instead of the generator (shared/sources.py; README "Your own data") ------------
@@ -95,6 +99,11 @@ class FedShopConfig:
     # --- model -------------------------------------------------------------------------------------------
     model_size: str = _spec("small", "T5 size preset of the base model", choices=MODEL_SIZES)
     base_dir: str = _spec("bases/small", "base directory (config, safetensors, tokenizer) every merchant loads")
+    item_ids: str = _spec("token", "how the model writes an item: token (one token per catalogue item, ranked in one "
+                          "decoder step) or semantic (category, co-view cluster, price band and a slot, built from "
+                          "public facts when the base is pretrained; ranking decodes only valid items; items new to "
+                          "the base get an id from their facts)", choices=ITEM_ID_CHOICES)
+    semantic_clusters: int = _spec(4, "item-ids = semantic: co-view clusters per category", low=1, high=256)
     pretrain_epochs: int = _spec(8, "epochs of supervised pretraining on the public split", low=0, high=1000)
     pretrain_batch_size: int = _spec(128, "batch size of pretraining", low=1, high=65536)
     pretrain_learning_rate: float = _spec(5e-3, "learning rate of pretraining (AdamW)", low=0.0, low_open=True,
@@ -201,6 +210,8 @@ class FedShopConfig:
             if not raw.strip() or canonical.strip() not in ("view", "cart", "purchase", "drop"):
                 raise ConfigError(f"config key 'event-map' entry {pair!r}: expected raw:canonical with canonical one "
                                   "of view, cart, purchase, drop (e.g. \"pv:view,buy:purchase,fav:drop\")")
+        if not self.data_path and self.new_items >= self.num_items:
+            raise ConfigError(f"config key 'new-items' = {self.new_items} must be below num-items = {self.num_items}")
         if self.min_valid_merchants > self.num_merchants:
             raise ConfigError(f"config key 'min-valid-merchants' = {self.min_valid_merchants} exceeds num-merchants "
                               f"= {self.num_merchants}")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from shared.canaries import make_canaries
 from shared.config import FedShopConfig
 from shared.errors import UserError
+from shared.semantic import SemanticIds, load_semantic_ids
 from shared.sources import load_world
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, RATING_BANDS, SyntheticData
 from shared.tasks import TASK_TOKENS, CatalogueFacts, Example, build_examples, by_split, churn_tokens, level_tokens
@@ -27,29 +29,52 @@ class MerchantData:
     holdout: list[Example] = field(default_factory=list)  # train-split examples of shoppers kept out of training
 
 
-def catalogue_facts(data: SyntheticData) -> CatalogueFacts:
+def catalogue_facts(data: SyntheticData, semantic: SemanticIds | None = None) -> CatalogueFacts:
+    """The catalogue's public facts; with `semantic` (the base's ids), every item's semantic id too (an item the ids
+    lack gets one from its facts, `SemanticIds.extend`)."""
     catalogue = data.catalogue
+    item_ids = tuple(catalogue.item_ids.tolist())
+    category = tuple(catalogue.category_names().tolist())
+    price_band = tuple(f"p{b}" for b in catalogue.price_band.tolist())
+    public = data.events.event[data.events.merchant_id == PUBLIC_MERCHANT] == "view"
+    viewed = data.events.item_id[data.events.merchant_id == PUBLIC_MERCHANT][public]
+    index = {item: i for i, item in enumerate(item_ids)}
+    views = np.bincount(np.array([index[i] for i in viewed.tolist()], dtype=np.int64), minlength=len(item_ids))
+    codes, code_tokens = (), ()
+    if semantic is not None:
+        semantic = semantic.extend(item_ids, category, price_band)
+        codes, code_tokens = semantic.texts(item_ids), tuple(semantic.code_tokens())
     return CatalogueFacts(
-        item_ids=tuple(catalogue.item_ids.tolist()),
-        category=tuple(catalogue.category_names().tolist()),
-        price_band=tuple(f"p{b}" for b in catalogue.price_band.tolist()),
+        item_ids=item_ids, category=category, price_band=price_band,
         rating_band=tuple(f"r{b}" for b in catalogue.rating_band.tolist()),
+        codes=codes, code_tokens=code_tokens, public_views=tuple(views.tolist()),
     )
 
 
 def vocabulary(facts: CatalogueFacts) -> tuple[list[str], list[str], list[str]]:
+    """Item, category and attribute tokens; with semantic ids no item has a token of its own, the ids' codes do."""
     categories = sorted(set(facts.category), key=lambda c: int(c[1:]) if c[1:].isdigit() else c)
     bands = [f"p{b}" for b in range(PRICE_BANDS)] + [f"r{b}" for b in range(RATING_BANDS)]
-    return list(facts.item_ids), categories, bands + level_tokens() + churn_tokens()
+    items = [] if facts.semantic else list(facts.item_ids)
+    return items, categories, bands + level_tokens() + churn_tokens() + list(facts.code_tokens)
 
 
-def merchant_data(config: FedShopConfig, merchant_id: str, data: SyntheticData | None = None) -> MerchantData:
-    """A merchant's (or the public split's) examples, split leave-last-out per shopper."""
+def semantic_ids_for(config: FedShopConfig, base_dir: str | Path | None = None) -> SemanticIds | None:
+    """The base's semantic ids when the config writes items that way, else None."""
+    return load_semantic_ids(base_dir or config.base_dir) if config.item_ids == "semantic" else None
+
+
+def merchant_data(config: FedShopConfig, merchant_id: str, data: SyntheticData | None = None,
+                  semantic: SemanticIds | None = None) -> MerchantData:
+    """A merchant's (or the public split's) examples, split leave-last-out per shopper.
+
+    With item-ids = semantic the ids come from `semantic`, else from the base directory (`semantic-ids.json`).
+    """
     data = data if data is not None else load_world(config)
     if merchant_id != PUBLIC_MERCHANT and merchant_id not in data.merchant_ids:
         raise UserError(f"merchant {merchant_id!r} does not exist; merchants are {', '.join(data.merchant_ids)}")
     rows = np.flatnonzero(data.events.merchant_id == merchant_id)
-    facts = catalogue_facts(data)
+    facts = catalogue_facts(data, semantic if semantic is not None else semantic_ids_for(config))
     examples = build_examples(
         data.events.take(rows), facts, tasks=config.task_list, history_length=config.history_length,
         truth_purchase_prob=data.truth_purchase_prob[rows], truth_next_rank=data.truth_next_rank[rows],
@@ -62,7 +87,8 @@ def merchant_data(config: FedShopConfig, merchant_id: str, data: SyntheticData |
     popularity = np.zeros(len(facts.item_ids))
     index = facts.index()
     # views visible to training: every view of a shopper except their valid and test targets
-    held_out = {(e.user_id, e.target) for e in splits["valid"] + splits["test"] if e.task == "next-item"}
+    held_out = {(e.user_id, facts.item_ids[e.label]) for e in splits["valid"] + splits["test"]
+                if e.task == "next-item"}
     merchant_log = data.events.take(rows)
     for user, item, event in zip(merchant_log.user_id, merchant_log.item_id, merchant_log.event, strict=True):
         if event == "view" and (user, item) not in held_out:
@@ -98,8 +124,14 @@ def catalogue_fingerprint(facts: CatalogueFacts) -> str:
 
 
 def check_base_matches(meta: dict, config: FedShopConfig, data: SyntheticData | None = None) -> None:
-    """A base knows one catalogue (its item tokens and what it learned about them): refuse a base made for another."""
+    """A base knows one catalogue (its item tokens or ids, and what it learned about them): refuse a base made for
+    another, or for the other way of writing items."""
     flat = config.to_flat()
+    written = meta.get("item-ids", "token")
+    if written != config.item_ids:
+        raise UserError(f"base directory {config.base_dir} writes items as item-ids = {written!r}, the config asks for "
+                        f"item-ids = {config.item_ids!r}: pretrain a base with this config (`fedshop pretrain`) or "
+                        "set base-dir to one made for it")
     # a real log's catalogue comes from the file, not from the generator's knobs: its fingerprint alone decides
     knobs = ("seed", "num-items", "num-categories") if not config.data_path else ()
     different = [f"{key} = {meta.get(key)!r} in the base, {flat[key]!r} in the config"

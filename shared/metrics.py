@@ -84,3 +84,15 @@ def elasticity(levels: np.ndarray | tuple, mean_probability: np.ndarray) -> floa
     y = np.log(np.clip(np.asarray(mean_probability, dtype=np.float64), 1e-12, None))
     x = x - x.mean()
     return float((x * (y - y.mean())).sum() / (x * x).sum())
+
+
+def pool_by_count(merchants: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    """The `prefix-*` metrics of several merchants pooled by each one's own `prefix-examples` count (summed), for a
+    family only some merchants have (e.g. next-new: test targets the base never saw); {} if none has it."""
+    counted = [m for m in merchants if m.get(f"{prefix}-examples", 0) > 0]
+    keys = {k for m in counted for k in m if k.startswith(f"{prefix}-") and k != f"{prefix}-examples"}
+    out = {key: sum(m[key] * m[f"{prefix}-examples"] for m in counted)
+           / sum(m[f"{prefix}-examples"] for m in counted) for key in sorted(keys)}
+    if counted:
+        out[f"{prefix}-examples"] = float(sum(m[f"{prefix}-examples"] for m in counted))
+    return out

@@ -17,12 +17,14 @@ from shared.baselines import Baselines
 from shared.metrics import binary_metrics, elasticity, ranking_metrics, target_rank
 from shared.tasks import PRICE_LEVELS, CatalogueFacts, Example, level_token
 
+IGNORE = -100  # a target position past the end of a shorter target
+
 
 @dataclass
 class Encoded:
     input_ids: torch.Tensor  # (N, L) int64, right-padded
     attention_mask: torch.Tensor  # (N, L) int64
-    target_ids: torch.Tensor  # (N,) int64: every target is one token
+    target_ids: torch.Tensor  # (N, T) int64: T is 1 unless a semantic item id is a target; IGNORE past the end
 
     def __len__(self) -> int:
         return len(self.target_ids)
@@ -31,35 +33,115 @@ class Encoded:
 def encode(examples: list[Example], tokenizer: PreTrainedTokenizerFast) -> Encoded:
     if not examples:
         return Encoded(torch.zeros((0, 1), dtype=torch.long), torch.zeros((0, 1), dtype=torch.long),
-                       torch.zeros((0,), dtype=torch.long))
+                       torch.zeros((0, 1), dtype=torch.long))
     batch = tokenizer([e.source for e in examples], padding=True, return_tensors="pt")
-    targets = tokenizer.convert_tokens_to_ids([e.target for e in examples])
-    if tokenizer.unk_token_id in targets:
-        bad = examples[targets.index(tokenizer.unk_token_id)].target
+    pieces = [e.target.split() for e in examples]
+    flat = tokenizer.convert_tokens_to_ids([t for piece in pieces for t in piece])
+    if tokenizer.unk_token_id in flat:
+        bad = next(e.target for e, piece in zip(examples, pieces, strict=True)
+                   if tokenizer.unk_token_id in tokenizer.convert_tokens_to_ids(piece))
         raise ValueError(f"target {bad!r} is not in the tokenizer's vocabulary")
-    return Encoded(batch["input_ids"], batch["attention_mask"], torch.tensor(targets, dtype=torch.long))
+    width = max(len(piece) for piece in pieces)
+    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    at = 0
+    for row, piece in enumerate(pieces):
+        targets[row, :len(piece)] = torch.tensor(flat[at:at + len(piece)], dtype=torch.long)
+        at += len(piece)
+    return Encoded(batch["input_ids"], batch["attention_mask"], targets)
 
 
 def first_step_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits of the first decoder step, (B, vocab). Every fedshop target is a single token."""
+    """Logits of the first decoder step, (B, vocab): all a one-token target (yes/no, an item token) needs."""
     start = torch.full((input_ids.shape[0], 1), model_start_token(model), dtype=torch.long)
     out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=start)
     return out.logits[:, 0, :]
 
 
-def model_start_token(model: nn.Module) -> int:
+def model_config(model: nn.Module):
     config = getattr(model, "config", None)
     while config is None and hasattr(model, "_module"):
         model = model._module  # Opacus GradSampleModule
         config = getattr(model, "config", None)
-    return int(config.decoder_start_token_id)
+    return config
+
+
+def model_start_token(model: nn.Module) -> int:
+    return int(model_config(model).decoder_start_token_id)
 
 
 def per_sample_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     target_ids: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each example's target token, shape (B,)."""
-    logits = first_step_logits(model, input_ids, attention_mask)
-    return nn.functional.cross_entropy(logits, target_ids, reduction="none")
+    """Negative log-likelihood of each example's target, shape (B,): the cross-entropy of its one token, or the sum
+    over the tokens of a longer target (a semantic item id: -log P(item), on the scale of a one-token item)."""
+    if target_ids.dim() == 1:
+        target_ids = target_ids[:, None]
+    if target_ids.shape[1] == 1:
+        logits = first_step_logits(model, input_ids, attention_mask)
+        return nn.functional.cross_entropy(logits, target_ids[:, 0], reduction="none")
+    start = torch.full((input_ids.shape[0], 1), model_start_token(model), dtype=torch.long)
+    previous = target_ids[:, :-1].masked_fill(target_ids[:, :-1] == IGNORE, int(model_config(model).pad_token_id))
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   decoder_input_ids=torch.cat([start, previous], dim=1)).logits  # (B, T, V), causal decoder
+    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), target_ids, ignore_index=IGNORE,
+                                             reduction="none")
+    return token_loss.sum(1)
+
+
+class ItemScorer:
+    """Next-item scores of every catalogue item, (B, items), whose softmax over a row is P(item | source).
+
+    One token per item: the first decoder step's logits of the item tokens. Semantic ids: log P(id) under decoding
+    constrained to valid ids (each step's distribution renormalised over the codes that continue some item's id), from
+    one decoder pass per distinct id prefix, the encoder run once per source; these sum (as probabilities) to one.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, facts: CatalogueFacts, chunk: int = 4096):
+        self.semantic = facts.semantic
+        self.chunk = chunk  # decoder sequences per forward pass
+        if not self.semantic:
+            self.items = torch.tensor(tokenizer.convert_tokens_to_ids(list(facts.item_ids)), dtype=torch.long)
+            return
+        codes = [tokenizer.convert_tokens_to_ids(code.split()) for code in facts.codes]
+        if any(tokenizer.unk_token_id in code for code in codes) or len({len(c) for c in codes}) != 1:
+            raise ValueError("a semantic item id has a code the tokenizer does not know")
+        self.codes = torch.tensor(codes, dtype=torch.long)  # (I, D)
+        depth = self.codes.shape[1]
+        prefixes = sorted({tuple(code[:-1]) for code in codes})
+        row = {prefix: r for r, prefix in enumerate(prefixes)}
+        self.prefixes = torch.tensor(prefixes, dtype=torch.long).reshape(len(prefixes), depth - 1)
+        self.item_prefix = torch.tensor([row[tuple(code[:-1])] for code in codes], dtype=torch.long)
+        children: dict[tuple[int, ...], set[int]] = {}
+        for code in codes:
+            for j in range(depth):
+                children.setdefault(tuple(code[:j]), set()).add(code[j])
+        self.allowed = torch.zeros((len(prefixes), depth, len(tokenizer)), dtype=torch.bool)
+        for r, prefix in enumerate(prefixes):
+            for j in range(depth):
+                self.allowed[r, j, sorted(children[prefix[:j]])] = True
+
+    @torch.no_grad()
+    def scores(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if not self.semantic:
+            return first_step_logits(model, input_ids, attention_mask)[:, self.items]
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        count, depth = len(self.prefixes), self.codes.shape[1]
+        decoder = torch.cat([torch.full((count, 1), model_start_token(model), dtype=torch.long), self.prefixes], 1)
+        positions = torch.arange(depth)
+        out = []
+        per_pass = max(1, self.chunk // count)
+        for start in range(0, len(input_ids), per_pass):
+            h, m = hidden[start:start + per_pass], attention_mask[start:start + per_pass]
+            b = len(h)
+            logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=h.repeat_interleave(count, 0)),
+                           attention_mask=m.repeat_interleave(count, 0),
+                           decoder_input_ids=decoder.repeat(b, 1)).logits.float()  # (b * P, D, V)
+            logits = logits.reshape(b, count, depth, -1).masked_fill(~self.allowed, -torch.inf)
+            log_p = torch.log_softmax(logits, dim=-1)
+            # item i: sum over steps j of log p(code_j | its prefix), read at its prefix's row
+            out.append(log_p[:, self.item_prefix[:, None], positions[None, :], self.codes].sum(-1))
+        return torch.cat(out)
 
 
 @torch.no_grad()
@@ -110,15 +192,19 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: lis
         out.update(_price_metrics(model, tokenizer, intent, batch_size, baselines))
     following = [e for e in examples if e.task == "next-item"]
     if following and "next-item" in tasks:
-        item_token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(facts.item_ids)), dtype=torch.long)
+        scorer = ItemScorer(tokenizer, facts)
         ranks = []
         for start in range(0, len(following), batch_size):
             part = following[start:start + batch_size]
-            chunk = encode(part, tokenizer)
-            logits = first_step_logits(model, chunk.input_ids, chunk.attention_mask)[:, item_token_ids]
-            for row, example in zip(logits.float().numpy(), part, strict=True):
+            batch = tokenizer([e.source for e in part], padding=True, return_tensors="pt")
+            scores = scorer.scores(model, batch["input_ids"], batch["attention_mask"])
+            for row, example in zip(scores.float().numpy(), part, strict=True):
                 ranks.append(target_rank(row, example.label, example.seen))
         out.update(_ranking("next", ranks))
+        new = [k for k, e in enumerate(following) if facts.public_views and not facts.public_views[e.label]]
+        if new:  # targets pretraining never saw: how an item representation copes with new items
+            out.update(_ranking("next-new", [ranks[k] for k in new]))
+            out["next-new-examples"] = float(len(new))
         truth = np.array([e.truth for e in following])
         if not np.isnan(truth).any():
             out.update(_ranking("next-oracle", truth))

@@ -11,14 +11,16 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from shared.config import FedShopConfig
-from shared.data import catalogue_fingerprint, merchant_data, vocabulary
+from shared.data import catalogue_facts, catalogue_fingerprint, merchant_data, vocabulary
 from shared.model import build_base, save_base
 from shared.modeling import encode, evaluate, per_sample_loss
+from shared.semantic import SemanticIds, build_semantic_ids
 from shared.sources import load_world
-from shared.synthetic import PUBLIC_MERCHANT
+from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, SyntheticData
 from shared.tasks import CatalogueFacts
 from shared.tokenizer import build_tokenizer
 
@@ -41,15 +43,31 @@ def init_items_from_categories(model: torch.nn.Module, tokenizer, facts: Catalog
                          + (1.0 - CATEGORY_INIT_SHARE ** 2) ** 0.5 * weight[items])
 
 
+def public_semantic_ids(config: FedShopConfig, data: SyntheticData) -> SemanticIds:
+    """Semantic ids of every catalogue item from its public facts and the public split's co-views (in time order)."""
+    facts = catalogue_facts(data)
+    index = facts.index()
+    events = data.events.take(np.flatnonzero((data.events.merchant_id == PUBLIC_MERCHANT)
+                                             & (data.events.event == "view")))
+    views: dict[str, list[int]] = {}
+    for user, item in zip(events.user_id.tolist(), events.item_id.tolist(), strict=True):
+        views.setdefault(user, []).append(index[item])  # the world's events are in time order per shopper
+    return build_semantic_ids(facts.item_ids, facts.category, facts.price_band,
+                              [f"p{b}" for b in range(PRICE_BANDS)], list(views.values()),
+                              config.semantic_clusters, config.seed)
+
+
 def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[str, float]:
     base_dir = Path(base_dir or config.base_dir)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     data = load_world(config)
-    public = merchant_data(config, PUBLIC_MERCHANT, data)
+    semantic = public_semantic_ids(config, data) if config.item_ids == "semantic" else None
+    public = merchant_data(config, PUBLIC_MERCHANT, data, semantic=semantic)
     tokenizer = build_tokenizer(*vocabulary(public.facts))
     model = build_base(config.model_size, tokenizer, seed=config.seed)
-    init_items_from_categories(model, tokenizer, public.facts)
+    if not public.facts.semantic:  # semantic ids are made of category, band and code tokens: nothing per item
+        init_items_from_categories(model, tokenizer, public.facts)
     train = encode(public.train, tokenizer)
     # T5 has no absolute positions and its cross-attention none at all: "which item came last" reaches the decoder
     # only through the relative attention bias, whose entries must grow to O(several) to attend sharply; at the
@@ -89,10 +107,14 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
         "model-size": config.model_size, "seed": config.seed, "trained-on": "public platform split (no DP)",
         "public-shoppers": config.public_shoppers, "num-items": config.num_items,
         "num-categories": config.num_categories, "pretrain-epochs": config.pretrain_epochs,
-        "catalogue-sha256": catalogue_fingerprint(public.facts),
+        "catalogue-sha256": catalogue_fingerprint(public.facts), "item-ids": config.item_ids,
         "public-valid-metrics": metrics,
     }
+    if semantic is not None:
+        meta["semantic-clusters"] = config.semantic_clusters
     save_base(model, tokenizer, base_dir, meta)
+    if semantic is not None:
+        semantic.save(base_dir)
     log.info("base written to %s (%.0f s): public valid %s", base_dir, metrics["pretrain-seconds"],
              ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "oracle" not in k and "examples" not in k))
     return metrics

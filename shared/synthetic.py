@@ -20,7 +20,9 @@ The generative story (every constant is named below):
 Because the truth is known, `truth_purchase_prob` (per view), `truth_price_curve` (per view: P(purchase) at every
 price level), `truth_next_rank` (rank of the viewed item under the exact next-view distribution, ties counted
 against) and `shopper_truth` (what churn's Bayes oracle needs) give the oracle scores a report shows beside the model.
-The platform's public split (merchant "public") holds shoppers disjoint from every merchant's.
+The platform's public split (merchant "public") holds shoppers disjoint from every merchant's; with `new-items` = N
+the last N catalogue items never appear in it (launched after the base was pretrained), while merchants' shoppers
+view them like any other item (the merchants' events do not depend on N: the public split is drawn last).
 """
 
 from __future__ import annotations
@@ -214,6 +216,8 @@ def generate(config: FedShopConfig) -> SyntheticData:
                                  leave_if_not=_sigmoid(LEAVE_BIAS + LEAVE_NO_PURCHASE + offset))
             shoppers[user] = truth
             seen = np.zeros(catalogue.num_items, dtype=bool)
+            if merchant == PUBLIC_MERCHANT and config.new_items:
+                seen[catalogue.num_items - config.new_items:] = True  # launched after the public split: never viewed
             previous: int | None = None
             clock = START_MS + int(rng.uniform(0.0, FIRST_SESSION_SPAN * config.days) * 86_400_000)
             views_so_far = 0

@@ -17,10 +17,12 @@ the last of an intent input) and compares the curve with the truth.
 
 - intent:    "intent: <history> cand <item> <category> <price band> <rating band> <price level>" -> "yes" | "no"
              (bought after viewing at the offered price level)
-- next-item: "next: <history>" -> "<item>"
+- next-item: "next: <history>" -> "<item>" (one token, or a semantic id of four: shared/semantic.py)
 - churn:     "churn: <history> <sessions> <views> <mean gap> <days since last event> <bought in the last session>"
              -> "yes" (an event within H) | "no"
-where <history> lists the most recent viewed items, oldest first, each followed by its (public) category.
+where <history> lists the most recent viewed items, oldest first, each followed by its (public) category. With
+item-ids = semantic an item is written as its semantic id everywhere (which already holds category and price band:
+an intent candidate is "<id> <rating band>").
 """
 
 from __future__ import annotations
@@ -57,12 +59,11 @@ def churn_tokens() -> list[str]:
 
 
 def history_text(history: list[str], facts: CatalogueFacts, index: dict[str, int]) -> str:
-    return " ".join(f"{h} {facts.category[index[h]]}" for h in history)
+    return " ".join(facts.history_word(index[h]) for h in history)
 
 
 def intent_source(history: str, item: int, facts: CatalogueFacts, level: float) -> str:
-    return (f"intent: {history} cand {facts.item_ids[item]} {facts.category[item]} {facts.price_band[item]} "
-            f"{facts.rating_band[item]} {level_token(level)}")
+    return f"intent: {history} cand {facts.candidate_text(item)} {level_token(level)}"
 
 
 def churn_source(history: str, sessions: int, views: int, mean_gap_days: float | None, days_since_last: float,
@@ -94,9 +95,30 @@ class CatalogueFacts:
     category: tuple[str, ...]
     price_band: tuple[str, ...]
     rating_band: tuple[str, ...]
+    codes: tuple[str, ...] = ()  # item-ids = semantic: each item's id, e.g. "c3 k1 p7 u0"; empty: one token per item
+    code_tokens: tuple[str, ...] = ()  # item-ids = semantic: the cluster and slot tokens of the ids
+    public_views: tuple[int, ...] = ()  # views of each item in the public split, i.e. what pretraining saw
 
     def index(self) -> dict[str, int]:
         return {item: i for i, item in enumerate(self.item_ids)}
+
+    @property
+    def semantic(self) -> bool:
+        return bool(self.codes)
+
+    def item_text(self, item: int) -> str:
+        """How the model writes the item: its token, or its semantic id (the next-item target)."""
+        return self.codes[item] if self.codes else self.item_ids[item]
+
+    def history_word(self, item: int) -> str:
+        """The item in a history: its token and category, or its semantic id (which starts with the category)."""
+        return self.codes[item] if self.codes else f"{self.item_ids[item]} {self.category[item]}"
+
+    def candidate_text(self, item: int) -> str:
+        """The candidate of an intent input with its public facts (a semantic id holds category and price band)."""
+        if self.codes:
+            return f"{self.codes[item]} {self.rating_band[item]}"
+        return f"{self.item_ids[item]} {self.category[item]} {self.price_band[item]} {self.rating_band[item]}"
 
 
 @dataclass
@@ -173,7 +195,8 @@ def build_examples(log: EventLog, facts: CatalogueFacts, *, tasks: list[str], hi
                 ))
             if "next-item" in tasks:
                 examples.append(Example(
-                    task="next-item", source=f"next: {text}", target=item, split=split, user_id=user,
+                    task="next-item", source=f"next: {text}", target=facts.item_text(index[item]), split=split,
+                    user_id=user,
                     label=index[item], seen=seen, time=int(log.timestamp[row]),
                     truth=float(truth_next_rank[row]) if truth_next_rank is not None else float("nan"),
                 ))

@@ -26,3 +26,27 @@ def first(encoded: Encoded, n: int) -> Encoded:
 
 def lora_parameters(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_opacus_per_sample_gradients_exact(model, batch: Encoded) -> None:
+    """Opacus' hooks-mode per-sample gradients of `batch` equal the gradients of one example at a time."""
+    from opacus import GradSampleModule
+
+    from shared.modeling import per_sample_loss
+
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    per_sample_loss(wrapped, batch.input_ids, batch.attention_mask, batch.target_ids).mean().backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    per_sample = {n: p.grad_sample.clone() for n, p in trainable}
+    for _, p in trainable:
+        p.grad_sample, p.grad = None, None
+    wrapped.disable_hooks()
+    for i in range(len(batch)):
+        model.zero_grad(set_to_none=True)
+        per_sample_loss(model, batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1],
+                        batch.target_ids[i:i + 1]).mean().backward()
+        for n, p in trainable:
+            assert torch.allclose(per_sample[n][i], p.grad, atol=1e-6, rtol=1e-4), n
+    wrapped.enable_hooks()
+    wrapped._close()
+    model.zero_grad(set_to_none=True)

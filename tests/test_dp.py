@@ -11,7 +11,7 @@ from opacus.optimizers import DPOptimizer
 from client.train import STATUS_DECLINED, STATUS_TRAINED, PrivacyState, epsilon_of, schedule, train_round
 from shared.config import FedShopConfig
 from shared.modeling import encode, per_sample_loss
-from tests.helpers import first, lora_parameters, tiny_lora_model
+from tests.helpers import assert_opacus_per_sample_gradients_exact, first, lora_parameters, tiny_lora_model
 
 CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,
                        num_items=40, num_categories=4, history_length=6, batch_size=16, num_rounds=2,
@@ -26,23 +26,7 @@ def setup():
 
 def test_hooks_per_sample_gradients_equal_single_example_gradients(setup):
     model, _, _, data = setup
-    batch = first(data, 4)
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
-    per_sample_loss(wrapped, batch.input_ids, batch.attention_mask, batch.target_ids).mean().backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    per_sample = {n: p.grad_sample.clone() for n, p in trainable}
-    for _, p in trainable:
-        p.grad_sample, p.grad = None, None
-    wrapped.disable_hooks()
-    for i in range(4):
-        model.zero_grad(set_to_none=True)
-        per_sample_loss(model, batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1],
-                        batch.target_ids[i:i + 1]).mean().backward()
-        for n, p in trainable:
-            assert torch.allclose(per_sample[n][i], p.grad, atol=1e-6, rtol=1e-4), n
-    wrapped.enable_hooks()
-    wrapped._close()
-    model.zero_grad(set_to_none=True)
+    assert_opacus_per_sample_gradients_exact(model, first(data, 4))
 
 
 def test_every_per_sample_gradient_is_clipped_to_the_norm():

@@ -42,3 +42,14 @@ def test_elasticity_recovers_a_constant_elasticity_curve():
     levels = np.array([0.8, 0.9, 1.0, 1.1, 1.25])
     assert math.isclose(elasticity(levels, 0.3 * levels ** -2.5), -2.5)
     assert math.isclose(elasticity(levels, np.full(5, 0.2)), 0.0, abs_tol=1e-12)
+
+
+def test_a_family_only_some_merchants_have_is_pooled_by_its_own_counts():
+    from shared.metrics import pool_by_count
+
+    merchants = [{"next-new-hr@10": 0.5, "next-new-examples": 2.0, "num-examples": 100.0},
+                 {"next-new-hr@10": 0.2, "next-new-examples": 8.0, "num-examples": 10.0},
+                 {"num-examples": 50.0}]  # no new target at this merchant
+    pooled = pool_by_count(merchants, "next-new")
+    assert pooled == {"next-new-hr@10": (0.5 * 2 + 0.2 * 8) / 10, "next-new-examples": 10.0}
+    assert pool_by_count([{"num-examples": 5.0}], "next-new") == {}
