@@ -210,7 +210,10 @@ class FedShopConfig:
             if not raw.strip() or canonical.strip() not in ("view", "cart", "purchase", "drop"):
                 raise ConfigError(f"config key 'event-map' entry {pair!r}: expected raw:canonical with canonical one "
                                   "of view, cart, purchase, drop (e.g. \"pv:view,buy:purchase,fav:drop\")")
-        if not self.data_path and self.new_items >= self.num_items:
+        if self.new_items and self.data_path:
+            raise ConfigError("config key 'new-items' shapes the synthetic generator and cannot be combined with "
+                              "data-path: in your own log the items no public-split shopper viewed are the new ones")
+        if self.new_items >= self.num_items:
             raise ConfigError(f"config key 'new-items' = {self.new_items} must be below num-items = {self.num_items}")
         if self.min_valid_merchants > self.num_merchants:
             raise ConfigError(f"config key 'min-valid-merchants' = {self.min_valid_merchants} exceeds num-merchants "

@@ -6,6 +6,8 @@ batch, which under DP-SGD would weight each example by its share of the batch's 
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,9 +95,16 @@ class ItemScorer:
     One token per item: the first decoder step's logits of the item tokens. Semantic ids: log P(id) under decoding
     constrained to valid ids (each step's distribution renormalised over the codes that continue some item's id), from
     one decoder pass per distinct id prefix, the encoder run once per source; these sum (as probabilities) to one.
+
+    With `backoff` (the default), an item the base never saw (no view in the public split) is scored by its id's
+    prefix: its slot token was only ever trained on other items, so the model's slot distribution says nothing about
+    it. It gets the share 1/G of its group's probability (G items share its first three codes), and the group's items
+    the base knows share the rest by the model's slot distribution renormalised over their own slots. Without new
+    items this is exactly the constrained decoding above; either way the probabilities sum to one.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, facts: CatalogueFacts, chunk: int = 4096):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, facts: CatalogueFacts, chunk: int = 4096,
+                 backoff: bool = True):
         self.semantic = facts.semantic
         self.chunk = chunk  # decoder sequences per forward pass
         if not self.semantic:
@@ -118,6 +127,20 @@ class ItemScorer:
         for r, prefix in enumerate(prefixes):
             for j in range(depth):
                 self.allowed[r, j, sorted(children[prefix[:j]])] = True
+        # the slot of an item the base never saw was trained only on other items: it gets the uniform share 1/G of
+        # its group's probability (G items in the group), the group's known items share the rest by the model's
+        # slot distribution renormalised over their own slots
+        new = [bool(facts.public_views) and backoff and not facts.public_views[i] for i in range(len(codes))]
+        self.new = torch.tensor(new, dtype=torch.bool)
+        size, known = Counter(tuple(c[:-1]) for c in codes), Counter(tuple(c[:-1]) for c, n in zip(codes, new) if not n)
+        for r, prefix in enumerate(prefixes):
+            if known[prefix] < size[prefix]:
+                self.allowed[r, depth - 1] = False
+                self.allowed[r, depth - 1, [c[-1] for c, n in zip(codes, new) if not n and tuple(c[:-1]) == prefix]] \
+                    = True
+        self.slot_share = torch.tensor([-math.log(size[tuple(c[:-1])]) if n else
+                                        math.log(known[tuple(c[:-1])] / size[tuple(c[:-1])])
+                                        for c, n in zip(codes, new)], dtype=torch.float32)
 
     @torch.no_grad()
     def scores(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -140,7 +163,9 @@ class ItemScorer:
             logits = logits.reshape(b, count, depth, -1).masked_fill(~self.allowed, -torch.inf)
             log_p = torch.log_softmax(logits, dim=-1)
             # item i: sum over steps j of log p(code_j | its prefix), read at its prefix's row
-            out.append(log_p[:, self.item_prefix[:, None], positions[None, :], self.codes].sum(-1))
+            steps = log_p[:, self.item_prefix[:, None], positions[None, :], self.codes]  # (b, I, D)
+            slot = torch.where(self.new, 0.0, steps[:, :, -1]) + self.slot_share
+            out.append(steps[:, :, :-1].sum(-1) + slot)
         return torch.cat(out)
 
 

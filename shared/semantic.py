@@ -18,7 +18,8 @@ SLOT_RESERVE slots beyond that, untrained until a base is pretrained again.
 
 Decoding is constrained to valid items: at each of the four steps the model's distribution is renormalised over the
 codes that continue some item's id (`shared.modeling.ItemScorer`), so every item gets an exact probability and the
-probabilities of all catalogue items sum to one.
+probabilities of all catalogue items sum to one. An item the base never saw is scored by its id's prefix (the slot
+step gives it the uniform share of its group), since its slot token was trained only on other items.
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ def test_bad_values_are_refused_naming_key_and_range(key, value, words):
     ({"aggregation": "svd", "robust": "median"}, "'robust' = 'median' cannot be combined with aggregation = 'svd'"),
     ({"robust": "trimmed-mean", "central-dp": True}, "'robust' = 'trimmed-mean' cannot be combined with central DP"),
     ({"min-valid-merchants": 5, "num-merchants": 4}, "'min-valid-merchants' = 5 exceeds num-merchants = 4"),
+    ({"new-items": 60, "num-items": 60}, "'new-items' = 60 must be below num-items = 60"),
+    ({"new-items": 5, "data-path": "events.csv"}, "'new-items' shapes the synthetic generator"),
+    ({"item-ids": "tiger"}, "one of token, semantic"),
 ])
 def test_combinations_that_cannot_work_are_refused(values, words):
     with pytest.raises(ConfigError, match=re.escape(words)):

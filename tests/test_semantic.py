@@ -104,7 +104,7 @@ def test_constrained_scores_are_exact_log_probabilities_of_valid_ids(world):
         if "lora_B" in _:
             torch.nn.init.normal_(parameter, std=0.2)
     model.eval()
-    scorer = ItemScorer(tokenizer, merchant.facts, chunk=50)  # several decoder passes per source
+    scorer = ItemScorer(tokenizer, merchant.facts, chunk=50, backoff=False)  # several decoder passes per source
     sources = [e.source for e in merchant.test if e.task == "next-item"][:3]
     batch = tokenizer(sources, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -112,6 +112,28 @@ def test_constrained_scores_are_exact_log_probabilities_of_valid_ids(world):
         assert torch.allclose(scores.exp().sum(1), torch.ones(len(sources)), atol=1e-5)  # a distribution over items
         for row, source in enumerate(sources):
             assert torch.allclose(scores[row], _brute_force_log_probs(model, tokenizer, scorer, source), atol=1e-4)
+        # backoff: an item the base never saw gets 1/G of its group's probability, the group's known items share the
+        # rest in the model's proportions, every other item keeps its exact probability
+        backed = ItemScorer(tokenizer, merchant.facts, chunk=50).scores(model, batch["input_ids"],
+                                                                        batch["attention_mask"]).exp()
+    exact = scores.exp()
+    assert torch.allclose(backed.sum(1), torch.ones(len(sources)), atol=1e-5)
+    facts = merchant.facts
+    group_of = [code.rsplit(" ", 1)[0] for code in facts.codes]
+    new = {i for i, views in enumerate(facts.public_views) if views == 0}
+    assert len(new) == 5
+    for g in set(group_of):
+        members = [i for i, x in enumerate(group_of) if x == g]
+        fresh, known = [i for i in members if i in new], [i for i in members if i not in new]
+        total = exact[:, members].sum(1)
+        assert torch.allclose(backed[:, members].sum(1), total, atol=1e-6)  # the prefix keeps its probability
+        for i in fresh:
+            assert torch.allclose(backed[:, i], total / len(members), atol=1e-6)
+        if fresh and known:
+            share = exact[:, known] / exact[:, known].sum(1, keepdim=True)
+            assert torch.allclose(backed[:, known], share * total[:, None] * len(known) / len(members), atol=1e-6)
+        if not fresh:
+            assert torch.allclose(backed[:, members], exact[:, members], atol=1e-6)
 
 
 def test_the_loss_of_an_id_is_its_sequence_nll_and_dp_per_sample_gradients_stay_exact(world):
