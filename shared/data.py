@@ -39,7 +39,9 @@ def catalogue_facts(data: SyntheticData, semantic: SemanticIds | None = None) ->
     public = data.events.event[data.events.merchant_id == PUBLIC_MERCHANT] == "view"
     viewed = data.events.item_id[data.events.merchant_id == PUBLIC_MERCHANT][public]
     index = {item: i for i, item in enumerate(item_ids)}
-    views = np.bincount(np.array([index[i] for i in viewed.tolist()], dtype=np.int64), minlength=len(item_ids))
+    names, counts = np.unique(viewed.astype(str), return_counts=True) if len(viewed) else ([], [])
+    views = np.zeros(len(item_ids), dtype=np.int64)
+    views[[index[name] for name in names]] = counts
     codes, code_tokens = (), ()
     if semantic is not None:
         semantic = semantic.extend(item_ids, category, price_band)
