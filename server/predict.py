@@ -256,13 +256,8 @@ class Predictor:
         """(H, items) probabilities over the catalogue, items already in the history set to 0."""
         import torch
 
-        sources = [f"next: {self._history_text(h)}" for h in histories]
-        parts = []
-        with torch.no_grad():
-            for start in range(0, len(sources), self.batch_size):
-                batch = self.tokenizer(sources[start:start + self.batch_size], padding=True, return_tensors="pt")
-                parts.append(self.scorer.scores(self.model, batch["input_ids"], batch["attention_mask"]))
-        logits = torch.cat(parts) if parts else torch.zeros((0, len(self.facts.item_ids)))
+        logits = self.scorer.score_sources(self.model, self.tokenizer,
+                                           [f"next: {self._history_text(h)}" for h in histories], self.batch_size)
         for row, history in enumerate(histories):
             logits[row, [self.index[i] for i in history]] = -math.inf
         return torch.softmax(logits, dim=1)

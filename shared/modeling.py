@@ -75,8 +75,6 @@ def per_sample_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                     target_ids: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of each example's target, shape (B,): the cross-entropy of its one token, or the sum
     over the tokens of a longer target (a semantic item id: -log P(item), on the scale of a one-token item)."""
-    if target_ids.dim() == 1:
-        target_ids = target_ids[:, None]
     if target_ids.shape[1] == 1:
         logits = first_step_logits(model, input_ids, attention_mask)
         return nn.functional.cross_entropy(logits, target_ids[:, 0], reduction="none")
@@ -119,28 +117,34 @@ class ItemScorer:
         row = {prefix: r for r, prefix in enumerate(prefixes)}
         self.prefixes = torch.tensor(prefixes, dtype=torch.long).reshape(len(prefixes), depth - 1)
         self.item_prefix = torch.tensor([row[tuple(code[:-1])] for code in codes], dtype=torch.long)
+        # the slot of an item the base never saw was trained only on other items: it gets the uniform share 1/G of
+        # its group's probability (G items in the group), the group's known items share the rest by the model's
+        # slot distribution renormalised over their own slots (so a new item's slot is never a valid continuation)
+        new = [bool(facts.public_views) and backoff and not facts.public_views[i] for i in range(len(codes))]
+        self.new = torch.tensor(new, dtype=torch.bool)
         children: dict[tuple[int, ...], set[int]] = {}
-        for code in codes:
-            for j in range(depth):
+        for code, fresh in zip(codes, new, strict=True):
+            for j in range(depth - 1 if fresh else depth):
                 children.setdefault(tuple(code[:j]), set()).add(code[j])
         self.allowed = torch.zeros((len(prefixes), depth, len(tokenizer)), dtype=torch.bool)
         for r, prefix in enumerate(prefixes):
             for j in range(depth):
-                self.allowed[r, j, sorted(children[prefix[:j]])] = True
-        # the slot of an item the base never saw was trained only on other items: it gets the uniform share 1/G of
-        # its group's probability (G items in the group), the group's known items share the rest by the model's
-        # slot distribution renormalised over their own slots
-        new = [bool(facts.public_views) and backoff and not facts.public_views[i] for i in range(len(codes))]
-        self.new = torch.tensor(new, dtype=torch.bool)
-        size, known = Counter(tuple(c[:-1]) for c in codes), Counter(tuple(c[:-1]) for c, n in zip(codes, new) if not n)
-        for r, prefix in enumerate(prefixes):
-            if known[prefix] < size[prefix]:
-                self.allowed[r, depth - 1] = False
-                self.allowed[r, depth - 1, [c[-1] for c, n in zip(codes, new) if not n and tuple(c[:-1]) == prefix]] \
-                    = True
+                self.allowed[r, j, sorted(children.get(prefix[:j], ()))] = True
+        size = Counter(tuple(c[:-1]) for c in codes)
+        known = Counter(tuple(c[:-1]) for c, fresh in zip(codes, new, strict=True) if not fresh)
         self.slot_share = torch.tensor([-math.log(size[tuple(c[:-1])]) if n else
                                         math.log(known[tuple(c[:-1])] / size[tuple(c[:-1])])
                                         for c, n in zip(codes, new)], dtype=torch.float32)
+
+    @torch.no_grad()
+    def score_sources(self, model: nn.Module, tokenizer: PreTrainedTokenizerFast, sources: list[str],
+                      batch_size: int) -> torch.Tensor:
+        """`scores` of every source, (len(sources), items), `batch_size` sources a forward pass."""
+        out = []
+        for start in range(0, len(sources), batch_size):
+            batch = tokenizer(sources[start:start + batch_size], padding=True, return_tensors="pt")
+            out.append(self.scores(model, batch["input_ids"], batch["attention_mask"]))
+        return torch.cat(out) if out else torch.zeros((0, len(self.codes if self.semantic else self.items)))
 
     @torch.no_grad()
     def scores(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -217,14 +221,10 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: lis
         out.update(_price_metrics(model, tokenizer, intent, batch_size, baselines))
     following = [e for e in examples if e.task == "next-item"]
     if following and "next-item" in tasks:
-        scorer = ItemScorer(tokenizer, facts)
-        ranks = []
-        for start in range(0, len(following), batch_size):
-            part = following[start:start + batch_size]
-            batch = tokenizer([e.source for e in part], padding=True, return_tensors="pt")
-            scores = scorer.scores(model, batch["input_ids"], batch["attention_mask"])
-            for row, example in zip(scores.float().numpy(), part, strict=True):
-                ranks.append(target_rank(row, example.label, example.seen))
+        scores = ItemScorer(tokenizer, facts).score_sources(model, tokenizer, [e.source for e in following],
+                                                            batch_size)
+        ranks = [target_rank(row, example.label, example.seen)
+                 for row, example in zip(scores.float().numpy(), following, strict=True)]
         out.update(_ranking("next", ranks))
         new = [k for k, e in enumerate(following) if facts.public_views and not facts.public_views[e.label]]
         if new:  # targets pretraining never saw: how an item representation copes with new items
