@@ -52,8 +52,7 @@ def public_semantic_ids(config: FedShopConfig, data: SyntheticData) -> SemanticI
     views: dict[str, list[int]] = {}
     for user, item in zip(events.user_id.tolist(), events.item_id.tolist(), strict=True):
         views.setdefault(user, []).append(index[item])  # the world's events are in time order per shopper
-    return build_semantic_ids(facts.item_ids, facts.category, facts.price_band,
-                              [f"p{b}" for b in range(PRICE_BANDS)], list(views.values()),
+    return build_semantic_ids(facts, [f"p{b}" for b in range(PRICE_BANDS)], list(views.values()),
                               config.semantic_clusters, config.seed)
 
 

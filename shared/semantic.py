@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.errors import UserError
+from shared.tasks import CatalogueFacts
 
 SEMANTIC_FILE = "semantic-ids.json"
 SLOT_RESERVE = 4  # slots the base keeps beyond its largest group, for items added later
@@ -105,9 +106,10 @@ def load_semantic_ids(directory: str | Path) -> SemanticIds:
                        codes={item: tuple(code.split()) for item, code in payload["codes"].items()})
 
 
-def build_semantic_ids(item_ids: tuple[str, ...], category: tuple[str, ...], price_band: tuple[str, ...],
-                       price_band_tokens: list[str], views: list[list[int]], clusters: int, seed: int) -> SemanticIds:
-    """Ids for every catalogue item from public facts and the public split's view sequences.
+def build_semantic_ids(facts: CatalogueFacts, price_band_tokens: list[str], views: list[list[int]], clusters: int,
+                       seed: int) -> SemanticIds:
+    """Ids for every catalogue item from public facts (with each item's public views) and the public split's view
+    sequences.
 
     `views` holds each public shopper's viewed items (catalogue indices) in time order; items next to each other in
     one list are co-viewed. Items nobody co-viewed get their cluster and slot as an item new to the base would.
@@ -115,6 +117,7 @@ def build_semantic_ids(item_ids: tuple[str, ...], category: tuple[str, ...], pri
     from scipy import sparse
     from scipy.sparse.linalg import svds
 
+    item_ids, category, price_band, public_views = facts.item_ids, facts.category, facts.price_band, facts.public_views
     n = len(item_ids)
     pairs = np.array([(a, b) for sequence in views for a, b in zip(sequence[:-1], sequence[1:], strict=False)
                       if a != b], dtype=np.int64).reshape(-1, 2)
@@ -130,7 +133,6 @@ def build_semantic_ids(item_ids: tuple[str, ...], category: tuple[str, ...], pri
     else:  # a fixed start vector: svds is otherwise random
         u, s, _ = svds(profile, k=dims, v0=np.full(n, 1.0 / np.sqrt(n)))
         embedding = u * s
-    public_views = np.bincount(np.array([i for sequence in views for i in sequence], dtype=np.int64), minlength=n)
     categories = tuple(sorted(set(category), key=_token_order))
     rng = np.random.default_rng([seed, 0x5E3A])
     groups: dict[tuple[str, str, str], list[int]] = {}
