@@ -99,32 +99,30 @@ def scorer_rows(final: dict, start: dict, references: dict, prefix: str) -> list
     return rows
 
 
+def _metric_table(columns, rows: list[tuple[str, str, dict]]) -> list[str]:
+    """A markdown table of `columns` ((label, key suffix)) for each (row label, key prefix, metrics) that has any."""
+    lines = ["| scorer | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, prefix, metrics in rows:
+        values = [metrics.get(f"{prefix}-{suffix}") for _, suffix in columns]
+        if any(v is not None for v in values):
+            lines.append(f"| {label} | " + " | ".join(_f(v) for v in values) + " |")
+    return lines + [""]
+
+
 def task_tables(final: dict, start: dict, references: dict) -> list[str]:
     """One table per task: the federated model, the base, the reference runs, the baselines and the Bayes oracle."""
     lines: list[str] = []
     for task, title, words, columns in TASK_TABLES:
         if f"{task}-{columns[0][1]}" not in final:
             continue
-        lines += [f"### {title}", "", words, "", "| scorer | " + " | ".join(c[0] for c in columns) + " |",
-                  "|---" * (len(columns) + 1) + "|"]
         rows = scorer_rows(final, start, references, task)
         rows += [(label, prefix, final) for label, prefix in BASELINE_ROWS[task]]
         rows.append(("Bayes oracle (synthetic truth)", f"{task}-oracle", final))
-        for label, prefix, metrics in rows:
-            values = [metrics.get(f"{prefix}-{suffix}") for _, suffix in columns]
-            if all(v is None for v in values):
-                continue
-            lines.append(f"| {label} | " + " | ".join(_f(v) for v in values) + " |")
-        lines.append("")
+        lines += [f"### {title}", "", words, ""] + _metric_table(columns, rows)
         if task == "next" and "next-new-hr@10" in final:
             lines += [f"The {final['next-new-examples']:.0f} test targets the base never saw (items with no view in "
-                      "the public split), pooled over merchants:", "",
-                      "| scorer | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-            for label, _, metrics in scorer_rows(final, start, references, "next-new"):
-                values = [metrics.get(f"next-new-{suffix}") for _, suffix in columns]
-                if any(v is not None for v in values):
-                    lines.append(f"| {label} | " + " | ".join(_f(v) for v in values) + " |")
-            lines.append("")
+                      "the public split), pooled over merchants:", ""]
+            lines += _metric_table(columns, scorer_rows(final, start, references, "next-new"))
     if "price-elasticity" in final:
         levels = _price_levels(final)
         lines += ["### Price sensitivity", "",
