@@ -106,7 +106,8 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     records = records_for(len(data), owners, config)
     sample_rate, steps = schedule(len(records), config)
     uniform = Uniform(seed, secure=config.secure_mode and config.local_dp)
-    sampler = PoissonSampler(records, sample_rate, uniform)
+    grouped = config.local_dp and config.privacy_unit == "shopper" and config.examples_per_shopper > 1
+    sampler = PoissonSampler(records, sample_rate, uniform, config.examples_per_shopper if grouped else 1)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     if not config.local_dp:
@@ -148,6 +149,21 @@ def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.O
     return float(sum(losses) / max(1, len(losses)))
 
 
+def shopper_backward(private_model: GradSampleModule, trainable: list[torch.nn.Parameter], data: Encoded,
+                     idx: torch.Tensor, owner: torch.Tensor) -> float:
+    """Leave in each trainable tensor's `grad_sample` one row per sampled shopper: the mean gradient of that
+    shopper's examples in the batch (`owner[i]` is the shopper 0..G-1 of row `idx[i]`), which DP-SGD then clips as one
+    vector. `private_model` must use the "sum" loss reduction. Returns the batch's mean example loss."""
+    shoppers = int(owner.max()) + 1
+    weight = 1.0 / torch.bincount(owner, minlength=shoppers).to(torch.float32)[owner]
+    loss = per_sample_loss(private_model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx])
+    (loss * weight).sum().backward()  # per-row gradients, each already divided by its shopper's count
+    for p in trainable:
+        p.grad_sample = torch.zeros((shoppers, *p.shape), dtype=p.grad_sample.dtype).index_add_(0, owner,
+                                                                                               p.grad_sample)
+    return float(loss.detach().mean())
+
+
 def _noise_generator(uniform: Uniform) -> tuple[torch.Generator, bool]:
     """(generator, reseed before every step?): torchcsprng's OS-backed generator when installed; otherwise in secure
     mode a torch generator re-seeded from the OS CSPRNG before every step."""
@@ -166,7 +182,11 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
                   data: Encoded, sampler: PoissonSampler, steps: int, num_records: int, config: FedShopConfig,
                   state: PrivacyState, noise: float, uniform: Uniform) -> list[float]:
     """Opacus DP-SGD over Poisson batches; leaves the composed accountant history in `state`."""
-    private_model = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    # With several examples per shopper, the loss is the sum over shoppers of their mean example loss, so the
+    # per-row gradients Opacus computes ("sum" reduction) add up, per shopper, to that shopper's mean gradient.
+    grouped = sampler.per_record > 1
+    private_model = GradSampleModule(model, batch_first=True, loss_reduction="sum" if grouped else "mean",
+                                     strict=False)
     generator, reseed = _noise_generator(uniform)
     private_optimizer = DPOptimizer(optimizer, noise_multiplier=noise, max_grad_norm=config.max_grad_norm,
                                     expected_batch_size=sampler.sample_rate * num_records, loss_reduction="mean",
@@ -177,13 +197,16 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
     losses: list[float] = []
     try:
         for _ in range(steps):
-            idx = torch.from_numpy(sampler.batch())
+            rows, owner = sampler.groups()
+            idx = torch.from_numpy(rows)
             private_optimizer.zero_grad(set_to_none=True)
             if len(idx) == 0:
                 # Poisson sampling drew nobody. T5 cannot run on an empty batch, but the step must still happen:
                 # zero per-sample gradients, then Opacus adds the noise and the accountant counts the step.
                 for p in trainable:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            elif grouped:
+                losses.append(shopper_backward(private_model, trainable, data, idx, torch.from_numpy(owner)))
             else:
                 loss = per_sample_loss(private_model, data.input_ids[idx], data.attention_mask[idx],
                                        data.target_ids[idx]).mean()

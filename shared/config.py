@@ -20,7 +20,7 @@ MODEL_SIZES = ("tiny", "small")
 ITEM_ID_CHOICES = ("token", "semantic")
 ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_UNITS = ("event", "shopper", "merchant")
-LORA_TARGET_CHOICES = ("q", "k", "v", "o", "wi", "wo")
+LORA_TARGET_CHOICES = ("q", "k", "v", "o", "wi", "wo", "lm_head")
 TASK_CHOICES = ("intent", "next-item", "churn", "price")
 AGGREGATIONS = ("fedavg", "ffa", "svd")
 ROBUST_CHOICES = ("none", "median", "trimmed-mean")
@@ -64,6 +64,11 @@ class FedShopConfig:
     new_items: int = _spec(0, "the last this many catalogue items never appear in the public split (items launched "
                            "after the base was pretrained; for measuring how item-ids handles them)", low=0,
                            high=1_000_000)
+    drift: float = _spec(0.0, "how far the world moved since the public split was collected: every item's popularity "
+                         "(log, sd drift x 1.0) and latent quality (sd drift x 1.0) changed, the same at every "
+                         "merchant, while the public split and the catalogue's public facts show the old values; "
+                         "what merchants know that the base cannot (synthetic only; 0 = no change)", low=0.0,
+                         high=10.0)
     churn_horizon_days: float = _spec(7.0, "churn: a shopper who starts no session within this many days of a "
                                       "session's end has churned", low=0.0, low_open=True, high=3650.0)
     # --- data: your own event log instead of the generator (shared/sources.py; README "Your own data") ------------
@@ -111,8 +116,9 @@ class FedShopConfig:
     lora_r: int = _spec(8, "LoRA rank", low=1, high=1024)
     lora_alpha: float = _spec(16.0, "LoRA alpha (update scale alpha / r)", low=0.0, low_open=True, high=1e4)
     lora_dropout: float = _spec(0.0, "dropout on the LoRA branch", low=0.0, high=1.0, high_open=True)
-    lora_targets: str = _spec("q,v", "comma-separated T5 linear layers LoRA adapts", choices=LORA_TARGET_CHOICES,
-                              multi=True)
+    lora_targets: str = _spec("q,v", "comma-separated T5 linear layers LoRA adapts (lm_head: the output layer, which "
+                              "gives every item token r adaptable weights of its own; the input embeddings stay "
+                              "frozen)", choices=LORA_TARGET_CHOICES, multi=True)
     # --- federation ----------------------------------------------------------------------------------------
     num_rounds: int = _spec(3, "federated rounds", low=1, high=100_000)
     fraction_train: float = _spec(1.0, "fraction of merchants sampled for training each round", low=0.0,
@@ -143,6 +149,10 @@ class FedShopConfig:
                                   low=0.0, low_open=True, high=1e6)
     target_delta: float = _spec(1e-5, "delta of the privacy budget", low=0.0, low_open=True, high=1.0,
                                 high_open=True)
+    examples_per_shopper: int = _spec(1, "privacy-unit = shopper: examples a sampled shopper gives one DP-SGD step "
+                                      "(drawn without replacement); their gradients are averaged before clipping, so "
+                                      "a shopper still adds one clipped vector per step and the epsilon is the same",
+                                      low=1, high=4096)
     max_grad_norm: float = _spec(1.0, "per-sample gradient clipping norm C", low=0.0, low_open=True, high=1e6)
     accountant: str = _spec("rdp", "privacy accountant", choices=ACCOUNTANTS)
     privacy_unit: str = _spec("event", "the protected record: event (one training example), shopper (everything one "
@@ -213,6 +223,9 @@ class FedShopConfig:
         if self.new_items and self.data_path:
             raise ConfigError("config key 'new-items' shapes the synthetic generator and cannot be combined with "
                               "data-path: in your own log the items no public-split shopper viewed are the new ones")
+        if self.drift and self.data_path:
+            raise ConfigError("config key 'drift' shapes the synthetic generator and cannot be combined with "
+                              "data-path: a real log drifts (or not) by itself")
         if self.new_items >= self.num_items:
             raise ConfigError(f"config key 'new-items' = {self.new_items} must be below num-items = {self.num_items}")
         if self.min_valid_merchants > self.num_merchants:

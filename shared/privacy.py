@@ -87,13 +87,15 @@ class Uniform:
 
 
 class PoissonSampler:
-    """One DP-SGD batch per call: each record in with probability `sample_rate`, then one example per record.
+    """One DP-SGD batch per call: each record in with probability `sample_rate`, then up to `per_record` of its
+    examples (one for the event unit).
 
     `records[i]` lists the example indices of record i: one index per record for the event unit, every example of
-    a shopper for the shopper unit. No record can contribute two examples to one batch.
+    a shopper for the shopper unit. A record's examples in one batch are distinct, and `groups()` says which record
+    each row came from, so a record's rows can be merged into one gradient before clipping.
     """
 
-    def __init__(self, records: Sequence[Sequence[int]], sample_rate: float, uniform: Uniform):
+    def __init__(self, records: Sequence[Sequence[int]], sample_rate: float, uniform: Uniform, per_record: int = 1):
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample rate {sample_rate} not in (0, 1]")
         self.records = [np.asarray(r, dtype=np.int64) for r in records]
@@ -101,14 +103,28 @@ class PoissonSampler:
             raise ValueError("every record needs at least one example")
         self.sample_rate = sample_rate
         self.uniform = uniform
+        self.per_record = per_record
 
     def batch(self) -> np.ndarray:
+        """Example indices of one step (one per sampled record)."""
+        return self.groups()[0]
+
+    def groups(self) -> tuple[np.ndarray, np.ndarray]:
+        """(example indices, record position 0..G-1 of each) of one step; G sampled records."""
         chosen = np.flatnonzero(self.uniform.draw(len(self.records)) < self.sample_rate)
         if len(chosen) == 0:
-            return np.zeros(0, dtype=np.int64)
-        picks = self.uniform.draw(len(chosen))
-        return np.array([self.records[r][int(u * len(self.records[r]))] for r, u in zip(chosen, picks, strict=True)],
-                        dtype=np.int64)
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        if self.per_record == 1:
+            picks = self.uniform.draw(len(chosen))
+            return (np.array([self.records[r][int(u * len(self.records[r]))] for r, u in
+                              zip(chosen, picks, strict=True)], dtype=np.int64), np.arange(len(chosen)))
+        rows, owner = [], []
+        for position, r in enumerate(chosen):  # a uniformly random subset of per_record examples (all if fewer)
+            members = self.records[r]
+            take = members[np.argsort(self.uniform.draw(len(members)), kind="stable")[:self.per_record]]
+            rows.append(take)
+            owner.append(np.full(len(take), position, dtype=np.int64))
+        return np.concatenate(rows), np.concatenate(owner)
 
 
 def records_of(owners: Sequence[str], unit: str) -> list[list[int]]:

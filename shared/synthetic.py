@@ -27,6 +27,7 @@ view them like any other item (the merchants' events do not depend on N: the pub
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,9 @@ MEAN_GAP_SD = 0.6
 LEAVE_BIAS = -2.0  # P(leave after a session) = sigmoid(LEAVE_BIAS + LEAVE_NO_PURCHASE * [no purchase] + offset)
 LEAVE_NO_PURCHASE = 1.5
 LEAVE_SHOPPER_SD = 0.7  # sd of a shopper's own offset
+# drift since the public split was collected (config key `drift` scales both; 0 = the world did not change)
+DRIFT_POPULARITY = 1.0  # sd of the change of each item's log popularity
+DRIFT_QUALITY = 1.0  # sd of the change of each item's latent quality (its public rating still shows the old one)
 
 
 @dataclass
@@ -185,10 +189,27 @@ def rank_with_ties_against(scores: np.ndarray, target: int) -> int:
     return int(1 + np.count_nonzero(others >= scores[target]))
 
 
+def drifted(catalogue: Catalogue, drift: float, seed: int) -> Catalogue:
+    """The catalogue as the merchants' shoppers meet it, `drift` after the public split was collected: every item's
+    popularity and latent quality moved (the same change at every merchant: a platform-wide trend and product
+    revisions). Public facts (category, price band, rating band) are those of the public split's time."""
+    if drift == 0:
+        return catalogue
+    rng = np.random.default_rng([seed, 0xD81F7])  # its own stream: the other draws do not depend on drift
+    trend = rng.normal(0.0, 1.0, size=catalogue.num_items)
+    revision = rng.normal(0.0, 1.0, size=catalogue.num_items)
+    return dataclasses.replace(catalogue, popularity=catalogue.popularity * np.exp(drift * DRIFT_POPULARITY * trend),
+                               quality=catalogue.quality + drift * DRIFT_QUALITY * revision)
+
+
 def generate(config: FedShopConfig) -> SyntheticData:
-    """All merchants' events and the public split, fully determined by `config.seed` and the scale knobs."""
+    """All merchants' events and the public split, fully determined by `config.seed` and the scale knobs.
+
+    With `drift` > 0 the merchants' shoppers meet the drifted catalogue (`drifted`), the public split the old one:
+    what merchants hold that the base cannot know, shared by every merchant."""
     rng = np.random.default_rng(config.seed)
-    catalogue = make_catalogue(config.num_items, config.num_categories, rng)
+    public_catalogue = make_catalogue(config.num_items, config.num_categories, rng)
+    catalogue = drifted(public_catalogue, config.drift, config.seed)
     merchant_ids = [f"m{m}" for m in range(config.num_merchants)]
     rows: dict[str, list] = {k: [] for k in ("merchant_id", "user_id", "item_id", "event", "timestamp")}
     prices: list[float] = []
@@ -205,6 +226,7 @@ def generate(config: FedShopConfig) -> SyntheticData:
                config.public_shoppers if m == PUBLIC_MERCHANT else config.shoppers_per_merchant)
               for m in [*merchant_ids, PUBLIC_MERCHANT]]
     for merchant, mix, num_shoppers in groups:
+        world = public_catalogue if merchant == PUBLIC_MERCHANT else catalogue
         for u in range(num_shoppers):
             user = f"{merchant}-u{u}"
             preference = rng.dirichlet(SHOPPER_CONCENTRATION * mix + 0.05) + 1e-4  # no exact zeros
@@ -227,11 +249,11 @@ def generate(config: FedShopConfig) -> SyntheticData:
                 for _ in range(1 + int(rng.poisson(MEAN_EXTRA_VIEWS))):
                     if seen.all():
                         break
-                    distribution = next_view_distribution(catalogue, preference, session_previous, seen)
+                    distribution = next_view_distribution(world, preference, session_previous, seen)
                     item = int(rng.choice(catalogue.num_items, p=distribution))
                     rank = rank_with_ties_against(distribution, item) if previous is not None else np.nan
                     level = PRICE_LEVELS[int(rng.integers(len(PRICE_LEVELS)))]
-                    curve = purchase_curve(catalogue, preference, item, sensitivity)
+                    curve = purchase_curve(world, preference, item, sensitivity)
                     p_buy = float(curve[PRICE_LEVELS.index(level)])
                     seen[item] = True
                     previous = session_previous = item

@@ -93,3 +93,52 @@ def test_empty_poisson_batches_still_take_a_noised_counted_step(setup):
     assert sum(s for _, _, s in state.history) == 60
     assert math.isclose(result.epsilon, epsilon_of(state.history, config.target_delta, "rdp"))
     assert any(not torch.equal(before[n], p) for n, p in lora_parameters(model).items())
+
+
+def test_a_shoppers_examples_give_one_row_their_mean_gradient(setup):
+    # Prepare: 7 rows from 3 shoppers (2, 4 and 1 examples), LoRA B non-zero so every tensor has a gradient
+    from client.train import shopper_backward
+
+    model, _, _, data = setup
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    idx = torch.tensor([0, 5, 1, 2, 9, 7, 3])
+    owner = torch.tensor([0, 1, 0, 1, 2, 1, 1])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+    # Execute
+    shopper_backward(wrapped, trainable, data, idx, owner)
+    grouped = {id(p): p.grad_sample.clone() for p in trainable}
+    for p in trainable:
+        p.grad_sample, p.grad = None, None
+    wrapped.disable_hooks()
+    # Assert: row g equals the mean of single-example gradients of shopper g's rows
+    for g in range(3):
+        rows = idx[owner == g]
+        model.zero_grad(set_to_none=True)
+        per_sample_loss(model, data.input_ids[rows], data.attention_mask[rows], data.target_ids[rows]).mean().backward()
+        for p in trainable:
+            assert grouped[id(p)].shape[0] == 3
+            assert torch.allclose(grouped[id(p)][g], p.grad, atol=1e-6, rtol=1e-4)
+    wrapped.enable_hooks()
+    wrapped._close()
+    model.zero_grad(set_to_none=True)
+
+
+def test_several_examples_per_shopper_keep_the_shopper_epsilon(setup):
+    # Prepare: the shopper unit, one example a step against four; same records, rate and steps
+    model, _, merchant, data = setup
+    owners = [e.user_id for e in merchant.train]
+    one = CONFIG.replace(privacy_unit="shopper", num_rounds=1)
+    four = one.replace(examples_per_shopper=4)
+    before = lora_parameters(model)
+    # Execute
+    single = train_round(model, data, one, PrivacyState(), seed=6, owners=owners)
+    several = train_round(model, data, four, PrivacyState(), seed=6, owners=owners)
+    # Assert: identical accounting (the same noise multiplier, rate, steps and epsilon), and the model trained
+    assert (single.noise_multiplier, single.sample_rate, single.steps) == (
+        several.noise_multiplier, several.sample_rate, several.steps)
+    assert math.isclose(single.epsilon, several.epsilon) and several.epsilon <= one.target_epsilon
+    assert any(not torch.equal(before[n], p) for n, p in lora_parameters(model).items())
