@@ -1,7 +1,12 @@
 """Metric functions: ROC AUC, log-loss, calibration, price elasticity, and full-catalogue ranking metrics with ties
-counted against the model."""
+counted against the model; analytic standard errors of these figures and the comparison of two scorers."""
 
 from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -96,3 +101,98 @@ def pool_by_count(merchants: list[dict[str, float]], prefix: str) -> dict[str, f
     if counted:
         out[f"{prefix}-examples"] = float(sum(m[f"{prefix}-examples"] for m in counted))
     return out
+
+
+# Standard errors from aggregates. The run directory keeps per-merchant metrics and counts, not per-example scores,
+# so each figure's standard error is computed analytically from its value and the pooled counts behind it.
+
+
+def binomial_se(proportion: float, examples: float) -> float:
+    """Standard error of a mean of `examples` independent values in [0, 1] with mean `proportion`: exact for 0/1
+    hits (HR@K), and an upper bound for any other [0, 1] value (NDCG, MRR, a curve error), since such a value's
+    variance is at most mean x (1 - mean) (Bhatia-Davis). NaN without examples."""
+    if not examples > 0 or not 0.0 <= proportion <= 1.0:
+        return math.nan
+    return math.sqrt(proportion * (1.0 - proportion) / examples)
+
+
+def hanley_mcneil_se(auc: float, positives: float, negatives: float) -> float:
+    """Standard error of a ROC AUC from the AUC and the class counts (Hanley & McNeil 1982, Radiology 143:29)."""
+    if not (positives > 0 and negatives > 0 and 0.0 <= auc <= 1.0):
+        return math.nan
+    q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
+    variance = (auc * (1.0 - auc) + (positives - 1.0) * (q1 - auc * auc)
+                + (negatives - 1.0) * (q2 - auc * auc)) / (positives * negatives)
+    return math.sqrt(max(variance, 0.0))
+
+
+RANKING_METRIC = re.compile(r"-(hr|ndcg)@\d+$|-mrr$")
+
+
+def _family(key: str) -> str:
+    """The example family whose counts stand behind a metric key: next-new, next, intent, churn (price: intent)."""
+    if key.startswith("next-new-"):
+        return "next-new"
+    family = key.split("-", 1)[0]
+    return "intent" if family == "price" else family
+
+
+def pooled_counts(merchants: Iterable[Mapping[str, float | None]], family: str) -> tuple[float, float]:
+    """(examples, positives) of a family summed over merchants, positives from each one's `<family>-positive-rate`
+    (NaN when no merchant reports a rate)."""
+    examples, positives, rates = 0.0, 0.0, False
+    for metrics in merchants:
+        count = metrics.get(f"{family}-examples") or 0.0
+        rate = metrics.get(f"{family}-positive-rate")
+        examples += count
+        if rate is not None and count:
+            positives, rates = positives + rate * count, True
+    return examples, positives if rates else math.nan
+
+
+def standard_errors(metrics: Mapping[str, float | None],
+                    merchants: Iterable[Mapping[str, float | None]]) -> dict[str, float]:
+    """`<key>-se` (one standard error) for every AUC, ranking (HR@K, NDCG@K, MRR) and price-curve MAE in `metrics`.
+
+    `metrics` are means over merchants weighted by test shoppers, and `merchants` the per-merchant records behind
+    them. Approximation: each figure is treated as if computed once on all merchants' test examples pooled, with the
+    pooled counts (for HR, whose per-merchant means are weighted by about their own counts, this is slightly
+    conservative). AUC: Hanley-McNeil from the pooled positives and negatives. HR@K: binomial, exact. NDCG, MRR and
+    the curve MAE (a per-view mean absolute error in [0, 1]): the binomial form, a conservative upper bound.
+    """
+    merchants = list(merchants)
+    counts = {family: pooled_counts(merchants, family) for family in ("intent", "next", "next-new", "churn")}
+    out = {}
+    for key, value in metrics.items():
+        if value is None or not isinstance(value, int | float):
+            continue
+        examples, positives = counts.get(_family(key), (0.0, math.nan))
+        if key.endswith("-auc"):
+            out[f"{key}-se"] = hanley_mcneil_se(value, positives, examples - positives)
+        elif RANKING_METRIC.search(key) or key.endswith("-curve-mae"):
+            out[f"{key}-se"] = binomial_se(value, examples)
+    return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Scorer A against scorer B on one metric: the verdict, the difference A - B and its standard error."""
+
+    verdict: str  # "beats", "level with", "is beaten by"; "vs" when the standard error is unknown
+    difference: float
+    standard_error: float
+
+
+def compare(a: float, se_a: float, b: float, se_b: float, *, higher_is_better: bool = True,
+            z: float = 2.0) -> Comparison:
+    """A beats B when A - B is better by more than `z` standard errors of the difference, sqrt(se_a² + se_b²).
+
+    This unpaired form ignores that both scorers are evaluated on the same test examples (only aggregates are kept);
+    such paired differences usually vary less, so the verdict errs towards "level with".
+    """
+    difference, standard_error = a - b, math.hypot(se_a, se_b)
+    if math.isnan(standard_error) or math.isnan(difference):
+        return Comparison("vs", difference, standard_error)
+    gain = difference if higher_is_better else -difference
+    verdict = "beats" if gain > z * standard_error else "is beaten by" if gain < -z * standard_error else "level with"
+    return Comparison(verdict, difference, standard_error)
