@@ -65,10 +65,10 @@ class FedShopConfig:
                            "after the base was pretrained; for measuring how item-ids handles them)", low=0,
                            high=1_000_000)
     drift: float = _spec(0.0, "how far the world moved since the public split was collected: every item's popularity "
-                         "(log, sd drift x 1.0) and latent quality (sd drift x 1.0) changed, the same at every "
-                         "merchant, while the public split and the catalogue's public facts show the old values; "
-                         "what merchants know that the base cannot (synthetic only; 0 = no change)", low=0.0,
-                         high=10.0)
+                         "(log, sd drift x 1.0) and latent quality (sd drift x 1.0) changed, and shoppers leave more "
+                         "readily after a session without a purchase (leave logit + drift x 1.0), the same at every "
+                         "merchant, while the public split and the catalogue's public facts show the old world; what "
+                         "merchants know that the base cannot (synthetic only; 0 = no change)", low=0.0, high=10.0)
     churn_horizon_days: float = _spec(7.0, "churn: a shopper who starts no session within this many days of a "
                                       "session's end has churned", low=0.0, low_open=True, high=3650.0)
     # --- data: your own event log instead of the generator (shared/sources.py; README "Your own data") ------------

@@ -22,7 +22,8 @@ price level), `truth_next_rank` (rank of the viewed item under the exact next-vi
 against) and `shopper_truth` (what churn's Bayes oracle needs) give the oracle scores a report shows beside the model.
 The platform's public split (merchant "public") holds shoppers disjoint from every merchant's; with `new-items` = N
 the last N catalogue items never appear in it (launched after the base was pretrained), while merchants' shoppers
-view them like any other item (the merchants' events do not depend on N: the public split is drawn last).
+view them like any other item (the merchants' events do not depend on N: the public split is drawn last, from a
+random stream of its own, so it does not depend on the merchants either).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ LEAVE_SHOPPER_SD = 0.7  # sd of a shopper's own offset
 # drift since the public split was collected (config key `drift` scales both; 0 = the world did not change)
 DRIFT_POPULARITY = 1.0  # sd of the change of each item's log popularity
 DRIFT_QUALITY = 1.0  # sd of the change of each item's latent quality (its public rating still shows the old one)
+DRIFT_LEAVE_NO_PURCHASE = 1.0  # merchants' shoppers now leave more readily after a session without a purchase
 
 
 @dataclass
@@ -205,8 +207,9 @@ def drifted(catalogue: Catalogue, drift: float, seed: int) -> Catalogue:
 def generate(config: FedShopConfig) -> SyntheticData:
     """All merchants' events and the public split, fully determined by `config.seed` and the scale knobs.
 
-    With `drift` > 0 the merchants' shoppers meet the drifted catalogue (`drifted`), the public split the old one:
-    what merchants hold that the base cannot know, shared by every merchant."""
+    With `drift` > 0 the merchants' shoppers meet the drifted catalogue (`drifted`), the public split the old one,
+    and they leave more readily after a session without a purchase (DRIFT_LEAVE_NO_PURCHASE): what merchants hold
+    that the base cannot know, shared by every merchant."""
     rng = np.random.default_rng(config.seed)
     public_catalogue = make_catalogue(config.num_items, config.num_categories, rng)
     catalogue = drifted(public_catalogue, config.drift, config.seed)
@@ -227,15 +230,19 @@ def generate(config: FedShopConfig) -> SyntheticData:
               for m in [*merchant_ids, PUBLIC_MERCHANT]]
     for merchant, mix, num_shoppers in groups:
         world = public_catalogue if merchant == PUBLIC_MERCHANT else catalogue
+        if merchant == PUBLIC_MERCHANT:  # its own stream: the public split (so the base) is the same whatever the
+            rng = np.random.default_rng([config.seed, 0x9AB11C])  # merchants' number, size or drift
         for u in range(num_shoppers):
             user = f"{merchant}-u{u}"
             preference = rng.dirichlet(SHOPPER_CONCENTRATION * mix + 0.05) + 1e-4  # no exact zeros
             preference /= preference.sum()
             sensitivity = PRICE_SENSITIVITY * float(np.exp(rng.normal(0.0, PRICE_SENSITIVITY_SD)))
             offset = rng.normal(0.0, LEAVE_SHOPPER_SD)
+            no_purchase = LEAVE_NO_PURCHASE + (0.0 if merchant == PUBLIC_MERCHANT else
+                                               config.drift * DRIFT_LEAVE_NO_PURCHASE)
             truth = ShopperTruth(mean_gap_days=MEAN_GAP_DAYS * float(np.exp(rng.normal(0.0, MEAN_GAP_SD))),
                                  leave_if_bought=_sigmoid(LEAVE_BIAS + offset),
-                                 leave_if_not=_sigmoid(LEAVE_BIAS + LEAVE_NO_PURCHASE + offset))
+                                 leave_if_not=_sigmoid(LEAVE_BIAS + no_purchase + offset))
             shoppers[user] = truth
             seen = np.zeros(catalogue.num_items, dtype=bool)
             if merchant == PUBLIC_MERCHANT and config.new_items:

@@ -66,3 +66,43 @@ def test_leave_last_out_split_never_shows_the_future():
     # every shopper contributes exactly one test example per task
     users = {e.user_id for e in merchant.test}
     assert len(merchant.test) == 3 * len(users)  # intent, next-item, churn
+
+
+def test_drift_changes_what_merchants_see_and_leaves_the_public_split_as_it_was():
+    # Prepare: the same world without and with drift
+    still, moved = generate(CONFIG), generate(CONFIG.replace(drift=1.0))
+    public_still = still.events.merchant_id == PUBLIC_MERCHANT
+    public_moved = moved.events.merchant_id == PUBLIC_MERCHANT
+    # Assert: the public split (what the base learns from) is identical; merchants' events are not
+    assert (still.events.item_id[public_still] == moved.events.item_id[public_moved]).all()
+    assert (still.events.timestamp[public_still] == moved.events.timestamp[public_moved]).all()
+    merchants_still = still.events.item_id[~public_still]
+    merchants_moved = moved.events.item_id[~public_moved]
+    assert len(merchants_still) != len(merchants_moved) or (merchants_still != merchants_moved).any()
+    # the public facts stay those of the public split's time; the latent values moved
+    assert (still.catalogue.rating_band == moved.catalogue.rating_band).all()
+    assert (still.catalogue.price_band == moved.catalogue.price_band).all()
+    assert np.corrcoef(np.log(still.catalogue.popularity), np.log(moved.catalogue.popularity))[0, 1] < 0.9
+    assert np.abs(still.catalogue.quality - moved.catalogue.quality).mean() > 0.5
+
+
+def test_drifted_views_follow_the_drifted_popularity():
+    # Prepare: a strong drift and many merchant shoppers
+    config = CONFIG.replace(drift=1.5, shoppers_per_merchant=150)
+    data = generate(config)
+    views = data.events.event == "view"
+    merchants = views & (data.events.merchant_id != PUBLIC_MERCHANT)
+    public = views & (data.events.merchant_id == PUBLIC_MERCHANT)
+    index = {item: i for i, item in enumerate(data.catalogue.item_ids)}
+
+    def counts(mask):
+        return np.bincount([index[i] for i in data.events.item_id[mask]], minlength=config.num_items) + 1.0
+
+    still = generate(config.replace(drift=0.0)).catalogue.popularity
+    # Assert: merchants' view counts rank-correlate with the drifted popularity more than with the old one, and the
+    # public split's the other way round
+    def spearman(a, b):
+        return np.corrcoef(a.argsort().argsort(), b.argsort().argsort())[0, 1]
+
+    assert spearman(counts(merchants), data.catalogue.popularity) > spearman(counts(merchants), still) + 0.1
+    assert spearman(counts(public), still) > spearman(counts(public), data.catalogue.popularity) + 0.1
