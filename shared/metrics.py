@@ -40,17 +40,23 @@ def target_rank(scores: np.ndarray, target: int, exclude: tuple[int, ...] | list
     return int(1 + np.count_nonzero(ahead))
 
 
-def ranking_metrics(ranks: np.ndarray, ks: tuple[int, ...] = (10,)) -> dict[str, float]:
+def ranking_values(ranks: np.ndarray, ks: tuple[int, ...] = (10,)) -> dict[str, np.ndarray]:
+    """Per-example values whose means are the ranking metrics: `hr@K` (1 if rank <= K), `ndcg@K` (1 / log2(rank + 1)
+    within the top K, else 0) and `mrr` (1 / rank)."""
     ranks = np.asarray(ranks, dtype=np.float64)
-    if len(ranks) == 0:
-        return {}
     out = {}
     for k in ks:
         hit = ranks <= k
-        out[f"hr@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
-    out["mrr"] = float((1.0 / ranks).mean())
+        out[f"hr@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
+    out["mrr"] = 1.0 / ranks
     return out
+
+
+def ranking_metrics(ranks: np.ndarray, ks: tuple[int, ...] = (10,)) -> dict[str, float]:
+    if len(ranks) == 0:
+        return {}
+    return {name: float(values.mean()) for name, values in ranking_values(ranks, ks).items()}
 
 
 def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
@@ -183,16 +189,124 @@ class Comparison:
     standard_error: float
 
 
-def compare(a: float, se_a: float, b: float, se_b: float, *, higher_is_better: bool = True,
-            z: float = 2.0) -> Comparison:
-    """A beats B when A - B is better by more than `z` standard errors of the difference, sqrt(se_a² + se_b²).
-
-    This unpaired form ignores that both scorers are evaluated on the same test examples (only aggregates are kept);
-    such paired differences usually vary less, so the verdict errs towards "level with".
-    """
-    difference, standard_error = a - b, math.hypot(se_a, se_b)
+def decide(difference: float, standard_error: float, *, higher_is_better: bool = True, z: float = 2.0) -> Comparison:
+    """The one verdict rule: A beats B when A - B is better by more than `z` standard errors of the difference, is
+    beaten by it when worse by more than that, and is level with it in between."""
     if math.isnan(standard_error) or math.isnan(difference):
         return Comparison("vs", difference, standard_error)
     gain = difference if higher_is_better else -difference
     verdict = "beats" if gain > z * standard_error else "is beaten by" if gain < -z * standard_error else "level with"
     return Comparison(verdict, difference, standard_error)
+
+
+def compare(a: float, se_a: float, b: float, se_b: float, *, higher_is_better: bool = True,
+            z: float = 2.0) -> Comparison:
+    """`decide` on A - B with the unpaired standard error of the difference, sqrt(se_a² + se_b²).
+
+    This unpaired form ignores that both scorers are evaluated on the same test examples (only aggregates are kept);
+    such paired differences usually vary less, so the verdict errs towards "level with" (see `shared.paired` for the
+    paired form, from per-example outputs).
+    """
+    return decide(a - b, math.hypot(se_a, se_b), higher_is_better=higher_is_better, z=z)
+
+
+# Paired comparisons from per-example outputs. Two scorers evaluated on the same test examples are compared through
+# the per-example differences: a bootstrap over test shoppers (a shopper's examples are drawn together) gives the
+# standard error of the difference of any metric, AUC included.
+
+BOOTSTRAP_REPLICATES = 1000
+BOOTSTRAP_SEED = 20_261_202
+_CHUNK = 2_000_000  # replicate x example cells per array at a time: bounds the bootstrap's memory
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Scorer A against scorer B on the same test examples: both figures, the difference A - B, its bootstrap
+    standard error over test shoppers and, for a mean of per-example values, the analytic paired standard error."""
+
+    a: float
+    b: float
+    difference: float
+    standard_error: float
+    shoppers: int
+    examples: int
+    analytic_se: float = math.nan
+
+    def to_json(self) -> dict[str, float | int]:
+        out = {"a": self.a, "b": self.b, "difference": self.difference, "se": self.standard_error,
+               "shoppers": self.shoppers, "examples": self.examples}
+        if not math.isnan(self.analytic_se):
+            out["se-analytic"] = self.analytic_se
+        return out
+
+
+def shopper_draws(shoppers: np.ndarray, replicates: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(counts (replicates, S), shopper index of each example): each replicate draws the S distinct test shoppers with
+    replacement; an example then counts as often as its shopper was drawn."""
+    _, index = np.unique(np.asarray(shoppers), return_inverse=True)
+    count = int(index.max()) + 1 if len(index) else 0
+    draws = np.random.default_rng(seed).integers(0, count, size=(replicates, count))
+    offsets = (np.arange(replicates) * count)[:, None]
+    counts = np.bincount((draws + offsets).ravel(), minlength=replicates * count).reshape(replicates, count)
+    return counts.astype(np.float64), index
+
+
+def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC under each row of example weights (R, n), by the rank formula: the weight of the negatives each
+    positive outscores (ties count one half), summed over positives, over W+ x W-. Ones give `roc_auc`."""
+    labels = np.asarray(labels).astype(bool)
+    order = np.argsort(np.asarray(scores, dtype=np.float64), kind="mergesort")
+    ordered = np.asarray(scores, dtype=np.float64)[order]
+    positive = labels[order]
+    w = np.atleast_2d(weights)[:, order]
+    starts = np.flatnonzero(np.r_[True, np.diff(ordered) != 0])  # first position of each tie group
+    group = np.cumsum(np.r_[True, np.diff(ordered) != 0]) - 1
+    ends = np.r_[starts[1:], len(ordered)]
+    negatives = np.where(positive, 0.0, w)
+    below = np.hstack([np.zeros((len(w), 1)), np.cumsum(negatives, axis=1)])  # below[:, j]: weight at positions < j
+    credit = below[:, starts[group]] + 0.5 * (below[:, ends[group]] - below[:, starts[group]])
+    positives_weight = (w * positive).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (w * positive * credit).sum(1) / (positives_weight * negatives.sum(1))
+
+
+def _replicate_chunks(replicates: int, examples: int) -> list[int]:
+    size = max(1, _CHUNK // max(1, examples))
+    return [min(size, replicates - start) for start in range(0, replicates, size)]
+
+
+def paired_auc(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, shoppers: np.ndarray, *,
+               replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED) -> Paired:
+    """AUC of A and of B over all the examples, their difference and its bootstrap SE over test shoppers."""
+    a, b = roc_auc(labels, scores_a), roc_auc(labels, scores_b)
+    counts, index = shopper_draws(shoppers, replicates, seed)
+    differences = []
+    at = 0
+    for size in _replicate_chunks(replicates, len(labels)):
+        weights = counts[at:at + size][:, index]
+        differences.append(weighted_auc(labels, scores_a, weights) - weighted_auc(labels, scores_b, weights))
+        at += size
+    spread = np.concatenate(differences)
+    spread = spread[np.isfinite(spread)]  # a replicate that drew one class only has no AUC
+    return Paired(a, b, a - b, float(spread.std(ddof=1)) if len(spread) > 1 else math.nan,
+                  counts.shape[1], len(labels))
+
+
+def paired_mean(values_a: np.ndarray, values_b: np.ndarray, shoppers: np.ndarray, *,
+                replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED) -> Paired:
+    """Means of per-example values (HR@K hits, NDCG@K gains, reciprocal ranks) of A and of B, their difference, its
+    bootstrap SE over test shoppers, and the analytic paired SE sd(a_i - b_i) / sqrt(n) (examples independent)."""
+    values_a, values_b = np.asarray(values_a, dtype=np.float64), np.asarray(values_b, dtype=np.float64)
+    differences = values_a - values_b
+    n = len(differences)
+    counts, index = shopper_draws(shoppers, replicates, seed)
+    spread = []
+    at = 0
+    for size in _replicate_chunks(replicates, n):
+        weights = counts[at:at + size][:, index]
+        spread.append(weights @ differences / weights.sum(1))
+        at += size
+    analytic = float(differences.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return Paired(float(values_a.mean()), float(values_b.mean()), float(differences.mean()),
+                  float(np.concatenate(spread).std(ddof=1)) if replicates > 1 else math.nan,
+                  counts.shape[1], n, analytic)

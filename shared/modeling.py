@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from shared.baselines import Baselines
 from shared.metrics import binary_metrics, elasticity, ranking_metrics, target_rank
+from shared.outputs import Outputs
 from shared.tasks import PRICE_LEVELS, CatalogueFacts, Example, level_token
 
 IGNORE = -100  # a target position past the end of a shorter target
@@ -191,7 +192,6 @@ def with_level(source: str, level: float) -> str:
     return source.rsplit(" ", 1)[0] + " " + level_token(level)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: list[Example], facts: CatalogueFacts,
              *, batch_size: int = 256, baselines: Baselines | None = None,
              tasks: list[str] | tuple[str, ...] = ("intent", "next-item", "churn", "price")) -> dict[str, float]:
@@ -201,22 +201,26 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: lis
     target among all catalogue items the shopper has not seen (ties counted against), HR@5/10, NDCG@5/10, MRR;
     price: the intent head at every price level, its mean curve, elasticity and distance to the true curve.
     Oracle keys appear only when the examples carry the truth (synthetic data); baseline keys when `baselines` is
-    given.
+    given. `evaluate_with_outputs` also returns the per-example outputs behind these figures.
     """
+    return evaluate_with_outputs(model, tokenizer, examples, facts, batch_size=batch_size, baselines=baselines,
+                                 tasks=tasks)[0]
+
+
+@torch.no_grad()
+def evaluate_with_outputs(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: list[Example],
+                          facts: CatalogueFacts, *, batch_size: int = 256, baselines: Baselines | None = None,
+                          tasks: list[str] | tuple[str, ...] = ("intent", "next-item", "churn", "price"),
+                          ) -> tuple[dict[str, float], Outputs]:
+    """`evaluate`'s metrics and the per-example outputs they are computed from (model and baselines)."""
     model.eval()
     out: dict[str, float] = {}
+    outputs = Outputs()
     intent = [e for e in examples if e.task == "intent"]
     if intent and "intent" in tasks:
-        labels = np.array([e.label for e in intent])
-        out.update(binary_metrics("intent", labels, binary_probability(model, tokenizer, [e.source for e in intent],
-                                                                        batch_size)))
-        truth = np.array([e.truth for e in intent])
-        if not np.isnan(truth).any():
-            out.update(binary_metrics("intent-oracle", labels, truth))
-        if baselines is not None and (p := baselines.intent_probability(intent)) is not None:
-            out.update(binary_metrics("intent-baseline", labels, p))
-        out["intent-positive-rate"] = float(labels.mean())
-        out["intent-examples"] = float(len(intent))
+        fitted = baselines.intent_probability(intent) if baselines is not None else None
+        out.update(_binary("intent", intent, binary_probability(model, tokenizer, [e.source for e in intent],
+                                                                batch_size), fitted, outputs))
     if intent and "price" in tasks:
         out.update(_price_metrics(model, tokenizer, intent, batch_size, baselines))
     following = [e for e in examples if e.task == "next-item"]
@@ -226,6 +230,9 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: lis
         ranks = [target_rank(row, example.label, example.seen)
                  for row, example in zip(scores.float().numpy(), following, strict=True)]
         out.update(_ranking("next", ranks))
+        outputs.shoppers["next"] = np.array([e.user_id for e in following])
+        outputs.labels["next"] = np.array([e.label for e in following])
+        outputs.ranks["next"] = np.asarray(ranks)
         new = [k for k, e in enumerate(following) if facts.public_views and not facts.public_views[e.label]]
         if new:  # targets pretraining never saw: how an item representation copes with new items
             out.update(_ranking("next-new", [ranks[k] for k in new]))
@@ -234,23 +241,37 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: lis
         if not np.isnan(truth).any():
             out.update(_ranking("next-oracle", truth))
         if baselines is not None:
-            out.update(_ranking("next-popularity", [target_rank(baselines.popularity, e.label, e.seen)
-                                                     for e in following]))
-            out.update(_ranking("next-markov", [target_rank(baselines.markov_scores(e), e.label, e.seen)
-                                                 for e in following]))
+            for name, ranked in (("next-popularity", [target_rank(baselines.popularity, e.label, e.seen)
+                                                      for e in following]),
+                                 ("next-markov", [target_rank(baselines.markov_scores(e), e.label, e.seen)
+                                                  for e in following])):
+                out.update(_ranking(name, ranked))
+                outputs.ranks[name] = np.asarray(ranked)
         out["next-examples"] = float(len(following))
     churn = [e for e in examples if e.task == "churn"]
     if churn and "churn" in tasks:
-        labels = np.array([e.label for e in churn])
-        out.update(binary_metrics("churn", labels, binary_probability(model, tokenizer, [e.source for e in churn],
-                                                                       batch_size)))
-        truth = np.array([e.truth for e in churn])
-        if not np.isnan(truth).any():
-            out.update(binary_metrics("churn-oracle", labels, truth))
-        if baselines is not None and (p := baselines.churn_probability(churn)) is not None:
-            out.update(binary_metrics("churn-baseline", labels, p))
-        out["churn-positive-rate"] = float(labels.mean())
-        out["churn-examples"] = float(len(churn))
+        fitted = baselines.churn_probability(churn) if baselines is not None else None
+        out.update(_binary("churn", churn, binary_probability(model, tokenizer, [e.source for e in churn],
+                                                              batch_size), fitted, outputs))
+    return out, outputs
+
+
+def _binary(task: str, examples: list[Example], probability: np.ndarray, baseline: np.ndarray | None,
+            outputs: Outputs) -> dict[str, float]:
+    """The metrics of a yes/no task (model, Bayes oracle when the truth is known, baseline when fitted), its
+    per-example outputs recorded in `outputs`."""
+    labels = np.array([e.label for e in examples])
+    out = binary_metrics(task, labels, probability)
+    truth = np.array([e.truth for e in examples])
+    if not np.isnan(truth).any():
+        out.update(binary_metrics(f"{task}-oracle", labels, truth))
+    outputs.shoppers[task], outputs.labels[task], outputs.probabilities[task] = (
+        np.array([e.user_id for e in examples]), labels, probability)
+    if baseline is not None:
+        out.update(binary_metrics(f"{task}-baseline", labels, baseline))
+        outputs.probabilities[f"{task}-baseline"] = baseline
+    out[f"{task}-positive-rate"] = float(labels.mean())
+    out[f"{task}-examples"] = float(len(examples))
     return out
 
 
