@@ -9,6 +9,11 @@
 Both read every merchant's data, which only a simulation can: they are research references, not something a
 deployment runs. No Flower here: the same `client.train.train_round` and `shared.modeling.evaluate` the merchants
 use, called directly.
+
+Paired comparisons: the base alone (round 0) and the run's final federated adapter are also scored here on every
+merchant's test examples, keeping per-example outputs; the federated model is then compared example by example with
+round 0, each reference run and each baseline, pooled over all merchants' test examples, with a bootstrap over test
+shoppers for the standard error of each difference (`references.json` under "paired").
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from pathlib import Path
 
 from client.train import PrivacyState, train_round
 from server.report import REFERENCES_FILE
+from shared.baselines import fit_baselines
 from shared.config import FedShopConfig
-from shared.data import merchant_data
+from shared.data import MerchantData, merchant_data
 from shared.metrics import pool_by_count
-from shared.model import add_lora, load_base
-from shared.modeling import encode, evaluate
+from shared.model import add_lora, load_adapter_state, load_base, read_adapter
+from shared.modeling import encode, evaluate_with_outputs
+from shared.outputs import Outputs, paired_results, pool
 from shared.sources import load_world
 
 log = logging.getLogger("fedshop")
@@ -50,14 +57,17 @@ def weighted(merchants: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
-    """Train and evaluate each reference; returns {kind: {"metrics": ..., "merchants": ..., ...}}."""
+    """Train and evaluate each reference; returns {kind: {"metrics": ..., "merchants": ..., ...}, "paired": ...}
+    (the federated model of `config.run_dir` against round 0, each reference and each baseline)."""
     world = load_world(config)
     base_dir = config.base_dir
     data = {m: merchant_data(config, m, world) for m in world.merchant_ids}
     out: dict[str, dict] = {}
+    outputs: dict[str, dict[str, Outputs]] = {}  # scorer -> merchant -> per-example outputs on its test examples
     for kind in kinds:
         started = time.perf_counter()
         merchants: dict[str, dict[str, float]] = {}
+        outputs[kind] = {}
         epsilons: dict[str, float] = {}
         if kind == "local-only":
             for index, (merchant, d) in enumerate(data.items()):
@@ -68,7 +78,7 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
                     result = train_round(model, encoded, config, state, seed=_seed(config, server_round, index),
                                          owners=[e.user_id for e in d.train])
                     epsilons[merchant] = result.epsilon
-                merchants[merchant] = _evaluate(model, tokenizer, d, config)
+                merchants[merchant], outputs[kind][merchant] = _evaluate(model, tokenizer, d, config)
         elif kind == "centralised":
             plain = config.replace(dp=False)
             base, tokenizer, _ = load_base(base_dir)
@@ -77,20 +87,44 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
             encoded, state = encode(pooled, tokenizer), PrivacyState()
             for server_round in range(1, config.num_rounds + 1):
                 train_round(model, encoded, plain, state, seed=_seed(config, server_round, 10_000))
-            merchants = {m: _evaluate(model, tokenizer, d, config) for m, d in data.items()}
+            for merchant, d in data.items():
+                merchants[merchant], outputs[kind][merchant] = _evaluate(model, tokenizer, d, config)
         else:
             raise ValueError(f"unknown reference {kind!r}")
         out[kind] = {"metrics": weighted(merchants), "merchants": merchants,
                      "epsilon": {m: (e if math.isfinite(e) else "inf") for m, e in epsilons.items()},
                      "seconds": round(time.perf_counter() - started, 1)}
         log.info("reference %s done in %.0f s", kind, out[kind]["seconds"])
+    started = time.perf_counter()
+    out["paired"] = paired(config, data, outputs)
+    log.info("paired comparisons done in %.0f s", time.perf_counter() - started)
     return out
 
 
-def _evaluate(model, tokenizer, d, config: FedShopConfig) -> dict[str, float]:
-    metrics = evaluate(model, tokenizer, d.test, d.facts, batch_size=config.eval_batch_size, tasks=config.task_list)
+def paired(config: FedShopConfig, data: dict[str, MerchantData], references: dict[str, dict[str, Outputs]]) -> dict:
+    """The federated final adapter of `config.run_dir` against round 0, the `references`' outputs and the baselines,
+    on every merchant's test examples pooled (see `shared.outputs.paired_results`)."""
+    base, tokenizer, _ = load_base(config.base_dir)
+    model = add_lora(base, config, seed=config.seed)  # B = 0: the base alone, as the federation's round 0
+    if config.continued_from:  # a continued run's round 0 is the adapter it started from
+        from server.continuation import starting_adapter
+
+        load_adapter_state(model, starting_adapter(config))
+    tasks = [t for t in config.task_list if t != "price"]  # the price curve has no paired comparison yet
+    start = {m: _evaluate(model, tokenizer, d, config, tasks=tasks)[1] for m, d in data.items()}
+    load_adapter_state(model, read_adapter(config.run_dir))  # ffa: the saved adapter holds the server's A and B
+    federated = {m: _evaluate(model, tokenizer, d, config, tasks=tasks, baselines=True)[1] for m, d in data.items()}
+    others = {"round 0": pool(start)} | {kind: pool(merchants) for kind, merchants in references.items()}
+    return paired_results(pool(federated), others)
+
+
+def _evaluate(model, tokenizer, d: MerchantData, config: FedShopConfig, tasks: list[str] | None = None,
+              baselines: bool = False) -> tuple[dict[str, float], Outputs]:
+    fitted = fit_baselines(d.train, d.facts, d.popularity) if baselines else None
+    metrics, outputs = evaluate_with_outputs(model, tokenizer, d.test, d.facts, batch_size=config.eval_batch_size,
+                                             tasks=tasks or config.task_list, baselines=fitted)
     metrics["num-examples"] = float(len({e.user_id for e in d.test}))
-    return metrics
+    return metrics, outputs
 
 
 def write_references(run_dir: str | Path, references: dict) -> Path:

@@ -12,14 +12,26 @@ from server.audit import describe, read_audit
 from server.continuation import continuation_lines
 from server.rundir import RunDirectory
 from shared.config import FedShopConfig
-from shared.metrics import compare, standard_errors
+from shared.metrics import compare, decide, standard_errors
 
 REFERENCES_FILE = "references.json"
+PAIRED = "paired"  # the key of `references.json` that holds the paired comparisons, beside the reference runs
+
+
+def _read_references_file(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / REFERENCES_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def read_references(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / REFERENCES_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """The reference runs of `references.json`: {kind: {"metrics": ..., "merchants": ..., ...}}."""
+    return {k: v for k, v in _read_references_file(run_dir).items() if k != PAIRED}
+
+
+def read_paired(run_dir: str | Path) -> dict:
+    """The paired comparisons of `references.json`: {"federated vs <scorer>": {metric: {"a", "b", "difference",
+    "se", "shoppers", "examples", ...}}}; {} when the run has none."""
+    return _read_references_file(run_dir).get(PAIRED, {})
 
 
 def with_standard_errors(record: dict) -> dict:
@@ -166,9 +178,14 @@ COMPARISONS = (  # (what, task, model key, higher is better)
 )
 
 
-def verdict_lines(final: dict, start: dict, references: dict) -> list[str]:
+PAIRED_NAMES = {"the base alone (round 0)": "round 0", **{label: kind for kind, label in REFERENCE_LABELS.items()},
+                **{label: prefix for rows in BASELINE_ROWS.values() for label, prefix in rows}}  # row -> paired name
+
+
+def verdict_lines(final: dict, start: dict, references: dict, paired: dict | None = None) -> list[str]:
     """The claims a reader checks first: the final federated model against the base alone (round 0), the reference
-    runs and the baselines, each decided by `shared.metrics.compare` and shown with its difference and SE."""
+    runs and the baselines, each decided by `shared.metrics.decide` and shown with its difference and SE: the paired
+    bootstrap SE where `paired` (from `references.json`) holds the comparison, else the unpaired SE from aggregates."""
     lines = []
     for what, task, key, higher in COMPARISONS:
         if final.get(key) is None:
@@ -181,6 +198,14 @@ def verdict_lines(final: dict, start: dict, references: dict) -> list[str]:
         parts = []
         for label, metrics, other in others:
             if metrics.get(other) is None:
+                continue
+            pair = (paired or {}).get(f"federated vs {PAIRED_NAMES[label]}", {}).get(key)
+            if pair is not None and math.isfinite(_num(pair["se"])):
+                c = decide(_num(pair["difference"]), _num(pair["se"]), higher_is_better=higher)
+                parts.append(f"  - {c.verdict} {label} {_pm(metrics, other)} (paired bootstrap over "
+                             f"{pair['shoppers']} test shoppers: on all {pair['examples']} test examples pooled "
+                             f"{_f(pair['a'])} vs {_f(pair['b'])}, difference {c.difference:+.3f} ± "
+                             f"{_f(c.standard_error)})")
                 continue
             c = compare(_num(final[key]), _num(final.get(f"{key}-se")), _num(metrics[other]),
                         _num(metrics.get(f"{other}-se")), higher_is_better=higher)
@@ -196,8 +221,16 @@ SE_WORDS = (
     "were scored at once (the figures are means over merchants weighted by test shoppers): Hanley-McNeil for AUC, "
     "binomial for HR@K, and the binomial form as a conservative upper bound for NDCG, MRR and the price-curve MAE "
     "(log-loss and ECE have none). A verdict says \"beats\" only when the difference exceeds twice its standard "
-    "error sqrt(se_A² + se_B²), \"is beaten by\" below minus twice, \"level with\" in between; this unpaired form "
-    "ignores that every scorer sees the same test examples, so it errs towards \"level with\".")
+    "error, \"is beaten by\" below minus twice, \"level with\" in between. Without \"paired bootstrap\" the "
+    "standard error of the difference is the unpaired sqrt(se_A² + se_B²), which ignores that every scorer sees the "
+    "same test examples, so it errs towards \"level with\".")
+PAIRED_WORDS = (
+    "A line marked \"paired bootstrap\" compares the two scorers example by example: both figures are computed once "
+    "over all merchants' test examples pooled (for AUC this pooled figure is not the shopper-weighted mean of the "
+    "merchants' AUCs shown above it; for HR@10 the two agree up to weighting), and the standard error of their "
+    "difference is the spread of that difference over 1,000 resamples of the test shoppers with replacement (a "
+    "shopper's examples drawn together, fixed seed). See \"paired\" in `references.json`, which also holds NDCG@10, "
+    "MRR and the analytic paired SE of each ranking metric.")
 
 
 def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) -> None:
@@ -205,7 +238,7 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
     evaluations = {r["round"]: r for r in records if r["scope"] == "evaluate"}
     trains = {r["round"]: r for r in records if r["scope"] == "train"}
     ledger = run_dir.read_privacy()
-    references = read_references(run_dir.path)
+    references, paired = read_references(run_dir.path), read_paired(run_dir.path)
     last_round = max(evaluations) if evaluations else 0
     final = with_standard_errors(evaluations.get(last_round, {}))
     start = with_standard_errors(evaluations.get(0, {}))
@@ -220,9 +253,9 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
         f"alpha={config.lora_alpha:g} on {config.lora_targets}; {privacy_words}; tasks {config.tasks} (churn horizon "
         f"{config.churn_horizon_days:g} days); {ITEM_ID_WORDS[config.item_ids]}.", "",
     ]
-    verdict = verdict_lines(final, start if last_round else {}, references)
+    verdict = verdict_lines(final, start if last_round else {}, references, paired)
     if verdict:
-        lines += ["## In one look", ""] + verdict + ["", SE_WORDS, ""]
+        lines += ["## In one look", ""] + verdict + ["", SE_WORDS, ""] + ([PAIRED_WORDS, ""] if paired else [])
     lines += [
         "## Test metrics (leave-last-out in time per shopper, weighted over merchants by test shoppers)", "",
         "Every scorer is evaluated on the same test examples; baselines are fitted on each merchant's training "

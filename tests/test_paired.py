@@ -1,6 +1,11 @@
-"""Paired comparisons from per-example outputs: bootstrap over test shoppers and the outputs `evaluate` keeps."""
+"""Paired comparisons from per-example outputs: bootstrap over test shoppers, the outputs `evaluate` keeps, and a
+tiny simulation whose references carry them into `references.json` and the report."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +23,8 @@ from shared.metrics import (
     weighted_auc,
 )
 from shared.outputs import Outputs, paired_comparison, paired_results, pool
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_weighted_auc_equals_the_auc_of_the_examples_repeated_by_their_weights():
@@ -151,3 +158,25 @@ def test_evaluate_keeps_its_metrics_and_its_outputs_reproduce_them(tiny_config):
     for scorer in ("next", "next-markov", "next-popularity"):
         assert ranking_metrics(outputs.ranks[scorer])["hr@10"] == pytest.approx(metrics[f"{scorer}-hr@10"])
 
+def test_simulation_with_references_writes_paired_comparisons_and_the_report_uses_them(tmp_path):
+    # Execute: the tiny federation, then local-only and centralised with the paired comparisons
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "simulate", "--config", str(ROOT / "configs/tiny.toml"),
+         "--set", f"base-dir={tmp_path / 'base'}", "--set", "references=local-only,centralised",
+         "--run-dir", str(run_dir), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Assert: every comparison in references.json, on the pooled test shoppers of all merchants
+    paired = json.loads((run_dir / "references.json").read_text())["paired"]
+    assert {"federated vs round 0", "federated vs local-only", "federated vs centralised",
+            "federated vs next-popularity"} <= set(paired)
+    row = paired["federated vs local-only"]["next-hr@10"]
+    assert row["difference"] == pytest.approx(row["a"] - row["b"]) and row["se"] >= 0 and row["shoppers"] > 40
+    # Assert: the federated model scored here is the run's final model (same pooled HR@10 as its last evaluation)
+    final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    merchants = final["merchants"].values()
+    hits = sum(m["next-hr@10"] * m["next-examples"] for m in merchants) / sum(m["next-examples"] for m in merchants)
+    assert row["a"] == pytest.approx(hits, abs=1e-9)
+    report = (run_dir / "report.md").read_text()
+    assert "local-only (each merchant alone, same DP budget)" in report
+    assert f"(paired bootstrap over {row['shoppers']} test shoppers: on all {row['examples']} test examples" in report

@@ -2,7 +2,7 @@
 
 import json
 
-from server.report import REFERENCES_FILE, write_report
+from server.report import REFERENCES_FILE, read_references, write_report
 from server.rundir import RunDirectory
 from shared.config import FedShopConfig
 from shared.metrics import binomial_se, compare, hanley_mcneil_se
@@ -47,3 +47,25 @@ def test_report_shows_standard_errors_and_decides_verdicts_by_them(tmp_path):
     assert "  - level with local-only (each merchant alone, same DP budget) 0.790 ± " in report
     assert "  - level with logistic baseline (item rate, category affinity, price) 0.780 ± " in report
     assert "  - beats popularity 0.200 ± " in report and "  - is beaten by first-order Markov chain 0.700 ± " in report
+
+
+def test_paired_results_decide_the_verdicts_they_cover_and_the_rest_stay_unpaired(tmp_path):
+    # Prepare: local-only trails by 0.01 in HR@10 — level under the unpaired SE, a clear loss under the paired one
+    run_dir = RunDirectory(tmp_path)
+    run_dir.start(FedShopConfig())
+    run_dir.append_metrics(_record(0, **{"intent-auc": 0.6, "next-hr@10": 0.1}))
+    run_dir.append_metrics(_record(2, **{"intent-auc": 0.8, "next-hr@10": 0.4, "next-popularity-hr@10": 0.39}))
+    local = {"metrics": {"intent-auc": 0.79, "next-hr@10": 0.39}, "merchants": {m: {**c} for m, c in COUNTS.items()}}
+    pair = {"a": 0.402, "b": 0.392, "difference": 0.01, "se": 0.004, "shoppers": 250, "examples": 250}
+    paired = {"federated vs local-only": {"next-hr@10": pair}}
+    (tmp_path / REFERENCES_FILE).write_text(json.dumps({"local-only": local, "paired": paired}))
+    # Execute
+    write_report(run_dir, FedShopConfig(), {})
+    report = (tmp_path / "report.md").read_text()
+    # Assert: the paired line names its method, its pooled figures and its SE; the others keep the unpaired form
+    assert ("  - beats local-only (each merchant alone, same DP budget) 0.390 ± 0.031 (paired bootstrap over 250 test "
+            "shoppers: on all 250 test examples pooled 0.402 vs 0.392, difference +0.010 ± 0.004)") in report
+    assert "  - level with popularity 0.390 ± 0.031 (difference +0.010 ± 0.044)" in report
+    assert "  - level with local-only (each merchant alone, same DP budget) 0.790 ± " in report  # intent: unpaired
+    assert "not the shopper-weighted mean" in report
+    assert "| paired |" not in report and "paired" not in read_references(tmp_path)  # not a reference run
