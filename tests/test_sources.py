@@ -207,7 +207,7 @@ def test_simulate_runs_end_to_end_on_a_rees46_file(rees46, tmp_path):
     assert f"Pretrained on {len(public)} public shoppers" in (run_dir / "report.md").read_text()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]["metrics"]
-    assert 0.0 <= final["intent-auc"] <= 1.0 and 0.0 <= final["next-hr@10"] <= 1.0
+    assert final["intent-auc"] > 0.55 and final["next-hr@10"] > final["next-popularity-hr@10"]  # it learnt
     assert "intent-oracle-auc" not in final and "next-oracle-hr@10" not in final  # no truth on real data
     assert set(records[-1]["merchants"]) == {"m0", "m1", "m2"}
     report = (run_dir / "report.md").read_text()
