@@ -1,4 +1,5 @@
-# Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv first.
+# Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv first. `make demo` passes
+# --force: running it again moves the previous runs/default aside to runs/default.old-<time> (never deletes it).
 # torch is pinned to 2.13.0 and installed before the project: on the reference machine that is a CPU wheel already
 # on disk, while an unpinned torch could pull a multi-GB CUDA build.
 PYTHON ?= python3
@@ -18,7 +19,7 @@ $(VENV)/.fedshop-installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/fedshop simulate --config configs/default.toml
+	$(VENV)/bin/fedshop simulate --config configs/default.toml --force
 
 test: setup
 	$(PY) -m pytest

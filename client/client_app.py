@@ -35,10 +35,12 @@ def _setup(msg: Message, context: Context):
     return config, partition_id, model, tokenizer, data
 
 
-def _load_state(context: Context, config: FedShopConfig, merchant_id: str) -> PrivacyState:
+def _load_state(context: Context, config: FedShopConfig, merchant_id: str, server_round: int) -> PrivacyState:
     if PRIVACY_STATE_KEY not in context.state:
         if config.continued_from:  # resume-from / init-adapter: this merchant's earlier steps count on
-            noise, history = history_from_ledger(config.continued_from, merchant_id)
+            # in place, the ledger is this run's own: every row before this round is a step already taken
+            before = server_round if config.resumes_in_place else None
+            noise, history = history_from_ledger(config.continued_from, merchant_id, before_round=before)
             return PrivacyState(noise_multiplier=noise, history=history)
         return PrivacyState()
     record = context.state[PRIVACY_STATE_KEY]
@@ -61,7 +63,7 @@ def _save_state(context: Context, state: PrivacyState) -> None:
 def train(msg: Message, context: Context) -> Message:
     config, partition_id, model, tokenizer, data = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    state = _load_state(context, config, merchant_id_for_partition(partition_id))
+    state = _load_state(context, config, merchant_id_for_partition(partition_id), server_round)
     result = train_round(model, encode(data.train, tokenizer), config, state,
                          seed=config.seed * 1_000_003 + server_round * 1_009 + partition_id,
                          owners=[e.user_id for e in data.train])

@@ -33,12 +33,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from shared.pretrain import pretrain
 
     started = time.perf_counter()
+    if config.resume_from:
+        _check_resumable(config)
+    _claim_run_dir(config, args.force)  # before any work: a refused run directory costs nothing
     if not base_exists(config.base_dir):
         log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
         pretrain(config)
     check_base_matches(read_base_meta(config.base_dir), config)
-    if config.resume_from:
-        _check_resumable(config)
     if config.init_adapter:
         from server.continuation import check_init_adapter
 
@@ -48,10 +49,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     log.info("simulating %d merchants x %d rounds (%s) -> %s", config.num_merchants, config.num_rounds,
              f"DP target epsilon {config.target_epsilon:g}, delta {config.target_delta:g}, unit {config.privacy_unit}"
              if config.dp else "no DP", config.run_dir)
-    run_simulation(config, verbose=args.verbose)
     report = Path(config.run_dir) / "report.md"
-    if not report.is_file():
-        log.error("the simulation ended without writing %s; see the log above", report)
+    before = _stamp(report)  # resuming in place, the earlier part's report is there: it must not count as this run's
+    run_simulation(config, verbose=args.verbose)
+    if _stamp(report) in (None, before):
+        log.error("the simulation ended without writing this run's %s; see the log above", report)
         return 1
     if config.reference_list:
         from server.references import run_references, write_references
@@ -63,6 +65,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         write_report(RunDirectory(config.run_dir), config, read_base_meta(config.base_dir))
     log.info("done in %.0f s; report: %s", time.perf_counter() - started, report)
     return 0
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size) of a file, None if absent: reports are replaced atomically (a new inode), so a
+    stamp that changed means the file was written again."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _claim_run_dir(config: FedShopConfig, force: bool) -> None:
+    """Before any work: a fresh run needs a run directory without a run in it (--force moves one aside, never
+    deletes it); resuming in place keeps the directory as it is."""
+    from server.rundir import RunDirectory
+
+    run_dir = RunDirectory(config.run_dir)
+    if config.resumes_in_place:
+        if force:
+            raise UserError(f"--force would move {run_dir.path} aside, but resume-from = {config.resume_from} "
+                            "continues that directory in place; drop --force (or resume into another --run-dir)")
+        return
+    if force and run_dir.run_files():
+        log.info("--force: moved the run in %s aside to %s (nothing deleted)", run_dir.path, run_dir.move_aside())
+    run_dir.check_fresh()
 
 
 def _check_resumable(config: FedShopConfig) -> None:
@@ -195,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(simulate)
     simulate.add_argument("--run-dir", help="run directory to write (default: config key run-dir)")
     simulate.add_argument("--no-progress", action="store_true", help="no progress line per round")
+    simulate.add_argument("--force", action="store_true", help="if the run directory already holds a run, move it "
+                          "aside to <dir>.old-<time> first (nothing is deleted); without it, such a directory is "
+                          "refused unless resume-from names it (continue it in place)")
     simulate.add_argument("--init-adapter", metavar="DIR", help="continue from an export folder on this config's "
                           "data: its adapter and its merchants' privacy ledger (config key init-adapter)")
     simulate.set_defaults(func=cmd_simulate)

@@ -29,7 +29,8 @@ from server.report import REFERENCES_FILE
 from shared.baselines import fit_baselines
 from shared.config import FedShopConfig
 from shared.data import MerchantData, merchant_data
-from shared.metrics import pool_by_count
+from shared.files import write_text_atomic
+from shared.metrics import pool_metrics
 from shared.model import add_lora, load_adapter_state, load_base, read_adapter
 from shared.modeling import encode, evaluate_with_outputs
 from shared.outputs import Outputs, paired_results, pool
@@ -43,16 +44,10 @@ def _seed(config: FedShopConfig, server_round: int, partition_id: int) -> int:
 
 
 def weighted(merchants: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Metrics averaged over merchants weighted by their test shoppers (as the federated evaluation does)."""
-    total = sum(m["num-examples"] for m in merchants.values())
-    keys = set().union(*(m.keys() for m in merchants.values())) - {"num-examples"}
-    out = {}
-    for key in sorted(keys):
-        pairs = [(m[key], m["num-examples"]) for m in merchants.values() if key in m and not math.isnan(m[key])]
-        if pairs:
-            out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
-    out.update(pool_by_count(list(merchants.values()), "next-new"))  # only some merchants have new targets
-    out["num-examples"] = float(total)
+    """Metrics pooled over merchants weighted by their test shoppers, as the federated evaluation pools them
+    (`pool_metrics`), with the total number of test shoppers."""
+    out = pool_metrics(list(merchants.values()))
+    out["num-examples"] = float(sum(m["num-examples"] for m in merchants.values()))
     return out
 
 
@@ -129,5 +124,5 @@ def _evaluate(model, tokenizer, d: MerchantData, config: FedShopConfig, tasks: l
 
 def write_references(run_dir: str | Path, references: dict) -> Path:
     path = Path(run_dir) / REFERENCES_FILE
-    path.write_text(json.dumps(references, indent=1, sort_keys=True), encoding="utf-8")
+    write_text_atomic(path, json.dumps(references, indent=1, sort_keys=True))
     return path

@@ -12,6 +12,7 @@ from server.audit import describe, read_audit
 from server.continuation import continuation_lines
 from server.rundir import RunDirectory
 from shared.config import FedShopConfig
+from shared.files import write_text_atomic
 from shared.metrics import compare, decide, standard_errors
 
 REFERENCES_FILE = "references.json"
@@ -253,6 +254,12 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
         f"alpha={config.lora_alpha:g} on {config.lora_targets}; {privacy_words}; tasks {config.tasks} (churn horizon "
         f"{config.churn_horizon_days:g} days); {ITEM_ID_WORDS[config.item_ids]}.", "",
     ]
+    resumed = sorted(int(p.stem.rsplit("-", 1)[1]) for p in run_dir.path.glob("config-before-round-*.toml"))
+    if resumed:
+        lines += [f"Resumed in place at round {', '.join(map(str, resumed))} (rounds 1-{last_round} in all): "
+                  "metrics, ledger and checkpoints run on over every part, each merchant's epsilon composes all of "
+                  "them; the config above is the last part's, each earlier part's is `config-before-round-<N>.toml`.",
+                  ""]
     verdict = verdict_lines(final, start if last_round else {}, references, paired)
     if verdict:
         lines += ["## In one look", ""] + verdict + ["", SE_WORDS, ""] + ([PAIRED_WORDS, ""] if paired else [])
@@ -315,7 +322,7 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
         lines += ["", "![metrics per round](metrics.png)"]
     if _plot_price(run_dir, final, references):
         lines += ["", "![price response](price_curve.png)"]
-    (run_dir.path / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(run_dir.path / "report.md", "\n".join(lines) + "\n")
 
 
 UNIT_WORDS = {

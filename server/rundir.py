@@ -1,20 +1,34 @@
-"""The run directory: the files `simulate` writes and everything else reads (see the README for the contract)."""
+"""The run directory: the files `simulate` writes and everything else reads (see the README for the contract).
+
+`privacy.csv` and `metrics.jsonl` are append-only: no command truncates or rewrites them. A fresh run refuses a
+directory that already holds a run (`fedshop simulate --force` moves that one aside first, never deletes it); a run
+that resumes its own directory (`resume-from` = `run-dir`) appends to both and numbers its rounds on from the last.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import math
-import shutil
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from shared.config import FedShopConfig, to_toml
+from shared.errors import UserError
+from shared.files import write_text_atomic
 from shared.privacy import CONTINUED_FROM
 
 PRIVACY_COLUMNS = ("merchant", "round", "noise_multiplier", "sample_rate", "steps", "epsilon", "delta", "unit",
                    "accountant", "status")
+log = logging.getLogger("fedshop")
 CHECKPOINTS = "checkpoints"  # checkpoints/round-<N>/: the global adapter after round N (PEFT format)
+# what makes a directory hold a run: a fresh run refuses to write into one that has any of these
+RUN_FILES = ("privacy.csv", "metrics.jsonl", "report.md", "adapter", CHECKPOINTS, "config.toml", "references.json",
+             CONTINUED_FROM)
 
 
 class RunDirectory:
@@ -36,36 +50,119 @@ class RunDirectory:
     def checkpoint_dir(self, server_round: int) -> Path:
         return self.path / CHECKPOINTS / f"round-{server_round}"
 
-    def start(self, config: FedShopConfig) -> None:
-        """A fresh run: resolved config written, metrics and ledger emptied."""
+    def run_files(self) -> list[str]:
+        """The run files this directory already holds (empty for a new or empty directory)."""
+        return [name for name in RUN_FILES if (self.path / name).exists()]
+
+    def last_round(self) -> int:
+        """The last round recorded in the ledger or the metrics (0 when none)."""
+        rounds = [int(r["round"]) for r in self.read_privacy()] + [int(r["round"]) for r in self.read_metrics()]
+        return max(rounds, default=0)
+
+    def move_aside(self) -> Path:
+        """Rename the directory to `<dir>.old-<time>` (a free name), so a fresh run can take its place."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target, k = self.path.with_name(f"{self.path.name}.old-{stamp}"), 1
+        while target.exists():
+            target, k = self.path.with_name(f"{self.path.name}.old-{stamp}-{k}"), k + 1
+        os.rename(self.path, target)
+        return target
+
+    def check_fresh(self) -> None:
+        """UserError if the directory already holds a run (a fresh run never writes over another's files)."""
+        present = self.run_files()
+        if present:
+            raise UserError(
+                f"run directory {self.path} already holds a run ({', '.join(present)}): a fresh run never overwrites "
+                f"one; pass --force to move it aside to {self.path}.old-<time> (nothing is deleted), choose another "
+                f"--run-dir, or continue it in place with --set resume-from={self.path}")
+
+    def start(self, config: FedShopConfig) -> int:
+        """Prepare the directory for this run and return its round offset: 0 for a fresh run (refused if the
+        directory holds a run), the last recorded round for a run resuming its own directory. The resolved config
+        is (re)written; metrics and ledger are created if missing and otherwise only ever appended to."""
+        offset = 0
+        if config.resumes_in_place:
+            offset = self.last_round()
+            self._keep_previous(offset)
+        else:
+            self.check_fresh()
         self.path.mkdir(parents=True, exist_ok=True)
-        if (self.path / CHECKPOINTS).is_dir():  # a previous run's checkpoints would pass for this run's
-            shutil.rmtree(self.path / CHECKPOINTS)
-        (self.path / CONTINUED_FROM).unlink(missing_ok=True)  # written again by a run that continues another
-        (self.path / "config.toml").write_text(to_toml(config), encoding="utf-8")
-        self.metrics_file.write_text("", encoding="utf-8")
-        (self.path / "references.json").unlink(missing_ok=True)  # a previous run's reference runs
-        with self.privacy_file.open("w", newline="", encoding="utf-8") as handle:
+        write_text_atomic(self.path / "config.toml", to_toml(config))
+        self.metrics_file.touch()
+        self._ledger_header()
+        return offset
+
+    def _keep_previous(self, offset: int) -> None:
+        """Resuming in place: the earlier part's config and reference runs stay beside it, named by the round
+        this part starts at."""
+        kept = f"before-round-{offset + 1}"
+        config = self.path / "config.toml"
+        if config.is_file() and not (self.path / f"config-{kept}.toml").exists():
+            write_text_atomic(self.path / f"config-{kept}.toml", config.read_text(encoding="utf-8"))
+        references = self.path / "references.json"  # trained for the earlier part: not this part's references
+        if references.is_file() and not (self.path / f"references-{kept}.json").exists():
+            os.replace(references, self.path / f"references-{kept}.json")
+
+    def _ledger_header(self) -> None:
+        """Write the ledger's header into a new (or empty) ledger; refuse to append to one with other columns."""
+        if self.privacy_file.is_file() and self.privacy_file.stat().st_size:
+            with self.privacy_file.open(newline="", encoding="utf-8") as handle:
+                header = tuple(next(csv.reader(handle), []))
+            if header != PRIVACY_COLUMNS:
+                raise UserError(f"{self.privacy_file}: header {','.join(header)!r} is not a fedshop ledger's "
+                                f"({','.join(PRIVACY_COLUMNS)}); refusing to append to it")
+            return
+        with self.privacy_file.open("a", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerow(PRIVACY_COLUMNS)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with self.metrics_file.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_jsonable(record), sort_keys=False) + "\n")
+        _append_line(self.metrics_file, json.dumps(_jsonable(record), sort_keys=False) + "\n")
 
     def append_privacy(self, row: dict[str, Any]) -> None:
-        with self.privacy_file.open("a", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerow([_cell(row[c]) for c in PRIVACY_COLUMNS])
+        line = io.StringIO()
+        csv.writer(line).writerow([_cell(row[c]) for c in PRIVACY_COLUMNS])
+        _append_line(self.privacy_file, line.getvalue())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """Every complete record (a line a killed run left unfinished is skipped, with a warning)."""
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line]
+        records = []
+        for number, line in enumerate(self.metrics_file.read_text(encoding="utf-8").splitlines(), 1):
+            if line:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    log.warning("%s:%d: an unfinished record (a run stopped mid-write?), skipped", self.metrics_file,
+                                number)
+        return records
 
     def read_privacy(self) -> list[dict[str, str]]:
+        """Every complete ledger row (a row a killed run left unfinished is skipped, with a warning)."""
         if not self.privacy_file.is_file():
             return []
         with self.privacy_file.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+            rows = list(csv.DictReader(handle))
+        complete = [r for r in rows if None not in r and None not in r.values()]
+        if len(complete) < len(rows):
+            log.warning("%s: %d unfinished row(s) (a run stopped mid-write?) skipped", self.privacy_file,
+                        len(rows) - len(complete))
+        return complete
+
+
+def _append_line(path: Path, text: str) -> None:
+    """Append one whole line and flush it to disk; after a line a killed writer left unfinished, the new one still
+    starts on a line of its own."""
+    with path.open("a+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size:
+            handle.seek(size - 1)
+            if handle.read(1) != b"\n":
+                text = "\n" + text
+        handle.write(text.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _cell(value: Any) -> str:

@@ -14,6 +14,7 @@ from server.rundir import RunDirectory
 from server.strategy import build_strategy
 from shared.config import from_mapping
 from shared.data import check_base_matches
+from shared.files import save_pretrained_atomic
 from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base
 from shared.pretrain import pretrain
 from shared.privacy import history_from_ledger
@@ -26,7 +27,7 @@ log = logging.getLogger("fedshop")
 def main(grid: Grid, context: Context) -> None:
     config = from_mapping(dict(context.run_config))
     run_dir = RunDirectory(config.run_dir)
-    run_dir.start(config)
+    offset = run_dir.start(config)  # resuming in place: rounds number on after the last recorded one
     if not base_exists(config.base_dir):
         log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
         pretrain(config)
@@ -38,21 +39,26 @@ def main(grid: Grid, context: Context) -> None:
         if config.init_adapter:
             check_init_adapter(config)
         load_adapter_state(model, starting_adapter(config))
-        record_origin(run_dir.path, config)
-        log.info("continuing %s: its adapter is the starting point, its privacy ledger carries on",
-                 config.continued_from)
+        if not config.resumes_in_place:  # in place, the ledger itself holds the history (nothing to carry over)
+            record_origin(run_dir.path, config)
+        log.info("continuing %s%s: its adapter is the starting point, its privacy ledger carries on",
+                 config.continued_from, f" in place after round {offset}" if config.resumes_in_place else "")
     initial = ArrayRecord(adapter_state(model))
 
     ledger, strategy = build_strategy(run_dir, config, initial)
-    if config.continued_from and config.central:
+    ledger.round_offset = offset
+    if config.continued_from and config.central:  # read before this run appends any row
         ledger.central_history = history_from_ledger(config.continued_from, "all")[1]
-    ledger.evaluate_initial(grid, initial)
+    if not config.resumes_in_place:  # in place, the starting adapter is round `offset`'s, already evaluated
+        ledger.evaluate_initial(grid, initial)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         """Flower calls this with the global adapter after every round (after any central noise); it is kept as
-        checkpoints/round-<N>/, written like adapter/."""
+        checkpoints/round-<N>/ (N counted on after `offset`), written like adapter/."""
+        if server_round == 0 and config.resumes_in_place:  # the starting adapter: checkpoints/round-<offset> already
+            return
         load_adapter_state(model, ledger.final_arrays(arrays).to_torch_state_dict())
-        model.save_pretrained(run_dir.checkpoint_dir(server_round))
+        save_pretrained_atomic(model, run_dir.checkpoint_dir(server_round + offset))
 
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_rounds,
                             train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=checkpoint)
@@ -60,6 +66,6 @@ def main(grid: Grid, context: Context) -> None:
     final = result.arrays if result.arrays is not None and len(result.arrays) else initial
     final = ledger.final_arrays(final)  # ffa: the server's A re-attached
     load_adapter_state(model, final.to_torch_state_dict())
-    model.save_pretrained(run_dir.adapter_dir)
+    save_pretrained_atomic(model, run_dir.adapter_dir)
     write_report(run_dir, config, base_meta)
     log.info("run directory: %s", run_dir.path)

@@ -18,6 +18,7 @@ from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.telemetry import EventType
 
 from shared.config import FedShopConfig, to_toml
+from shared.files import write_text_atomic
 
 SERVER_APP = "server.server_app:app"
 CLIENT_APP = "client.client_app:app"
@@ -26,12 +27,12 @@ CLIENT_APP = "client.client_app:app"
 def write_app_dir(config: FedShopConfig, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     body = to_toml(config).split("\n", 2)[2]  # drop the comment header
-    (directory / "pyproject.toml").write_text(
+    write_text_atomic(
+        directory / "pyproject.toml",
         "[project]\nname = \"fedshop-run\"\nversion = \"0.1.0\"\n\n"
         "[tool.flwr.app]\npublisher = \"fedshop\"\n\n"
         f"[tool.flwr.app.components]\nserverapp = \"{SERVER_APP}\"\nclientapp = \"{CLIENT_APP}\"\n\n"
         "[tool.flwr.app.config]\n" + body,
-        encoding="utf-8",
     )
     return directory
 

@@ -43,7 +43,7 @@ from server.aggregation import (
 from server.rundir import RunDirectory
 from shared.config import FedShopConfig
 from shared.data import merchant_id_for_partition
-from shared.metrics import pool_by_count
+from shared.metrics import pool_metrics
 from shared.model import is_frozen_key
 from shared.privacy import History, Uniform, epsilon_of, noise_for_budget, would_exceed
 
@@ -84,6 +84,10 @@ class LedgerFedAvg(FedAvg):
         self.central_noise = 0.0
         self.central_rate = config.fraction_train
         self._uniform = Uniform(config.seed + 0x5E4, secure=config.secure_mode)
+        # a run resuming its own directory numbers its rounds on after the last recorded one: every entry point
+        # (configure_train, aggregate_train, aggregate_evaluate) turns Flower's round into that run-wide round,
+        # which the ledger, the metrics and the merchants' seeds ("server-round") see
+        self.round_offset = 0
 
     # --- merchant-level central DP --------------------------------------------------------------------------
     def expected_merchants(self) -> float:
@@ -95,6 +99,7 @@ class LedgerFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
+        server_round += self.round_offset
         self._current = arrays
         if not self.config.central:
             return super().configure_train(server_round, arrays, config, grid)
@@ -193,6 +198,7 @@ class LedgerFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         trained, merchants = [], {}
         downlink = None if self._current is None else payload_bytes(_numpy(self._current))
@@ -270,23 +276,31 @@ class LedgerFedAvg(FedAvg):
         self._last_train = summary
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+        """Every metric pooled over the merchants that report it (`pool_metrics`). Flower's own aggregation refuses
+        replies whose metric keys differ (InconsistentMessageReplies), yet merchants report different families:
+        next-new only with new test targets, a baseline only where it can be fitted, churn only with churn examples."""
+        server_round += self.round_offset
         merchants = {}
         for msg in replies:
             if msg.has_error():
                 log.warning("round %d: evaluation failed at node %s: %s", server_round, msg.metadata.src_node_id,
                             msg.error.reason)
                 continue
-            metrics = msg.content["metrics"]
+            metrics = msg.content.metric_records.get("metrics")
+            weight = None if metrics is None else metrics.get(self.weighted_by_key)
+            if metrics is None or "partition-id" not in metrics or isinstance(weight, bool) \
+                    or not isinstance(weight, (int, float)) or not weight > 0:
+                log.warning("round %d: evaluation reply of node %s left out: no MetricRecord 'metrics' with "
+                            "partition-id and a positive %s", server_round, msg.metadata.src_node_id,
+                            self.weighted_by_key)
+                continue
             merchants[merchant_id_for_partition(int(metrics["partition-id"]))] = {
                 k: v for k, v in metrics.items() if k != "partition-id"}
-        metrics = super().aggregate_evaluate(server_round, replies)
-        summary = {k: v for k, v in (metrics or {}).items() if k != "partition-id"}
-        summary.update(pool_by_count(list(merchants.values()), "next-new"))  # only some merchants have new targets
+        summary = pool_metrics(list(merchants.values()), self.weighted_by_key)  # in reply order, as Flower's
         self.run_dir.append_metrics({"round": server_round, "scope": "evaluate", "metrics": summary,
                                      "merchants": dict(sorted(merchants.items()))})
         self._progress(server_round, summary)
-        return metrics
+        return MetricRecord(summary) if merchants else None
 
     def evaluate_initial(self, grid: Grid, arrays: ArrayRecord) -> None:
         """Federated evaluation of the starting adapter (the pretrained base alone) as round 0."""
@@ -305,7 +319,7 @@ class LedgerFedAvg(FedAvg):
     def _progress(self, server_round: int, evaluation: dict) -> None:
         if not self.config.progress:
             return
-        parts = [f"round {server_round}/{self.config.num_rounds}"]
+        parts = [f"round {server_round}/{self.round_offset + self.config.num_rounds}"]
         if server_round and self._last_train:
             parts.append(f"train loss {self._last_train.get('train-loss', math.nan):.3f}")
             if self.config.local_dp:

@@ -2,7 +2,8 @@
 
 Every run shares the config (data, seed, schedule, base) and differs only in `target-epsilon`; `inf` is the
 non-private run (dp = false, same sampler and steps). Each run is a `fedshop simulate` subprocess, so one failing
-run is reported and the sweep goes on; each finished run is then audited (`fedshop audit`).
+run is reported and the sweep goes on (its exit status counts: a run that wrote no report of its own has failed);
+each finished run is then audited (`fedshop audit`).
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def run_sweep(config_path: Path | None, overrides: list[str], epsilons: list[flo
         run_dir = out / f"eps-{label(epsilon)}"
         budget = ["dp=false"] if math.isinf(epsilon) else ["dp=true", f"target-epsilon={epsilon!r}"]
         log.info("sweep %d/%d: epsilon %s -> %s", i, len(epsilons), label(epsilon), run_dir)
-        command = [sys.executable, "-m", "server.cli", "simulate", *(["--config", str(config_path)] if config_path
-                   else []), *(a for o in [*overrides, *budget, f"run-dir={run_dir}"] for a in ("--set", o))]
+        # --force: a sweep directory used again keeps its earlier runs, moved aside to eps-<x>.old-<time>
+        command = [sys.executable, "-m", "server.cli", "simulate", "--force", *(["--config", str(config_path)]
+                   if config_path else []), *(a for o in [*overrides, *budget, f"run-dir={run_dir}"]
+                                              for a in ("--set", o))]
         started = time.perf_counter()
         status = "ok"
         if subprocess.run(command, check=False).returncode != 0:

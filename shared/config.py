@@ -269,6 +269,12 @@ class FedShopConfig:
         """The run directory or export folder this run continues (resume-from or init-adapter), '' for none."""
         return self.resume_from or self.init_adapter
 
+    @property
+    def resumes_in_place(self) -> bool:
+        """resume-from names this run's own run-dir: the run continues that directory (ledger and metrics appended,
+        rounds numbered on) instead of starting a new one."""
+        return bool(self.resume_from) and Path(self.resume_from).resolve() == Path(self.run_dir).resolve()
+
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case mapping of every key, as Flower's run config and `config.toml` hold it."""
         return {_kebab(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}

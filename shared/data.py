@@ -61,6 +61,11 @@ def vocabulary(facts: CatalogueFacts) -> tuple[list[str], list[str], list[str]]:
     return items, categories, bands + level_tokens() + churn_tokens() + list(facts.code_tokens)
 
 
+def public_shopper_count(data: SyntheticData) -> int:
+    """Distinct shoppers with events in the public split (what pretraining learns from)."""
+    return len(np.unique(data.events.user_id[data.events.merchant_id == PUBLIC_MERCHANT].astype(str)))
+
+
 def semantic_ids_for(config: FedShopConfig, base_dir: str | Path | None = None) -> SemanticIds | None:
     """The base's semantic ids when the config writes items that way, else None."""
     return load_semantic_ids(base_dir or config.base_dir) if config.item_ids == "semantic" else None

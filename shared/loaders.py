@@ -613,14 +613,17 @@ def load_recbole(path: Path, options: LoadOptions, stats: LoadStats) -> _Builder
 
 
 def load_recbole_items(path: Path, options: LoadOptions, stats: LoadStats) -> dict[str, tuple[str, float]]:
-    """item id -> (category, price) from a RecBole `.item` file (first token of a category-like column)."""
+    """item id -> (category, price) from a RecBole `.item` file (first token of a category-like column: categor*,
+    cate_*, *genre*, or `class`)."""
     typed, reader = _csv_rows(path, options, stats, delimiter="\t")
     header = _recbole_header(path, typed)
     if "item_id" not in header:
         raise DataError(f"{path}:1: missing column item_id; expected a RecBole .item header with item_id:token")
     i = header.index("item_id")
-    c = next((k for k, name in enumerate(header) if any(w in name.lower() for w in ("categor", "cate_", "genre"))),
-             None)
+    # RecBole's own datasets name it e.g. categories, cate_id, genre, or `class` (ml-100k/ml-1m: `class:token_seq`,
+    # space-separated genres); a token_seq keeps its first token as the item's one category
+    c = next((k for k, name in enumerate(header) if name.lower() == "class"
+              or any(w in name.lower() for w in ("categor", "cate_", "genre"))), None)
     p = header.index("price") if "price" in header else None
     out: dict[str, tuple[str, float]] = {}
     try:

@@ -310,3 +310,23 @@ def paired_mean(values_a: np.ndarray, values_b: np.ndarray, shoppers: np.ndarray
     return Paired(float(values_a.mean()), float(values_b.mean()), float(differences.mean()),
                   float(np.concatenate(spread).std(ddof=1)) if replicates > 1 else math.nan,
                   counts.shape[1], n, analytic)
+
+
+def pool_metrics(merchants: list[dict[str, float]], weight: str = "num-examples") -> dict[str, float]:
+    """Metrics of several merchants pooled into one, for replies whose metric families differ (a baseline, churn or
+    next-new that only some merchants can compute).
+
+    Each key is averaged over the merchants that report it with a value (NaN counts as no value, e.g. an AUC of a
+    one-class test set), weighted by `weight` (test shoppers), in Flower's arithmetic (the sum of value x weight /
+    total weight, in the order given): where every merchant reports every key, this equals Flower's
+    `aggregate_metricrecords` bit for bit. The next-new family is then pooled by its own count (`pool_by_count`).
+    `weight` itself is not in the result.
+    """
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for m in merchants for k in m if k != weight):
+        pairs = [(m[key], m[weight]) for m in merchants if key in m and not math.isnan(m[key])]
+        if pairs:
+            total = sum(w for _, w in pairs)
+            out[key] = sum(value * (w / total) for value, w in pairs)
+    out.update(pool_by_count(merchants, "next-new"))  # only some merchants have new targets
+    return out

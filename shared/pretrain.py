@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from shared.config import FedShopConfig
-from shared.data import catalogue_facts, catalogue_fingerprint, merchant_data, vocabulary
+from shared.data import catalogue_facts, catalogue_fingerprint, merchant_data, public_shopper_count, vocabulary
 from shared.model import build_base, save_base
 from shared.modeling import encode, evaluate, per_sample_loss
 from shared.semantic import SemanticIds, build_semantic_ids
@@ -81,8 +81,9 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, lr * RELATIVE_BIAS_LR_SCALE],
                                                     total_steps=max(1, total_steps), pct_start=0.1)
     generator = torch.Generator().manual_seed(config.seed)
+    shoppers = public_shopper_count(data)  # on a real log the split's own size, not the synthetic knob
     log.info("pretraining %s base on the public split: %d shoppers, %d examples, %d steps", config.model_size,
-             config.public_shoppers, len(train), total_steps)
+             shoppers, len(train), total_steps)
     model.train()
     for epoch in range(config.pretrain_epochs):
         order = torch.randperm(len(train), generator=generator)
@@ -104,7 +105,7 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
     metrics["pretrain-seconds"] = time.perf_counter() - started
     meta = {
         "model-size": config.model_size, "seed": config.seed, "trained-on": "public platform split (no DP)",
-        "public-shoppers": config.public_shoppers, "num-items": config.num_items,
+        "public-shoppers": shoppers, "num-items": config.num_items,
         "num-categories": config.num_categories, "pretrain-epochs": config.pretrain_epochs,
         "catalogue-sha256": catalogue_fingerprint(public.facts), "item-ids": config.item_ids,
         "public-valid-metrics": metrics,

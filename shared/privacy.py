@@ -146,13 +146,15 @@ def schedule(num_records: int, batch_size: int, local_epochs: int) -> tuple[floa
 CONTINUED_FROM = "continued-from.json"  # a continued run's (and its export's) carried-over accountant histories
 
 
-def history_from_ledger(run_dir: str | Path, merchant: str) -> tuple[float | None, History]:
+def history_from_ledger(run_dir: str | Path, merchant: str, before_round: int | None = None
+                        ) -> tuple[float | None, History]:
     """(last noise multiplier, accountant history) of `merchant` in a run directory's (or export's) `privacy.csv`.
 
     Rows that trained (or, for the server's merchant-level rows, were released) are the steps taken; declined and
     failed rows took none. When the run itself continued another (`continued-from.json` beside the ledger), the
     history it carried over comes first, so a chain of continued runs composes every step. A merchant absent from
-    both starts from nothing.
+    both starts from nothing. With `before_round`, only rows of earlier rounds count (a run that resumes its own
+    directory reads the steps taken before the round it is in).
     """
     path = Path(run_dir) / "privacy.csv"
     if not path.is_file():
@@ -161,6 +163,8 @@ def history_from_ledger(run_dir: str | Path, merchant: str) -> tuple[float | Non
     with path.open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             if row["merchant"] != merchant or row["status"] not in ("trained", "released"):
+                continue
+            if before_round is not None and int(row["round"]) >= before_round:
                 continue
             if row["unit"] == "none":  # trained without DP: nothing to compose
                 continue

@@ -29,3 +29,13 @@ def tiny_base(tiny_config) -> FedShopConfig:
 
     pretrain(tiny_config)
     return tiny_config
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """Flower Messages are created inside a task: outside one, this process takes a server identity (run 1, task 1,
+    node 0) for the test only; monkeypatch restores Flower's unset identity afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)

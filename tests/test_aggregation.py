@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.rundir import RunDirectory
 from server.strategy import LedgerFedAvg
@@ -15,9 +14,8 @@ from shared.config import FedShopConfig
 
 
 @pytest.fixture(autouse=True)
-def _server_identity():
-    # Messages are created inside a Flower task; outside one, give this process a server identity.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+def _server_identity(server_identity):
+    """Every test here builds Flower Messages (the identity is restored after each test)."""
 
 
 def _reply(partition: int, tensors: dict[str, torch.Tensor], examples: int, declined: bool = False) -> Message:

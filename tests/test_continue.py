@@ -185,3 +185,34 @@ def test_carried_histories_chain_and_include_the_servers_merchant_level_rows(tmp
     assert history_from_ledger(tmp_path, "m9") == (0.9, [(0.9, 0.5, 2)])  # not in this run, still carried
     assert history_from_ledger(tmp_path, "all") == (2.0, [(2.0, 1.0, 3), (2.0, 1.0, 1)])
     assert history_from_ledger(tmp_path, "m5") == (None, [])
+
+
+def test_resuming_in_place_appends_to_the_ledger_and_composes_epsilon_over_every_row(first_run, tmp_path):
+    # Prepare: a copy of the finished 2-round run (budget 1), resumed in its own directory for one round (budget 4)
+    run = tmp_path / "run"
+    shutil.copytree(first_run, run)
+    ledger, metrics = (run / "privacy.csv").read_bytes(), (run / "metrics.jsonl").read_bytes()
+    report = (run / "report.md").stat()
+    # Execute
+    _simulate(run, first_run.parent / "base", f"resume-from={run}", "num-rounds=1", f"target-epsilon={SECOND_BUDGET}")
+    # Assert: nothing before was rewritten; round 3 follows round 2 everywhere
+    rows = _rows(run / "privacy.csv")
+    assert (run / "privacy.csv").read_bytes().startswith(ledger) and (run / "metrics.jsonl").read_bytes().startswith(
+        metrics)
+    assert [r["round"] for r in rows] == ["1"] * 3 + ["2"] * 3 + ["3"] * 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["scope"]) for r in records][-2:] == [(3, "train"), (3, "evaluate")]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-0", "round-1", "round-2", "round-3"]
+    assert (run / "checkpoints/round-3/adapter_model.safetensors").read_bytes() == \
+        (run / "adapter/adapter_model.safetensors").read_bytes()
+    assert (run / "report.md").stat().st_ino != report.st_ino and "Resumed in place at round 3" in (
+        run / "report.md").read_text()
+    # every merchant's epsilon is one Opacus accountant fed every trained row, the first run's included
+    delta = load_config(run / "config.toml").target_delta
+    for merchant in ("m0", "m1", "m2"):
+        reported = float(rows[-1 - [r["merchant"] for r in reversed(rows)].index(merchant)]["epsilon"])
+        assert len(_steps(rows, merchant)) == 3
+        assert math.isclose(reported, _independent_epsilon(_steps(rows, merchant), delta), rel_tol=1e-12), merchant
+        before = [float(r["epsilon"]) for r in _rows(first_run / "privacy.csv") if r["merchant"] == merchant]
+        assert reported > max(before)
+    assert not (run / "continued-from.json").exists()  # in place, the ledger itself holds every step

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -124,11 +123,6 @@ def test_secure_mode_draws_fresh_randomness_and_plain_mode_is_reproducible(merch
 
 
 # --- merchant unit: central DP at the server ---------------------------------------------------------------
-
-
-@pytest.fixture
-def server_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg
 
 from client.train import STATUS_TRAINED, PrivacyState, train_round
 from server.aggregation import payload_bytes
@@ -26,9 +27,8 @@ R, D_IN, D_OUT = 4, 6, 6  # A: r x in, B: out x r (equal sizes, so B alone is ha
 
 
 @pytest.fixture(autouse=True)
-def _server_identity():
-    # Messages are created inside a Flower task; outside one, give this process a server identity.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+def _server_identity(server_identity):
+    """Every test here builds Flower Messages (the identity is restored after each test)."""
 
 
 def _a(layer: str) -> str:
@@ -349,3 +349,67 @@ def test_robust_merge_resists_one_huge_update(tmp_path, aggregation, robust):
     plain, _, _ = _setup(tmp_path / "plain", initial, aggregation=aggregation, max_update_norm=0.0, num_merchants=5)
     moved, _ = plain.aggregate_train(1, [_reply(p, u, 10) for p, u in enumerate(honest)] + [_reply(4, attacker, 10)])
     assert all(np.all(np.abs(moved[k].numpy() - 0.5) > 1e5) for k in keys)
+
+
+# --- federated evaluation: merchants reporting different metric families ---------------------------------------------
+
+
+def _evaluate_reply(partition: int, metrics: dict[str, float]) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=partition + 1, message_type="evaluate")
+    return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "partition-id": partition})}),
+                   reply_to=request)
+
+
+def test_evaluate_pools_each_metric_family_over_the_merchants_that_report_it(tmp_path):
+    # Prepare: m0 has churn examples and new-item targets, m1 neither, m2 new-item targets and a one-class churn set
+    replies = [
+        _evaluate_reply(0, {"num-examples": 10, "intent-auc": 0.6, "churn-auc": 0.7, "next-new-hr@10": 0.5,
+                            "next-new-examples": 4.0}),
+        _evaluate_reply(1, {"num-examples": 30, "intent-auc": 0.8}),
+        _evaluate_reply(2, {"num-examples": 20, "intent-auc": 0.9, "churn-auc": math.nan, "next-new-hr@10": 0.25,
+                            "next-new-examples": 12.0}),
+    ]
+    ledger, _, run_dir = _setup(tmp_path, _initial(np.random.default_rng(0)))
+    with pytest.raises(InconsistentMessageReplies, match="same keys"):  # what Flower's own FedAvg does with them
+        FedAvg().aggregate_evaluate(1, replies)
+    # Execute
+    result = ledger.aggregate_evaluate(1, replies)
+    # Assert
+    assert result["intent-auc"] == pytest.approx((10 * 0.6 + 30 * 0.8 + 20 * 0.9) / 60, rel=1e-15)
+    assert result["churn-auc"] == 0.7  # m0 alone has a value (m2's NaN: no AUC on one class)
+    assert result["next-new-hr@10"] == pytest.approx((4 * 0.5 + 12 * 0.25) / 16, rel=1e-15)  # by new targets
+    assert result["next-new-examples"] == 16.0
+    assert "num-examples" not in result and "partition-id" not in result
+    record = run_dir.read_metrics()[-1]
+    assert record["round"] == 1 and record["scope"] == "evaluate" and record["metrics"] == dict(result)
+    assert set(record["merchants"]) == {"m0", "m1", "m2"} and "churn-auc" not in record["merchants"]["m1"]
+
+
+def test_evaluate_equals_flowers_aggregation_bit_for_bit_when_every_merchant_reports_every_key(tmp_path):
+    # Prepare: awkward weights and values, so any other summation order would differ in the last bits
+    rng = np.random.default_rng(7)
+    keys = [f"metric-{k}" for k in range(20)]
+    replies = [_evaluate_reply(p, {"num-examples": int(rng.integers(1, 997)), **{k: float(rng.random()) for k in keys}})
+               for p in range(5)]
+    ledger, _, _ = _setup(tmp_path, _initial(rng))
+    # Execute
+    ours, flowers = ledger.aggregate_evaluate(1, replies), FedAvg().aggregate_evaluate(1, replies)
+    # Assert
+    assert {k: ours[k] for k in keys} == {k: flowers[k] for k in keys}
+
+
+def test_evaluate_leaves_out_failed_and_weightless_replies_and_numbers_resumed_rounds_on(tmp_path, caplog):
+    # Prepare: a ledger resuming after round 4 (Flower's round 1 is the run's round 5)
+    ledger, _, run_dir = _setup(tmp_path, _initial(np.random.default_rng(0)))
+    ledger.round_offset = 4
+    request = Message(content=RecordDict(), dst_node_id=9, message_type="evaluate")
+    failed = Message(Error(code=0, reason="out of memory"), reply_to=request)
+    replies = [_evaluate_reply(0, {"num-examples": 5, "intent-auc": 0.5}),
+               _evaluate_reply(1, {"num-examples": 0, "intent-auc": 0.9}), failed]
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedshop"):
+        result = ledger.aggregate_evaluate(1, replies)
+    # Assert
+    assert dict(result) == {"intent-auc": 0.5}
+    assert "out of memory" in caplog.text and "positive num-examples" in caplog.text
+    assert run_dir.read_metrics()[-1]["round"] == 5

@@ -1,6 +1,7 @@
 """`fedshop sweep` on the tiny config: real runs, one of them made to fail, the sweep goes on and reports it."""
 
 import csv
+import json
 import math
 import subprocess
 from pathlib import Path
@@ -23,6 +24,9 @@ def test_a_sweep_reports_a_failed_run_and_goes_on(tiny_base, tmp_path, monkeypat
         return real_run(command, cwd=ROOT, **kwargs)
 
     monkeypatch.setattr(sweep.subprocess, "run", run)
+    stale = tmp_path / "out" / "eps-4"  # a sweep directory used before: its run is moved aside, not written over
+    stale.mkdir(parents=True)
+    (stale / "report.md").write_text("an earlier sweep's run\n")
     rows = sweep.run_sweep(config_file, ["audit-canaries=20"], sweep.parse_epsilons("inf,4,1"), tmp_path / "out")
 
     assert [r["target_epsilon"] for r in rows] == ["1", "4", "inf"]
@@ -32,9 +36,15 @@ def test_a_sweep_reports_a_failed_run_and_goes_on(tiny_base, tmp_path, monkeypat
     private, public = rows[1], rows[2]
     assert 0 < private["epsilon_max"] <= 4.0 and private["unit"] == "event" and private["accountant"] == "rdp"
     assert public["unit"] == "none" and math.isinf(public["epsilon_max"])
-    for row in (private, public):
-        assert 0 <= row["intent-auc"] <= 1 and 0 <= row["mia-auc"] <= 1 and row["eps-emp"] >= 0
-    assert private["eps-emp"] <= private["epsilon_max"]
+    for row in (private, public):  # the table holds each run's own final evaluation and audit
+        run_dir = tmp_path / "out" / f"eps-{row['target_epsilon']}"
+        final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+        audit = json.loads((run_dir / "audit.json").read_text())
+        assert row["intent-auc"] == final["metrics"]["intent-auc"] and final["scope"] == "evaluate"
+        assert row["mia-auc"] == audit["mia-auc"] and row["eps-emp"] == audit["eps-emp"]
+    assert private["eps-emp"] <= private["epsilon_max"]  # the empirical lower bound stays under the accounted epsilon
+    (aside,) = (tmp_path / "out").glob("eps-4.old-*")
+    assert (aside / "report.md").read_text() == "an earlier sweep's run\n"
     text = (tmp_path / "out" / "sweep.md").read_text()
     assert "simulate failed" in text and "delta 1e-05" in text and "rdp accountant" in text
     assert (tmp_path / "out" / "privacy_utility.png").stat().st_size > 1000

@@ -1,0 +1,63 @@
+"""Files written whole or not at all: a reader (or a run killed mid-write) never sees half a report, config or
+adapter. Each file goes to a temporary name beside its target, is flushed to disk, then renamed over the target
+(`os.replace`, atomic on POSIX within one file system)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (best effort: some file systems refuse to open a directory)."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically: the old content or the new, never a mix."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_pretrained_atomic(model: Any, directory: str | Path) -> Path:
+    """`model.save_pretrained(directory)` (PEFT) with every file replaced atomically: written into a temporary
+    sibling folder, synced, then each file renamed into `directory` (created if needed)."""
+    directory = Path(directory)
+    temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    if temporary.exists():  # left by a killed earlier attempt of this same process id
+        shutil.rmtree(temporary)
+    model.save_pretrained(temporary)
+    directory.mkdir(parents=True, exist_ok=True)
+    # the weights last: a reader that finds them finds the config that goes with them
+    for file in sorted(temporary.iterdir(), key=lambda f: (f.suffix == ".safetensors", f.name)):
+        if file.is_dir():  # not written by PEFT for one adapter; kept whole if a version ever does
+            shutil.rmtree(directory / file.name, ignore_errors=True)
+        else:
+            _fsync_file(file)
+        os.replace(file, directory / file.name)
+    temporary.rmdir()
+    _fsync_dir(directory)
+    return directory

@@ -1,0 +1,146 @@
+"""The run directory never loses a run: the ledger and the metrics are append-only, a fresh run refuses a directory
+that holds one (`--force` moves it aside), a run resuming its own directory numbers its rounds on, and `simulate`
+succeeds only on a report written by this run."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server.cli import _claim_run_dir, main
+from server.rundir import PRIVACY_COLUMNS, RunDirectory
+from shared.config import FedShopConfig, to_toml
+from shared.errors import UserError
+from shared.files import write_text_atomic
+from shared.privacy import history_from_ledger
+
+HEADER = ",".join(PRIVACY_COLUMNS) + "\n"
+LEDGER = HEADER + ("m0,1,1.1,0.25,4,0.5,1e-05,event,rdp,trained\n"
+                   "m0,2,1.1,0.25,4,0.7,1e-05,event,rdp,trained\n"
+                   "m1,2,1.2,0.5,3,0.6,1e-05,event,rdp,trained\n")
+
+
+def _finished_run(path: Path, config: FedShopConfig) -> Path:
+    """A directory shaped like a finished 2-round run (ledger, metrics, report, adapter, config, references)."""
+    (path / "adapter").mkdir(parents=True)
+    (path / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (path / "privacy.csv").write_text(LEDGER)
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "scope": "evaluate", "metrics": {}}) + "\n"
+                                                for r in (0, 1, 2)))
+    (path / "report.md").write_text("# the first run's report\n")
+    (path / "references.json").write_text("{}")
+    (path / "config.toml").write_text(to_toml(config.replace(run_dir=str(path))))
+    return path
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_a_fresh_run_refuses_a_directory_holding_a_run_and_changes_nothing(tmp_path):
+    # Prepare
+    config = FedShopConfig(run_dir=str(tmp_path / "run"))
+    run = _finished_run(tmp_path / "run", config)
+    before = _snapshot(run)
+    # Execute / Assert
+    with pytest.raises(UserError, match=f"run directory {run} already holds a run .*--force.*resume-from={run}"):
+        RunDirectory(run).start(config)
+    with pytest.raises(UserError, match="already holds a run"):
+        _claim_run_dir(config, force=False)
+    assert _snapshot(run) == before
+
+
+def test_force_moves_the_old_run_aside_whole(tmp_path):
+    # Prepare
+    config = FedShopConfig(run_dir=str(tmp_path / "run"))
+    run = _finished_run(tmp_path / "run", config)
+    before = _snapshot(run)
+    # Execute
+    _claim_run_dir(config, force=True)
+    offset = RunDirectory(run).start(config)
+    # Assert: the old run is intact beside the new, empty one
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert _snapshot(aside) == before
+    assert offset == 0 and (run / "privacy.csv").read_text() == HEADER and (run / "metrics.jsonl").read_text() == ""
+    with pytest.raises(UserError, match="drop --force"):  # resuming in place keeps its directory where it is
+        _claim_run_dir(config.replace(resume_from=str(aside), run_dir=str(aside)), force=True)
+
+
+def test_resuming_in_place_appends_and_numbers_rounds_on(tmp_path):
+    # Prepare
+    config = FedShopConfig(run_dir=str(tmp_path / "run"))
+    run = _finished_run(tmp_path / "run", config)
+    ledger, metrics, old_config = ((run / n).read_bytes() for n in ("privacy.csv", "metrics.jsonl", "config.toml"))
+    directory = RunDirectory(run)
+    # Execute
+    offset = directory.start(config.replace(resume_from=str(run), num_rounds=5))
+    directory.append_privacy({"merchant": "m0", "round": offset + 1, "noise_multiplier": 1.1, "sample_rate": 0.25,
+                              "steps": 4, "epsilon": 0.9, "delta": 1e-5, "unit": "event", "accountant": "rdp",
+                              "status": "trained"})
+    directory.append_metrics({"round": offset + 1, "scope": "train", "metrics": {}})
+    # Assert
+    assert offset == 2
+    assert (run / "privacy.csv").read_bytes().startswith(ledger) and len(directory.read_privacy()) == 4
+    assert (run / "metrics.jsonl").read_bytes().startswith(metrics) and directory.last_round() == 3
+    assert (run / "config-before-round-3.toml").read_bytes() == old_config
+    assert "num-rounds = 5" in (run / "config.toml").read_text()
+    assert not (run / "references.json").exists() and (run / "references-before-round-3.json").is_file()
+    # a merchant reading its history in round 3 sees rounds 1-2 only; all rows compose afterwards
+    assert history_from_ledger(run, "m0", before_round=3)[1] == [(1.1, 0.25, 4)] * 2
+    assert history_from_ledger(run, "m0")[1] == [(1.1, 0.25, 4)] * 3
+
+
+def test_an_unfinished_last_line_is_skipped_and_the_next_row_starts_a_line_of_its_own(tmp_path, caplog):
+    # Prepare: a run killed while writing its ledger and its metrics
+    directory = RunDirectory(tmp_path)
+    (tmp_path / "privacy.csv").write_text(LEDGER + "m1,3,1.2")
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1, "scope": "train"}\n{"round": 2, "sc')
+    # Execute
+    directory.append_privacy({"merchant": "m1", "round": 3, "noise_multiplier": 1.2, "sample_rate": 0.5,
+                              "steps": 3, "epsilon": 0.8, "delta": 1e-5, "unit": "event", "accountant": "rdp",
+                              "status": "trained"})
+    directory.append_metrics({"round": 3, "scope": "train"})
+    # Assert
+    rows = directory.read_privacy()
+    assert [(r["merchant"], r["round"]) for r in rows] == [("m0", "1"), ("m0", "2"), ("m1", "2"), ("m1", "3")]
+    assert history_from_ledger(tmp_path, "m1")[1] == [(1.2, 0.5, 3), (1.2, 0.5, 3)]
+    assert [r["round"] for r in directory.read_metrics()] == [1, 3]
+    assert "unfinished" in caplog.text
+
+
+def test_a_ledger_with_other_columns_is_refused_not_appended_to(tmp_path):
+    (tmp_path / "privacy.csv").write_text("merchant,round,epsilon\nm0,1,0.5\n")
+    config = FedShopConfig(run_dir=str(tmp_path), resume_from=str(tmp_path))
+    with pytest.raises(UserError, match="is not a fedshop ledger"):
+        RunDirectory(tmp_path).start(config)
+    assert (tmp_path / "privacy.csv").read_text() == "merchant,round,epsilon\nm0,1,0.5\n"
+
+
+@pytest.mark.parametrize("writes_report, status", [(False, 1), (True, 0)])
+def test_simulate_succeeds_only_on_a_report_this_run_wrote(tiny_base, tmp_path, monkeypatch, writes_report, status):
+    # Prepare: a finished run resumed in place, so the earlier run's report.md is there all along
+    run = _finished_run(tmp_path / "run", tiny_base)
+    config_file = tmp_path / "tiny.toml"
+    config_file.write_text(to_toml(tiny_base.replace(progress=False)))
+
+    def simulation(config, verbose=False):  # a simulation that crashed (no report) or finished (a new report)
+        if writes_report:
+            write_text_atomic(Path(config.run_dir) / "report.md", "# this run's report\n")
+
+    monkeypatch.setattr("server.simulation.run_simulation", simulation)
+    # Execute
+    code = main(["simulate", "--config", str(config_file), "--set", f"resume-from={run}", "--run-dir", str(run)])
+    # Assert
+    assert code == status
+
+
+def test_simulate_refuses_a_used_run_directory_before_any_work(tmp_path, capsys):
+    # Prepare
+    run = _finished_run(tmp_path / "run", FedShopConfig())
+    before = _snapshot(run)
+    # Execute: the base does not exist, so any work would start by pretraining it
+    code = main(["simulate", "--set", f"base-dir={tmp_path / 'base'}", "--run-dir", str(run)])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2 and f"run directory {run} already holds a run" in err and "Traceback" not in err
+    assert not (tmp_path / "base").exists() and _snapshot(run) == before
