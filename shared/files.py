@@ -49,7 +49,7 @@ def save_pretrained_atomic(model: Any, directory: str | Path) -> Path:
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if temporary.exists():  # left by a killed earlier attempt of this same process id
         shutil.rmtree(temporary)
-    model.save_pretrained(temporary)
+    model.save_pretrained(temporary, save_embedding_layers=False)  # the base's embedding is not the adapter's
     directory.mkdir(parents=True, exist_ok=True)
     # the weights last: a reader that finds them finds the config that goes with them
     for file in sorted(temporary.iterdir(), key=lambda f: (f.suffix == ".safetensors", f.name)):

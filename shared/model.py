@@ -91,8 +91,10 @@ def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int 
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The tensors that travel: exactly `get_peft_model_state_dict`."""
-    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    """The tensors that travel: exactly `get_peft_model_state_dict`, without the frozen base embedding that PEFT
+    would otherwise add when `lm_head` (tied to it) is a target (`save_embedding_layers`)."""
+    return {k: v.detach().clone().contiguous()
+            for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
 
 
 def is_frozen_key(key: str, aggregation: str) -> bool:
@@ -114,7 +116,7 @@ def uplink_state(model: PeftModel, aggregation: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
-    expected = set(get_peft_model_state_dict(model))
+    expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
     if set(state) != expected:
         raise ValueError(f"adapter keys differ: missing {sorted(expected - set(state))[:3]}, "
                          f"unexpected {sorted(set(state) - expected)[:3]}")

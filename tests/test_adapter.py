@@ -43,3 +43,31 @@ def test_a_base_pretrained_for_another_catalogue_is_refused(tiny_base):
     meta["catalogue-sha256"] = "0" * 64  # a base from an older generator with the same sizes and seed
     with pytest.raises(UserError, match="predates this version of the data generator"):
         check_base_matches(meta, tiny_base)
+
+
+def test_an_lm_head_adapter_carries_only_lora_tensors_and_reloads_with_plain_peft(tiny_base, tmp_path):
+    # Prepare: LoRA on the output layer too (lm_head is tied to the input embedding)
+    from safetensors.torch import load_file
+
+    from shared.files import save_pretrained_atomic
+
+    config = tiny_base.replace(lora_targets="q,v,lm_head")
+    base, tokenizer, _ = load_base(config.base_dir)
+    model = add_lora(base, config, seed=3)
+    state = {k: torch.randn_like(v) * 0.1 for k, v in adapter_state(model).items()}
+    load_adapter_state(model, state)
+    # Execute
+    save_pretrained_atomic(model, tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    reloaded = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(config.base_dir),
+                                         tmp_path / "adapter")
+    # Assert: only LoRA tensors travel and are saved (no copy of the frozen base embedding), the lm_head's B has one
+    # row per vocabulary token, and plain PEFT reproduces the logits
+    assert all("lora_" in key for key in state) and all("lora_" in key for key in saved)
+    assert any("lm_head.lora_B" in key and value.shape == (len(tokenizer), config.lora_r)
+               for key, value in state.items())
+    batch = encode(merchant_data(config, "m0").test[:8], tokenizer)
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(first_step_logits(model, batch.input_ids, batch.attention_mask),
+                              first_step_logits(reloaded, batch.input_ids, batch.attention_mask), atol=1e-5)

@@ -142,3 +142,14 @@ def test_several_examples_per_shopper_keep_the_shopper_epsilon(setup):
         several.noise_multiplier, several.sample_rate, several.steps)
     assert math.isclose(single.epsilon, several.epsilon) and several.epsilon <= one.target_epsilon
     assert any(not torch.equal(before[n], p) for n, p in lora_parameters(model).items())
+
+
+def test_hooks_per_sample_gradients_are_exact_with_lora_on_the_output_layer():
+    # lm_head (tied to the input embedding) as a LoRA target, B non-zero: Opacus hooks must still be exact
+    model, tokenizer, merchant = tiny_lora_model(CONFIG.replace(lora_targets="q,v,lm_head"), seed=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    assert any("lm_head.lora_B" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert_opacus_per_sample_gradients_exact(model, first(encode(merchant.train[:8], tokenizer), 4))
