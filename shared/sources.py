@@ -17,6 +17,7 @@ into the same `SyntheticData` shape with a catalogue derived from the events:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +38,12 @@ from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, Catalogue, SyntheticD
 from shared.tasks import TASK_TOKENS, churn_tokens, level_tokens
 
 UNKNOWN_CATEGORY = "(unknown)"
+# the config keys that shape the data (everything `load_world` reads, directly or through the generator/loaders)
+DATA_KEYS = ("seed", "num-merchants", "shoppers-per-merchant", "public-shoppers", "num-items", "num-categories",
+             "days", "merchant-skew", "new-items", "drift", "data-path", "data-format", "item-properties-path",
+             "event-map", "item-column", "timestamp-format", "purchase-rating", "on-bad-rows", "partition",
+             "partition-alpha", "shoppers-at-several-merchants", "public-fraction", "min-shopper-events",
+             "min-item-events", "max-events-per-shopper-per-day", "time-window-start", "time-window-end")
 
 
 @dataclass
@@ -52,10 +59,39 @@ class SourceReport:
 
 
 def load_world(config: FedShopConfig) -> SyntheticData:
-    """The run's data: synthetic when `data-path` is empty, else the file (see the module doc)."""
-    if not config.data_path:
-        return generate(config)
-    return load_real(config)[0]
+    """The run's data: synthetic when `data-path` is empty, else the file (see the module doc).
+
+    Kept per process for the last few configs (a merchant's actor serves many messages; building the world again
+    for each cost 1.5-2 s on the default config), keyed by every data key of the config and, for files, their size
+    and modification time, so a changed file is read again. Callers must not modify what it returns.
+    """
+    return _cached_world(_world_key(config), config)
+
+
+def _world_key(config: FedShopConfig) -> tuple:
+    flat = config.to_flat()
+    files = [p for p in [config.data_path, *config.item_properties_path.split(",")] if p.strip()]
+    stats = []
+    for path in files:
+        try:
+            info = Path(path.strip()).stat()
+            stats.append((path, info.st_size, info.st_mtime_ns))
+        except OSError:
+            stats.append((path, None, None))  # loading will name the missing file
+    return tuple((key, flat[key]) for key in DATA_KEYS) + tuple(stats)
+
+
+def _cached_world(key: tuple, config: FedShopConfig) -> SyntheticData:
+    hit = _WORLDS.get(key)
+    if hit is None:
+        hit = _WORLDS[key] = generate(config) if not config.data_path else load_real(config)[0]
+        while len(_WORLDS) > WORLDS_KEPT:
+            _WORLDS.pop(next(iter(_WORLDS)))  # the oldest
+    return hit
+
+
+WORLDS_KEPT = 2
+_WORLDS: dict[tuple, SyntheticData] = {}
 
 
 def load_options(config: FedShopConfig) -> LoadOptions:

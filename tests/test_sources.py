@@ -222,3 +222,31 @@ def test_item_ids_never_collide_with_a_task_category_band_level_or_churn_token()
     assert tokens.tolist() == ["i1", "sku-1", "item:s1", "item:x0.8", "item:b0", "item:churn:", "item:c3", "item:p7",
                                "item:g2", "item:d4", "item:n10", "a_b"]
     assert renamed == 10
+
+
+def test_the_world_is_built_once_per_process_and_again_when_its_data_changes(tmp_path):
+    # Prepare
+    import os
+
+    from shared.config import FedShopConfig
+    from shared.sources import DATA_KEYS, load_world
+
+    config = FedShopConfig(num_merchants=2, shoppers_per_merchant=20, public_shoppers=20, num_items=30,
+                           num_categories=3)
+    # Execute / Assert: a key that does not shape the data reuses the world; one that does builds another
+    first = load_world(config)
+    assert load_world(config.replace(learning_rate=0.5, run_dir="elsewhere")) is first
+    assert load_world(config.replace(drift=0.5)) is not first
+    assert set(DATA_KEYS) <= set(config.to_flat())
+    # a file is read again when it changes (size or modification time)
+    path = tmp_path / "events.csv"
+    rows = ["merchant_id,user_id,item_id,event,timestamp"] + [
+        f"m{u % 2},u{u},i{(u + k) % 7},view,{1_700_000_000_000 + 60_000 * k}" for u in range(40) for k in range(6)]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    real = config.replace(data_path=str(path), partition="natural:merchant_id", min_shopper_events=1,
+                          min_item_events=1)
+    loaded = load_world(real)
+    assert load_world(real) is loaded
+    path.write_text("\n".join(rows[:-6]) + "\n", encoding="utf-8")
+    os.utime(path, ns=(1, 1))
+    assert load_world(real) is not loaded and len(load_world(real).events) < len(loaded.events)
