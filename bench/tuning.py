@@ -136,7 +136,8 @@ def run_trial(config, split: str, references: bool) -> dict:
         pooled = encode([e for d in data for e in d.train], tokenizer)
         state = PrivacyState()
         for server_round in range(1, config.num_rounds + 1):
-            train_round(model, pooled, plain, state, seed=_seed(config, server_round, 10_000))
+            train_round(model, pooled, plain, state, seed=_seed(config, server_round, 10_000),
+                        owners=[e.user_id for d in data for e in d.train])
         out["centralised"] = score(model)
     return out
 

@@ -64,13 +64,18 @@ def schedule(num_records: int, config: FedShopConfig) -> tuple[float, int]:
 
 
 def records_for(num_examples: int, owners: Sequence[str] | None, config: FedShopConfig) -> list[list[int]]:
-    """The privacy records of a merchant's training examples (see `shared.privacy.records_of`)."""
-    unit = config.privacy_unit if config.local_dp else "event"
-    if unit == "shopper":
+    """The privacy records of a merchant's training examples (see `shared.privacy.records_of`): shoppers for the
+    shopper unit, also in its non-private twin (dp = false: the same sampler and steps), else examples."""
+    if by_shopper(config):
         if owners is None or len(owners) != num_examples:
             raise ValueError("the shopper unit needs the shopper of every training example")
         return records_of(owners, "shopper")
     return records_of([""] * num_examples, "event")
+
+
+def by_shopper(config: FedShopConfig) -> bool:
+    """Whether steps sample shoppers (the shopper unit with DP-SGD, or the same schedule without DP)."""
+    return config.privacy_unit == "shopper" and (config.local_dp or not config.dp)
 
 
 def calibrate(num_records: int, config: FedShopConfig) -> float:
@@ -106,8 +111,7 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     records = records_for(len(data), owners, config)
     sample_rate, steps = schedule(len(records), config)
     uniform = Uniform(seed, secure=config.secure_mode and config.local_dp)
-    grouped = config.local_dp and config.privacy_unit == "shopper" and config.examples_per_shopper > 1
-    sampler = PoissonSampler(records, sample_rate, uniform, config.examples_per_shopper if grouped else 1)
+    sampler = PoissonSampler(records, sample_rate, uniform, config.examples_per_shopper if by_shopper(config) else 1)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     if not config.local_dp:
@@ -138,10 +142,14 @@ def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.O
     model.train()
     losses = []
     for _ in range(steps):
-        idx = torch.from_numpy(sampler.batch())
-        if len(idx) == 0:
+        rows, owner = sampler.groups()
+        if len(rows) == 0:
             continue
-        loss = per_sample_loss(model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx]).mean()
+        idx, owner_t = torch.from_numpy(rows), torch.from_numpy(owner)
+        shoppers = int(owner_t.max()) + 1
+        weight = 1.0 / torch.bincount(owner_t, minlength=shoppers).to(torch.float32)[owner_t] / shoppers
+        loss = (per_sample_loss(model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx])
+                * weight).sum()  # the mean over records of their mean example loss (one example each: the mean)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

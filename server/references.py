@@ -81,7 +81,8 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
             pooled = [e for d in data.values() for e in d.train]
             encoded, state = encode(pooled, tokenizer), PrivacyState()
             for server_round in range(1, config.num_rounds + 1):
-                train_round(model, encoded, plain, state, seed=_seed(config, server_round, 10_000))
+                train_round(model, encoded, plain, state, seed=_seed(config, server_round, 10_000),
+                            owners=[e.user_id for e in pooled])
             for merchant, d in data.items():
                 merchants[merchant], outputs[kind][merchant] = _evaluate(model, tokenizer, d, config)
         else:
