@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from server.audit import audit_run, read_audit
+from server.report import with_standard_errors
 from server.rundir import RunDirectory
 from shared.config import FedShopConfig, load_config
 from shared.errors import UserError
@@ -27,7 +28,7 @@ METRICS = (("intent-auc", "purchase intent AUC"), ("next-hr@10", "next item HR@1
 AUDIT = (("mia-auc", "MIA AUC"), ("mia-tpr@1%fpr", "MIA TPR@1%FPR"), ("canary-auc", "canary AUC"),
          ("eps-emp", "eps_emp"))
 COLUMNS = ("target_epsilon", "status", "unit", "delta", "accountant", "epsilon_max", "epsilon_mean",
-           "noise_multiplier", *(k for k, _ in METRICS), *(k for k, _ in AUDIT), "seconds")
+           "noise_multiplier", *(c for k, _ in METRICS for c in (k, f"{k}-se")), *(k for k, _ in AUDIT), "seconds")
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -101,14 +102,19 @@ def summarize(run_dir: Path, config: FedShopConfig, epsilon: float, status: str,
     row["epsilon_mean"] = sum(spent) / len(spent) if spent else math.nan
     row["noise_multiplier"] = sum(noise) / len(noise) if noise else math.nan
     evaluations = [r for r in directory.read_metrics() if r["scope"] == "evaluate"]
-    final = evaluations[-1]["metrics"] if evaluations else {}
+    final = with_standard_errors(evaluations[-1]) if evaluations else {}
     for key, _ in METRICS:
-        row[key] = final.get(key, math.nan)
+        row[key] = _value(final.get(key))
+        row[f"{key}-se"] = _value(final.get(f"{key}-se"))
     audit = read_audit(run_dir) or {}
     for key, _ in AUDIT:
         value = audit.get(key)
         row[key] = math.nan if value is None else value
     return row
+
+
+def _value(value) -> float:
+    return math.nan if value is None else float(value)
 
 
 def _cell(value) -> str:
@@ -128,17 +134,24 @@ def write_outputs(out: Path, rows: list[dict], config: FedShopConfig) -> None:
              f"{config.target_delta:g}, {config.accountant} accountant, same data, seed and schedule in every row; "
              "`inf` is the non-private run. Epsilon is per merchant, composed over all rounds (max and mean over "
              "merchants). Audit: loss-threshold membership attack (members vs held-out shoppers) and the one-run "
-             "canary audit's lower bound eps_emp at the same delta (95 % confidence).", "",
+             "canary audit's lower bound eps_emp at the same delta (95 % confidence). ± is one standard error of "
+             "the test metric (binomial for HR@10, Hanley-McNeil for AUC, the binomial bound for NDCG and MRR; the "
+             "report's SE words give the detail); the plot's bars are ±1 SE.", "",
              "| target eps | eps max | eps mean | noise mult. | " + " | ".join(n for _, n in METRICS) + " | "
              + " | ".join(n for _, n in AUDIT) + " | s | status |",
              "|" + "---|" * (6 + len(METRICS) + len(AUDIT))]
     for r in rows:
         lines.append(f"| {r['target_epsilon']} | {_cell(r['epsilon_max'])} | {_cell(r['epsilon_mean'])} | "
-                     f"{_cell(r['noise_multiplier'])} | " + " | ".join(_cell(r[k]) for k, _ in METRICS) + " | "
+                     f"{_cell(r['noise_multiplier'])} | " + " | ".join(_with_se(r, k) for k, _ in METRICS) + " | "
                      + " | ".join(_cell(r[k]) for k, _ in AUDIT) + f" | {r['seconds']:.0f} | {r['status']} |")
     if plot(out, rows):
         lines += ["", "![utility vs epsilon](privacy_utility.png)"]
     (out / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _with_se(row: dict, key: str) -> str:
+    se = row.get(f"{key}-se", math.nan)
+    return _cell(row[key]) + ("" if isinstance(se, float) and math.isnan(se) else f" ± {_cell(se)}")
 
 
 def plot(out: Path, rows: list[dict]) -> bool:
@@ -158,7 +171,8 @@ def plot(out: Path, rows: list[dict]) -> bool:
         if all(math.isnan(y) for y in ys):
             continue
         color = f"C{i}"
-        ax.plot(xs, ys, marker="o", color=color, label=name)
+        ax.errorbar(xs, ys, yerr=[float(r.get(f"{key}-se", math.nan)) for r in private], marker="o", color=color,
+                    label=name, capsize=3)
         if reference is not None and not math.isnan(float(reference[key])):
             ax.axhline(float(reference[key]), color=color, linestyle="--", alpha=0.6)
     ax.set_xscale("log")

@@ -21,6 +21,8 @@ from shared.config import ConfigError, load_config
 from shared.errors import UserError
 from shared.privacy import history_from_ledger
 
+pytestmark = pytest.mark.slow  # whole simulations through Flower: `pytest -m "not slow"` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_BUDGET, SECOND_BUDGET = 1.0, 4.0
 

@@ -8,10 +8,13 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from shared.config import load_config
+
+pytestmark = pytest.mark.slow  # whole simulations through Flower: `pytest -m "not slow"` skips them
 
 ROOT = Path(__file__).resolve().parents[1]
 

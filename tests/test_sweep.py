@@ -6,9 +6,13 @@ import math
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from server import sweep
 from server.cli import main
 from shared.config import to_toml
+
+pytestmark = pytest.mark.slow  # whole simulations through Flower: `pytest -m "not slow"` skips them
 
 ROOT = Path(__file__).resolve().parents[1]
 
