@@ -113,7 +113,9 @@ def run_trial(config, split: str, references: bool) -> dict:
         if updates:
             total = sum(weights)
             merged = {k: sum(u[k] * (w / total) for u, w in zip(updates, weights, strict=True)) for k in updates[0]}
-            global_state = {**global_state, **merged}
+            step = getattr(config, "server_learning_rate", 1.0)
+            global_state = {**global_state, **{k: global_state[k] + step * (v - global_state[k])
+                                               for k, v in merged.items()}}
         load_adapter_state(model, global_state)
         out["rounds"].append(score(model))
     out["seconds"] = time.perf_counter() - started

@@ -200,6 +200,17 @@ def combine(updates: Sequence[Adapter], weights: Sequence[float], robust: str = 
     raise ValueError(f"unknown robust aggregation {robust!r}")
 
 
+def server_step(sent: Adapter, merged: Adapter, learning_rate: float) -> dict[str, np.ndarray]:
+    """sent + learning_rate · (merged - sent) per key of `merged` (float64 arithmetic, cast back to merged's dtype):
+    the server's step along the merchants' mean update."""
+    out = {}
+    for key, value in merged.items():
+        value = np.asarray(value)
+        start = np.asarray(sent[key], dtype=np.float64)
+        out[key] = np.asarray(start + learning_rate * (value.astype(np.float64) - start)).astype(value.dtype)
+    return out
+
+
 def fixed_denominator_mean(updates: Sequence[Adapter], reference: Adapter, m: float) -> dict[str, np.ndarray]:
     """reference + (sum of the updates' differences to reference) / m, per key of the updates (float64 accumulation,
     each key cast back to the reference's dtype). Under merchant-level central DP m is the expected number of

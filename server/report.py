@@ -329,8 +329,9 @@ UNIT_WORDS = {
     "event": "each training example (one view of one shopper) is the protected record; a shopper with k examples "
              "is protected only at the weaker group level of k records",
     "shopper": "everything one shopper did at a merchant is the protected record: every DP-SGD step Poisson-samples "
-               "shoppers and takes one example from each sampled shopper, so epsilon bounds what the adapter reveals "
-               "about any one shopper, however many events they have",
+               "shoppers and each sampled shopper adds one clipped gradient (the mean over up to examples-per-shopper "
+               "of their examples), so epsilon bounds what the adapter reveals about any one shopper, however many "
+               "events they have",
     "merchant": "a whole merchant's data is the protected record: the server clips each merchant's adapter update "
                 "and adds Gaussian noise to the aggregate (central DP; the server sees the clipped updates)",
 }

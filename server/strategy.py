@@ -37,6 +37,7 @@ from server.aggregation import (
     fixed_denominator_mean,
     max_dropped_energy,
     payload_bytes,
+    server_step,
     svd_aggregate,
     validate_update,
 )
@@ -127,8 +128,13 @@ class LedgerFedAvg(FedAvg):
         return set()
 
     def merge(self, updates: list[Arrays], weights: list[float]) -> tuple[Arrays, dict[str, float]]:
-        """(merged tensors, extra train metrics) from the validated updates (the tensors merchants send back)."""
-        return combine(updates, weights, self.config.robust, self.config.trim_fraction), {}
+        """(merged tensors, extra train metrics) from the validated updates (the tensors merchants send back); with
+        `server-learning-rate` η the global adapter moves η times the merged update from what was sent."""
+        merged = combine(updates, weights, self.config.robust, self.config.trim_fraction)
+        sent = self.uplink_reference()
+        if self.config.server_learning_rate == 1.0 or sent is None:
+            return merged, {}
+        return server_step(sent, merged, self.config.server_learning_rate), {}
 
     def final_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
         """The complete adapter to save from what the last round produced."""

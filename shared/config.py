@@ -127,6 +127,11 @@ class FedShopConfig:
     batch_size: int = _spec(64, "expected batch size of Poisson sampling", low=1, high=65536)
     learning_rate: float = _spec(2e-3, "merchant learning rate (AdamW on LoRA tensors)", low=0.0, low_open=True,
                                  high=10.0)
+    server_learning_rate: float = _spec(1.0, "the server moves the global adapter by this times the merchants' mean "
+                                        "update (fedavg and ffa; 1 = plain averaging). Averaging M merchants' "
+                                        "DP-noised updates cuts their noise by about sqrt(M), so a step larger than 1 "
+                                        "uses that; post-processing of the merchants' DP outputs, no privacy cost",
+                                        low=0.0, low_open=True, high=100.0)
     eval_batch_size: int = _spec(256, "batch size of evaluation", low=1, high=65536)
     # --- aggregation of the merchants' adapters ----------------------------------------------------------------
     aggregation: str = _spec("ffa", "how the server merges the adapters: fedavg (weighted mean of A and B "
@@ -156,8 +161,8 @@ class FedShopConfig:
     max_grad_norm: float = _spec(1.0, "per-sample gradient clipping norm C", low=0.0, low_open=True, high=1e6)
     accountant: str = _spec("rdp", "privacy accountant", choices=ACCOUNTANTS)
     privacy_unit: str = _spec("event", "the protected record: event (one training example), shopper (everything one "
-                              "shopper did: each DP-SGD step samples shoppers, one example each) or merchant (central "
-                              "DP at the server over whole merchant updates)", choices=PRIVACY_UNITS)
+                              "shopper did: each DP-SGD step samples shoppers, one clipped gradient each) or merchant "
+                              "(central DP at the server over whole merchant updates)", choices=PRIVACY_UNITS)
     central_dp: bool = _spec(False, "add merchant-level central DP at the server on top of an event or shopper unit "
                              "(always on when privacy-unit = merchant)")
     central_target_epsilon: float = _spec(8.0, "merchant-level epsilon budget when central-dp is combined with an "
@@ -203,6 +208,10 @@ class FedShopConfig:
             raise ConfigError(f"config key 'robust' = {self.robust!r} cannot be combined with {central}: the noise "
                               "is calibrated to the fixed-denominator mean of clipped updates (each merchant's "
                               "influence is already bounded by central-clip-norm / merchants); use robust = none")
+        if self.server_learning_rate != 1.0 and (self.aggregation == "svd" or self.central):
+            raise ConfigError(f"config key 'server-learning-rate' = {self.server_learning_rate:g} works with "
+                              "aggregation fedavg or ffa without central DP (svd re-factorises the mean of the "
+                              "products; central DP's noise is calibrated to the plain mean); set it to 1")
         if self.resume_from and self.init_adapter:
             raise ConfigError("config keys 'resume-from' and 'init-adapter' cannot both be set: resume-from continues "
                               "a run directory, init-adapter an export folder; set one of them")

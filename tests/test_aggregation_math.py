@@ -168,3 +168,27 @@ def test_trimmed_mean_trims_floor_fraction_and_refuses_to_trim_everything():
 def test_payload_bytes():
     arrays = {"a": np.zeros((8, 4), np.float32), "b": np.zeros(3, np.float64), "c": np.zeros((2, 2), np.float16)}
     assert payload_bytes(arrays) == 8 * 4 * 4 + 3 * 8 + 4 * 2
+
+
+def test_the_server_step_scales_the_mean_update_from_what_was_sent():
+    # Prepare
+    from server.aggregation import server_step
+
+    sent = {"b": np.array([1.0, 2.0], dtype=np.float32)}
+    merged = {"b": np.array([1.5, 1.0], dtype=np.float32)}
+    # Execute / Assert: 1 is plain averaging, 2 doubles the step, the dtype is kept
+    assert np.array_equal(server_step(sent, merged, 1.0)["b"], merged["b"])
+    doubled = server_step(sent, merged, 2.0)["b"]
+    assert np.allclose(doubled, [2.0, 0.0]) and doubled.dtype == np.float32
+
+
+def test_a_server_learning_rate_is_refused_where_it_would_break_the_guarantee_or_the_merge():
+    import pytest
+
+    from shared.config import ConfigError, FedShopConfig
+
+    FedShopConfig(server_learning_rate=3.0)  # ffa without central DP: allowed
+    with pytest.raises(ConfigError, match="server-learning-rate"):
+        FedShopConfig(server_learning_rate=3.0, aggregation="svd")
+    with pytest.raises(ConfigError, match="server-learning-rate"):
+        FedShopConfig(server_learning_rate=3.0, central_dp=True)
