@@ -29,7 +29,7 @@ from client.train import PrivacyState, train_round  # noqa: E402
 from shared.baselines import fit_baselines  # noqa: E402
 from shared.config import load_config  # noqa: E402
 from shared.data import merchant_data  # noqa: E402
-from shared.model import adapter_state, add_lora, load_adapter_state, load_base, uplink_state  # noqa: E402
+from shared.model import adapter_state, add_lora, item_rows, load_adapter_state, load_base, uplink_state  # noqa: E402
 from shared.modeling import encode, evaluate  # noqa: E402
 from shared.sources import load_world  # noqa: E402
 
@@ -82,6 +82,7 @@ def run_trial(config, split: str, references: bool) -> dict:
     model = add_lora(base, config, seed=config.seed)
     encoded = [encode(d.train, tokenizer) for d in data]
     baselines = [fit_baselines(d.train, d.facts, d.popularity) for d in data]
+    rows = item_rows(tokenizer, data[0].facts)
 
     def score(model) -> dict:
         per = []
@@ -104,7 +105,7 @@ def run_trial(config, split: str, references: bool) -> dict:
         for index, (d, enc) in enumerate(zip(data, encoded, strict=True)):
             load_adapter_state(model, global_state)
             result = train_round(model, enc, config, states[index], seed=_seed(config, server_round, index),
-                                 owners=[e.user_id for e in d.train])
+                                 owners=[e.user_id for e in d.train], output_rows=rows)
             eps.append(result.epsilon)
             losses.append(result.train_loss)
             if result.status == "trained":
@@ -128,7 +129,7 @@ def run_trial(config, split: str, references: bool) -> dict:
             state = PrivacyState()
             for server_round in range(1, config.num_rounds + 1):
                 train_round(model, enc, config, state, seed=_seed(config, server_round, index),
-                            owners=[e.user_id for e in d.train])
+                            owners=[e.user_id for e in d.train], output_rows=rows)
             examples = d.valid if split == "valid" else d.test
             local.append((evaluate(model, tokenizer, examples, d.facts, batch_size=config.eval_batch_size,
                                    tasks=config.task_list), len({e.user_id for e in examples})))
@@ -139,7 +140,7 @@ def run_trial(config, split: str, references: bool) -> dict:
         state = PrivacyState()
         for server_round in range(1, config.num_rounds + 1):
             train_round(model, pooled, plain, state, seed=_seed(config, server_round, 10_000),
-                        owners=[e.user_id for d in data for e in d.train])
+                        owners=[e.user_id for d in data for e in d.train], output_rows=rows)
         out["centralised"] = score(model)
     return out
 

@@ -15,7 +15,7 @@ from client.train import STATUS_DECLINED, PrivacyState, train_round
 from shared.baselines import fit_baselines
 from shared.config import FedShopConfig, from_mapping
 from shared.data import merchant_data, merchant_id_for_partition
-from shared.model import add_lora, load_adapter_state, load_base, uplink_state
+from shared.model import add_lora, item_rows, load_adapter_state, load_base, uplink_state
 from shared.modeling import encode, evaluate
 from shared.privacy import history_from_ledger
 
@@ -66,7 +66,7 @@ def train(msg: Message, context: Context) -> Message:
     state = _load_state(context, config, merchant_id_for_partition(partition_id), server_round)
     result = train_round(model, encode(data.train, tokenizer), config, state,
                          seed=config.seed * 1_000_003 + server_round * 1_009 + partition_id,
-                         owners=[e.user_id for e in data.train])
+                         owners=[e.user_id for e in data.train], output_rows=item_rows(tokenizer, data.facts))
     _save_state(context, state)
     declined = result.status == STATUS_DECLINED
     metrics = MetricRecord({

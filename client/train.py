@@ -30,7 +30,7 @@ from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 
 from shared.config import FedShopConfig
-from shared.model import freeze_for
+from shared.model import freeze_for, keep_item_rows
 from shared.modeling import Encoded, per_sample_loss
 from shared.privacy import PoissonSampler, Uniform, epsilon_of, noise_for_budget, records_of, would_exceed
 from shared.privacy import schedule as _schedule
@@ -99,8 +99,12 @@ def admit(state: PrivacyState, num_records: int, config: FedShopConfig) -> bool:
 
 
 def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, state: PrivacyState,
-                *, seed: int, owners: Sequence[str] | None = None) -> RoundResult:
+                *, seed: int, owners: Sequence[str] | None = None, output_rows: list[int] | None = None
+                ) -> RoundResult:
     """Train the LoRA tensors of `model` in place for one round; updates `state` with this round's steps.
+
+    `output_rows`: with LoRA on lm_head, the vocabulary rows (the items', `shared.model.item_rows`) whose output
+    weights may move; every other row is held at zero after each step (`keep_item_rows`). None: all rows train.
 
     `owners[i]` is the shopper of example i (needed for the shopper unit). With aggregation = ffa the lora_A tensors
     are frozen first, so only B trains and DP-SGD clips and noises B alone (the trainable tensors are exactly those
@@ -115,7 +119,7 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     if not config.local_dp:
-        loss = _train_plain(model, data, optimizer, sampler, steps)
+        loss = _train_plain(model, data, optimizer, sampler, steps, output_rows)
         return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, 0.0, math.inf, config.target_delta, loss)
     admitted = admit(state, len(records), config)
     noise = state.noise_multiplier
@@ -130,14 +134,14 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
         # outputs because the base's inputs need no gradient.
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         losses = _private_loop(model, trainable, optimizer, data, sampler, steps, len(records), config, state,
-                               noise, uniform)
+                               noise, uniform, output_rows)
     epsilon = epsilon_of(state.history, config.target_delta, config.accountant)
     return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, noise, epsilon, config.target_delta,
                        float(sum(losses) / max(1, len(losses))))
 
 
 def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.Optimizer, sampler: PoissonSampler,
-                 steps: int) -> float:
+                 steps: int, output_rows: list[int] | None) -> float:
     """The non-private comparison: the same sampler and number of steps, no clipping, no noise."""
     model.train()
     losses = []
@@ -153,6 +157,7 @@ def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.O
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        keep_item_rows(model, output_rows)
         losses.append(float(loss.detach()))
     return float(sum(losses) / max(1, len(losses)))
 
@@ -188,7 +193,7 @@ def _noise_generator(uniform: Uniform) -> tuple[torch.Generator, bool]:
 
 def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                   data: Encoded, sampler: PoissonSampler, steps: int, num_records: int, config: FedShopConfig,
-                  state: PrivacyState, noise: float, uniform: Uniform) -> list[float]:
+                  state: PrivacyState, noise: float, uniform: Uniform, output_rows: list[int] | None) -> list[float]:
     """Opacus DP-SGD over Poisson batches; leaves the composed accountant history in `state`."""
     # With several examples per shopper, the loss is the sum over shoppers of their mean example loss, so the
     # per-row gradients Opacus computes ("sum" reduction) add up, per shopper, to that shopper's mean gradient.
@@ -223,6 +228,7 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
             if reseed:
                 generator.manual_seed(uniform.seed())
             private_optimizer.step()
+            keep_item_rows(model, output_rows)
     finally:
         private_model._close()
     state.history = [tuple(entry) for entry in accountant.history]  # type: ignore[misc]

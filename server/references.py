@@ -31,7 +31,7 @@ from shared.config import FedShopConfig
 from shared.data import MerchantData, merchant_data
 from shared.files import write_text_atomic
 from shared.metrics import pool_metrics
-from shared.model import add_lora, load_adapter_state, load_base, read_adapter
+from shared.model import add_lora, item_rows, load_adapter_state, load_base, read_adapter
 from shared.modeling import encode, evaluate_with_outputs
 from shared.outputs import Outputs, paired_results, pool
 from shared.sources import load_world
@@ -71,7 +71,8 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
                 state, encoded = PrivacyState(), encode(d.train, tokenizer)
                 for server_round in range(1, config.num_rounds + 1):
                     result = train_round(model, encoded, config, state, seed=_seed(config, server_round, index),
-                                         owners=[e.user_id for e in d.train])
+                                         owners=[e.user_id for e in d.train],
+                                         output_rows=item_rows(tokenizer, d.facts))
                     epsilons[merchant] = result.epsilon
                 merchants[merchant], outputs[kind][merchant] = _evaluate(model, tokenizer, d, config)
         elif kind == "centralised":
@@ -82,7 +83,8 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
             encoded, state = encode(pooled, tokenizer), PrivacyState()
             for server_round in range(1, config.num_rounds + 1):
                 train_round(model, encoded, plain, state, seed=_seed(config, server_round, 10_000),
-                            owners=[e.user_id for e in pooled])
+                            owners=[e.user_id for e in pooled],
+                            output_rows=item_rows(tokenizer, next(iter(data.values())).facts))
             for merchant, d in data.items():
                 merchants[merchant], outputs[kind][merchant] = _evaluate(model, tokenizer, d, config)
         else:

@@ -115,6 +115,31 @@ def uplink_state(model: PeftModel, aggregation: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in adapter_state(model).items() if not is_frozen_key(k, aggregation)}
 
 
+def item_rows(tokenizer, facts) -> list[int]:
+    """Vocabulary rows of the items (their tokens, or with semantic ids the ids' code tokens): the only rows of an
+    `lm_head` LoRA that train (`keep_item_rows`)."""
+    tokens = list(facts.code_tokens) if facts.semantic else list(facts.item_ids)
+    return sorted(set(tokenizer.convert_tokens_to_ids(tokens)))
+
+
+def keep_item_rows(model: PeftModel, rows: list[int] | None) -> None:
+    """Hold every row of the output layer's LoRA B except `rows` at zero (no-op without an lm_head LoRA or rows).
+
+    The output layer's LoRA gives each vocabulary token its own weights; only the items' should move. The answer
+    tokens (yes/no) are shared by intent and churn, and under DP the noise on their rows shifts both tasks'
+    calibration without teaching either. Applied after every optimizer step: zeroing coordinates of a released
+    (noised) update is post-processing, so it costs no privacy.
+    """
+    if rows is None:
+        return
+    for name, parameter in model.named_parameters():
+        if "lm_head" in name and "lora_B" in name:
+            with torch.no_grad():
+                mask = torch.ones(parameter.shape[0], dtype=torch.bool)
+                mask[rows] = False
+                parameter[mask] = 0.0
+
+
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
     expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
     if set(state) != expected:

@@ -153,3 +153,23 @@ def test_hooks_per_sample_gradients_are_exact_with_lora_on_the_output_layer():
                 p.normal_(0.0, 0.05)
     assert any("lm_head.lora_B" in n for n, p in model.named_parameters() if p.requires_grad)
     assert_opacus_per_sample_gradients_exact(model, first(encode(merchant.train[:8], tokenizer), 4))
+
+
+def test_only_the_items_output_rows_move_under_dp():
+    # Prepare: LoRA on the output layer, the shopper unit, the items' vocabulary rows
+    from shared.model import item_rows
+
+    config = CONFIG.replace(lora_targets="q,v,lm_head", privacy_unit="shopper", examples_per_shopper=4,
+                            num_rounds=1, learning_rate=0.05)
+    model, tokenizer, merchant = tiny_lora_model(config, seed=4)
+    rows = item_rows(tokenizer, merchant.facts)
+    # Execute
+    result = train_round(model, encode(merchant.train, tokenizer), config, PrivacyState(), seed=7,
+                         owners=[e.user_id for e in merchant.train], output_rows=rows)
+    # Assert: every non-item row (yes/no, categories, bands...) is still exactly zero; the item rows moved
+    b = next(p for n, p in model.named_parameters() if "lm_head.lora_B" in n).detach()
+    others = torch.ones(b.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert result.status == STATUS_TRAINED and others.any() and len(rows) == len(merchant.facts.item_ids)
+    assert torch.count_nonzero(b[others]) == 0
+    assert torch.count_nonzero(b[rows]) > 0
