@@ -22,6 +22,7 @@ demo: setup
 	$(VENV)/bin/fedshop simulate --config configs/default.toml --force
 
 test: setup
+	$(VENV)/bin/ruff check server client shared tests bench
 	$(PY) -m pytest
 
 lint: setup
