@@ -252,3 +252,20 @@ def test_predict_price_curve_and_churn_risk_agree_with_the_intent_and_churn_head
     bad.write_text("shopper_id,history,sessions,days_since_last\ns1,i1 i2,two,1\n")
     with pytest.raises(UserError, match=r"churn.csv:2: column sessions: 'two' is not an integer"):
         predictor.predict_file(bad, "churn", 1, False)
+
+
+def test_merging_an_lm_head_adapter_into_the_tied_base_is_refused(tmp_path):
+    # Prepare: a run directory whose config adapts lm_head (tied to the input embedding in T5)
+    from server.export import export_run
+    from shared.config import FedShopConfig, to_toml
+    from shared.errors import UserError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(FedShopConfig(lora_targets="lm_head")), encoding="utf-8")
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")  # never read: the refusal comes first
+    # Execute / Assert: refused with the reason, before anything is written
+    with pytest.raises(UserError, match="ties to its input embedding"):
+        export_run(run, tmp_path / "out", merge=True)
+    assert not (tmp_path / "out").exists()
