@@ -85,7 +85,7 @@ def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int 
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
         # lm_head as a target: its LoRA is a separate delta, the tied base weight is never changed or saved here,
         # and `fedshop export --merge` refuses such an adapter, so PEFT's note on merging tied weights does not apply
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.* and a tied layer is part of the adapter")
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.* and a tied layer is part of the")
         model = get_peft_model(base, lora_config(config))
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and "lora_" not in name:
