@@ -150,8 +150,7 @@ def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.O
         if len(rows) == 0:
             continue
         idx, owner_t = torch.from_numpy(rows), torch.from_numpy(owner)
-        shoppers = int(owner_t.max()) + 1
-        weight = 1.0 / torch.bincount(owner_t, minlength=shoppers).to(torch.float32)[owner_t] / shoppers
+        weight = per_shopper_weight(owner_t) / (int(owner_t.max()) + 1)
         loss = (per_sample_loss(model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx])
                 * weight).sum()  # the mean over records of their mean example loss (one example each: the mean)
         optimizer.zero_grad(set_to_none=True)
@@ -162,13 +161,18 @@ def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.O
     return float(sum(losses) / max(1, len(losses)))
 
 
+def per_shopper_weight(owner: torch.Tensor) -> torch.Tensor:
+    """1 / (rows of the same shopper) for each row: the weights that make a shopper's rows sum to their mean."""
+    return 1.0 / torch.bincount(owner).to(torch.float32)[owner]
+
+
 def shopper_backward(private_model: GradSampleModule, trainable: list[torch.nn.Parameter], data: Encoded,
                      idx: torch.Tensor, owner: torch.Tensor) -> float:
     """Leave in each trainable tensor's `grad_sample` one row per sampled shopper: the mean gradient of that
     shopper's examples in the batch (`owner[i]` is the shopper 0..G-1 of row `idx[i]`), which DP-SGD then clips as one
     vector. `private_model` must use the "sum" loss reduction. Returns the batch's mean example loss."""
     shoppers = int(owner.max()) + 1
-    weight = 1.0 / torch.bincount(owner, minlength=shoppers).to(torch.float32)[owner]
+    weight = per_shopper_weight(owner)
     loss = per_sample_loss(private_model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx])
     (loss * weight).sum().backward()  # per-row gradients, each already divided by its shopper's count
     for p in trainable:
