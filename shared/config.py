@@ -113,6 +113,10 @@ class FedShopConfig:
     pretrain_batch_size: int = _spec(128, "batch size of pretraining", low=1, high=65536)
     pretrain_learning_rate: float = _spec(5e-3, "learning rate of pretraining (AdamW)", low=0.0, low_open=True,
                                           high=1.0)
+    pretrain_task_weights: str = _spec("intent:3,next-item:1,churn:2", "pretraining loss: each task's mean example "
+                                       "loss times its weight (task:weight, comma-separated; a task not named weighs "
+                                       "1). With plain example averaging next-item, the largest loss, drowned the "
+                                       "yes/no tasks")
     lora_r: int = _spec(8, "LoRA rank", low=1, high=1024)
     lora_alpha: float = _spec(16.0, "LoRA alpha (update scale alpha / r)", low=0.0, low_open=True, high=1e4)
     lora_dropout: float = _spec(0.0, "dropout on the LoRA branch", low=0.0, high=1.0, high_open=True)
@@ -237,6 +241,7 @@ class FedShopConfig:
                               "data-path: a real log drifts (or not) by itself")
         if self.new_items >= self.num_items:
             raise ConfigError(f"config key 'new-items' = {self.new_items} must be below num-items = {self.num_items}")
+        _ = self.pretrain_weights  # parsed here so that a malformed entry is refused with the config, key named
         if self.min_valid_merchants > self.num_merchants:
             raise ConfigError(f"config key 'min-valid-merchants' = {self.min_valid_merchants} exceeds num-merchants "
                               f"= {self.num_merchants}")
@@ -254,6 +259,22 @@ class FedShopConfig:
     @property
     def reference_list(self) -> list[str]:
         return [r for r in _split(self.references) if r != "none"]
+
+    @property
+    def pretrain_weights(self) -> dict[str, float]:
+        """`pretrain-task-weights` as {task: weight} over the tasks that have examples (price has none)."""
+        weights = {task: 1.0 for task in ("intent", "next-item", "churn")}
+        for pair in _split(self.pretrain_task_weights):
+            task, _, raw = pair.partition(":")
+            try:
+                weight = float(raw)
+            except ValueError:
+                weight = float("nan")
+            if task.strip() not in weights or not (math.isfinite(weight) and weight > 0):
+                raise ConfigError(f"config key 'pretrain-task-weights' entry {pair!r}: expected task:weight with "
+                                  f"task one of {', '.join(weights)} and a weight > 0 (e.g. \"intent:3,churn:2\")")
+            weights[task.strip()] = weight
+        return weights
 
     @property
     def task_list(self) -> list[str]:

@@ -21,7 +21,7 @@ from shared.modeling import encode, evaluate, per_sample_loss
 from shared.semantic import SemanticIds, build_semantic_ids
 from shared.sources import load_world
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, SyntheticData
-from shared.tasks import CatalogueFacts
+from shared.tasks import CatalogueFacts, Example
 from shared.tokenizer import build_tokenizer
 
 log = logging.getLogger("fedshop")
@@ -41,6 +41,19 @@ def init_items_from_categories(model: torch.nn.Module, tokenizer, facts: Catalog
         weight = model.get_input_embeddings().weight
         weight[items] = (CATEGORY_INIT_SHARE * weight[categories]
                          + (1.0 - CATEGORY_INIT_SHARE ** 2) ** 0.5 * weight[items])
+
+
+def task_weights(examples: list[Example], weights: dict[str, float]) -> torch.Tensor:
+    """Per-example loss weights whose batch mean is, in expectation, the weighted mean of the tasks' mean losses.
+
+    A task's examples share its weight over their count, and the weights average to 1 over the data (so the
+    learning rate keeps its scale): with one example per view for intent and for next-item and a few churn cutoffs
+    per shopper, plain averaging let next-item's large loss (~ln of the catalogue) decide every update.
+    """
+    tasks = [e.task for e in examples]
+    counts = {task: tasks.count(task) for task in set(tasks)}
+    total = sum(weights.get(task, 1.0) for task in counts)
+    return torch.tensor([weights.get(t, 1.0) * len(tasks) / (counts[t] * total) for t in tasks], dtype=torch.float32)
 
 
 def public_semantic_ids(config: FedShopConfig, data: SyntheticData) -> SemanticIds:
@@ -68,6 +81,7 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
     if not public.facts.semantic:  # semantic ids are made of category, band and code tokens: nothing per item
         init_items_from_categories(model, tokenizer, public.facts)
     train = encode(public.train, tokenizer)
+    weight = task_weights(public.train, config.pretrain_weights)
     # T5 has no absolute positions and its cross-attention none at all: "which item came last" reaches the decoder
     # only through the relative attention bias, whose entries must grow to O(several) to attend sharply; at the
     # common lr they move ~lr per Adam step and stay near 0 for the whole of a short schedule.
@@ -91,8 +105,9 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
         for step in range(steps_per_epoch):
             idx = order[step * config.pretrain_batch_size:(step + 1) * config.pretrain_batch_size]
             width = int(train.attention_mask[idx].sum(1).max())  # drop columns that are padding in the whole batch
-            loss = per_sample_loss(model, train.input_ids[idx, :width], train.attention_mask[idx, :width],
-                                   train.target_ids[idx]).mean()
+            losses = per_sample_loss(model, train.input_ids[idx, :width], train.attention_mask[idx, :width],
+                                     train.target_ids[idx])
+            loss = (weight[idx] * losses).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -107,6 +122,7 @@ def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[
         "model-size": config.model_size, "seed": config.seed, "trained-on": "public platform split (no DP)",
         "public-shoppers": shoppers, "num-items": config.num_items,
         "num-categories": config.num_categories, "pretrain-epochs": config.pretrain_epochs,
+        "pretrain-task-weights": config.pretrain_weights,
         "catalogue-sha256": catalogue_fingerprint(public.facts), "item-ids": config.item_ids,
         "public-valid-metrics": metrics,
     }

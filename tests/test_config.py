@@ -49,6 +49,9 @@ def test_bad_values_are_refused_naming_key_and_range(key, value, words):
     ({"new-items": 60, "num-items": 60}, "'new-items' = 60 must be below num-items = 60"),
     ({"new-items": 5, "data-path": "events.csv"}, "'new-items' shapes the synthetic generator"),
     ({"item-ids": "tiger"}, "one of token, semantic"),
+    ({"pretrain-task-weights": "intent:3,price:1"}, "entry 'price:1': expected task:weight"),
+    ({"pretrain-task-weights": "churn:0"}, "entry 'churn:0': expected task:weight"),
+    ({"pretrain-task-weights": "intent=2"}, "entry 'intent=2': expected task:weight"),
 ])
 def test_combinations_that_cannot_work_are_refused(values, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
@@ -109,3 +112,17 @@ def test_shared_package_never_imports_flower():
     # Assert
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_pretraining_task_weights_give_each_task_its_share_and_average_one():
+    # Prepare: 6 next-item, 3 intent and 1 churn example; churn weighs 2, the others 1
+    from shared.pretrain import task_weights
+    from shared.tasks import Example
+    tasks = ["next-item"] * 6 + ["intent"] * 3 + ["churn"]
+    examples = [Example(task=t, source="", target="", split="train", user_id="u", label=0) for t in tasks]
+    # Execute
+    weights = task_weights(examples, from_mapping({"pretrain-task-weights": "churn:2"}).pretrain_weights)
+    # Assert: the weights average 1, and a task's total weight is its share of 1 + 1 + 2
+    assert float(weights.mean()) == pytest.approx(1.0)
+    share = {t: float(weights[[k for k, u in enumerate(tasks) if u == t]].sum()) / len(tasks) for t in set(tasks)}
+    assert share == pytest.approx({"next-item": 0.25, "intent": 0.25, "churn": 0.5})
