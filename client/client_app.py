@@ -11,10 +11,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.train import STATUS_DECLINED, PrivacyState, train_round
 from shared.baselines import fit_baselines
 from shared.config import FedShopConfig, from_mapping
 from shared.data import merchant_data, merchant_id_for_partition
+from shared.dptrain import STATUS_DECLINED, PrivacyState, train_round
 from shared.model import add_lora, item_rows, load_adapter_state, load_base, uplink_state
 from shared.modeling import encode, evaluate
 from shared.privacy import history_from_ledger

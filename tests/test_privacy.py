@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from client.train import STATUS_TRAINED, PrivacyState, admit, schedule, train_round
 from server.rundir import RunDirectory
 from server.strategy import build_strategy
 from shared.config import FedShopConfig
+from shared.dptrain import STATUS_TRAINED, PrivacyState, admit, schedule, train_round
 from shared.modeling import encode
 from shared.privacy import PoissonSampler, Uniform, epsilon_of, records_of
 from tests.helpers import lora_parameters, tiny_lora_model

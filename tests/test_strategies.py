@@ -12,12 +12,12 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
-from client.train import STATUS_TRAINED, PrivacyState, train_round
 from server.aggregation import payload_bytes
 from server.report import aggregation_lines
 from server.rundir import RunDirectory
 from server.strategy import LedgerFFA, LedgerSVD, TooFewValidUpdates, build_strategy
 from shared.config import FedShopConfig
+from shared.dptrain import STATUS_TRAINED, PrivacyState, train_round
 from shared.model import adapter_state, uplink_state
 from shared.modeling import encode
 from tests.helpers import first, tiny_lora_model

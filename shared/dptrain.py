@@ -1,6 +1,7 @@
 """A merchant's local round: DP-SGD on the LoRA tensors with Opacus, accountant history carried across rounds.
 
-Plain PyTorch + Opacus, no Flower: the ClientApp translates messages into a call of `train_round`.
+Plain PyTorch + Opacus, no Flower: the ClientApp translates messages into a call of `train_round`, and the server's
+reference runs (`server/references.py`) call it directly.
 
 Privacy bookkeeping, in order:
 1. records are examples (unit `event`) or shoppers (unit `shopper`); every step Poisson-samples records, and a
