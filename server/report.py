@@ -362,10 +362,10 @@ def privacy_lines(config: FedShopConfig, ledger: list[dict[str, str]]) -> list[s
         lines += [
             f"- Unit: **merchant** — {UNIT_WORDS['merchant']}.",
             f"- Merchant-level epsilon **{_f(eps, 3)}** at delta = {delta:g}, {config.accountant} accountant, over "
-            f"{len(released)} released aggregate(s) (budget {config.central_epsilon:g}); update clipping norm "
-            f"{config.central_clip_norm:g}, noise multiplier {_f(noise, 3)}, merchants sampled with probability "
-            f"{config.fraction_train:g} per round (Flower's DifferentialPrivacyServerSideFixedClipping). The "
-            "server's noise comes from numpy's generator, also in secure mode.",
+            f"{len(released)} released aggregate(s) (budget {config.merchant_level_target_epsilon:g}); update "
+            f"clipping norm {config.central_clip_norm:g}, noise multiplier {_f(noise, 3)}, merchants sampled with "
+            f"probability {config.fraction_train:g} per round (Flower's DifferentialPrivacyServerSideFixedClipping). "
+            "The server's noise comes from numpy's generator, also in secure mode.",
         ]
     lines += ["- Only the LoRA tensors were trained with DP; the base was pretrained without DP on the public split, "
               "which holds no merchant's shoppers.",

@@ -46,7 +46,7 @@ from shared.config import FedShopConfig
 from shared.data import merchant_id_for_partition
 from shared.metrics import pool_metrics
 from shared.model import is_frozen_key
-from shared.privacy import History, Uniform, epsilon_of, noise_for_budget, would_exceed
+from shared.privacy import PRIVACY_ACCOUNTANT_KEY, PRIVACY_RECORD, PRIVACY_UNIT_KEY, History, PrivacyBudget, Uniform
 
 log = logging.getLogger("fedshop")
 
@@ -81,6 +81,7 @@ class LedgerFedAvg(FedAvg):
         self.started = time.perf_counter()
         self._last_train: dict[str, float] = {}
         self._current: ArrayRecord | None = initial  # the arrays sent in this round's train messages
+        self.central_budget = PrivacyBudget.for_server(config)
         self.central_history: History = []
         self.central_noise = 0.0
         self.central_rate = config.fraction_train
@@ -94,9 +95,8 @@ class LedgerFedAvg(FedAvg):
     def expected_merchants(self) -> float:
         return self.central_rate * self.config.num_merchants
 
-    def central_epsilon(self, history: History | None = None) -> float:
-        return epsilon_of(self.central_history if history is None else history, self.config.target_delta,
-                          self.config.accountant)
+    def central_epsilon_spent(self) -> float:
+        return self.central_budget.spent(self.central_history)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
@@ -105,11 +105,10 @@ class LedgerFedAvg(FedAvg):
         if not self.config.central:
             return super().configure_train(server_round, arrays, config, grid)
         step = (self.central_noise, self.central_rate, 1)
-        if would_exceed(self.central_history, step, self.config.central_epsilon, self.config.target_delta,
-                        self.config.accountant):
+        if not self.central_budget.admits(self.central_history, step):
             log.warning("round %d: skipped, one more release would exceed the merchant-level epsilon %g (spent %.3f "
-                        "at delta %g, %s)", server_round, self.config.central_epsilon, self.central_epsilon(),
-                        self.config.target_delta, self.config.accountant)
+                        "at delta %g, %s)", server_round, self.central_budget.epsilon, self.central_epsilon_spent(),
+                        self.central_budget.delta, self.central_budget.accountant)
             self._central_row(server_round, "declined")
             return []
         if self.central_rate >= 1.0:
@@ -198,8 +197,8 @@ class LedgerFedAvg(FedAvg):
         self.run_dir.append_privacy({
             "merchant": "all", "round": server_round, "noise_multiplier": self.central_noise,
             "sample_rate": self.central_rate, "steps": 1 if status == "released" else 0,
-            "epsilon": self.central_epsilon(), "delta": self.config.target_delta, "unit": "merchant",
-            "accountant": self.config.accountant, "status": status,
+            "epsilon": self.central_epsilon_spent(), "delta": self.central_budget.delta,
+            "unit": self.central_budget.unit, "accountant": self.central_budget.accountant, "status": status,
         })
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -209,16 +208,18 @@ class LedgerFedAvg(FedAvg):
         trained, merchants = [], {}
         downlink = None if self._current is None else payload_bytes(_numpy(self._current))
         for msg in replies:
-            if msg.has_error():
+            if msg.has_error() or PRIVACY_RECORD not in msg.content.config_records:
                 merchant = f"node-{msg.metadata.src_node_id}"
-                self._ledger(server_round, merchant, math.nan, math.nan, 0, math.nan, "failed")
-                log.warning("round %d: merchant %s failed: %s", server_round, merchant, msg.error.reason)
+                self._failed_row(server_round, merchant)
+                log.warning("round %d: merchant %s failed: %s", server_round, merchant,
+                            msg.error.reason if msg.has_error() else f"no {PRIVACY_RECORD!r} record in its reply")
                 continue
-            metrics = msg.content["metrics"]
+            metrics, privacy = msg.content["metrics"], msg.content.config_records[PRIVACY_RECORD]
             merchant = merchant_id_for_partition(int(metrics["partition-id"]))
             declined = bool(metrics["declined"])
             self._ledger(server_round, merchant, float(metrics["noise-multiplier"]), float(metrics["sample-rate"]),
-                         int(metrics["steps"]), float(metrics["epsilon"]), "declined" if declined else "trained")
+                         int(metrics["steps"]), float(metrics["epsilon"]), str(privacy[PRIVACY_UNIT_KEY]),
+                         str(privacy[PRIVACY_ACCOUNTANT_KEY]), "declined" if declined else "trained")
             entry = {k: v for k, v in metrics.items() if k != "partition-id"}
             sent = msg.content.array_records.get(self.arrayrecord_key)
             entry["uplink-bytes"] = 0 if sent is None else payload_bytes(_numpy(sent))
@@ -275,7 +276,7 @@ class LedgerFedAvg(FedAvg):
         downlink = [m["downlink-bytes"] for m in merchants.values() if "downlink-bytes" in m]
         summary["downlink-bytes-mean"] = float(np.mean(downlink)) if downlink else math.nan
         if self.config.central:
-            summary["epsilon-merchant"] = self.central_epsilon()
+            summary["epsilon-merchant"] = self.central_epsilon_spent()
         self.run_dir.append_metrics({"round": server_round, "scope": "train", "aggregation": self.config.aggregation,
                                      "metrics": summary, "merchants": dict(sorted(merchants.items())),
                                      "rejected": rejected})
@@ -313,13 +314,18 @@ class LedgerFedAvg(FedAvg):
         messages = self.configure_evaluate(0, arrays, ConfigRecord(), grid)
         self.aggregate_evaluate(0, grid.send_and_receive(messages))
 
+    def _failed_row(self, server_round: int, merchant: str) -> None:
+        """The ledger row of a merchant whose reply never came (no steps; unit as its config would have it)."""
+        budget = PrivacyBudget.for_merchants(self.config)
+        self._ledger(server_round, merchant, math.nan, math.nan, 0, math.nan if budget.private else math.inf,
+                     budget.unit, budget.ledger_accountant, "failed")
+
     def _ledger(self, server_round: int, merchant: str, noise: float, rate: float, steps: int, epsilon: float,
-                status: str) -> None:
+                unit: str, accountant: str, status: str) -> None:
         self.run_dir.append_privacy({
             "merchant": merchant, "round": server_round, "noise_multiplier": noise, "sample_rate": rate,
-            "steps": steps, "epsilon": epsilon if self.config.local_dp else math.inf,
-            "delta": self.config.target_delta, "unit": self.config.privacy_unit if self.config.local_dp else "none",
-            "accountant": self.config.accountant if self.config.local_dp else "none", "status": status,
+            "steps": steps, "epsilon": epsilon, "delta": self.config.target_delta, "unit": unit,
+            "accountant": accountant, "status": status,
         })
 
     def _progress(self, server_round: int, evaluation: dict) -> None:
@@ -332,7 +338,7 @@ class LedgerFedAvg(FedAvg):
                 parts.append(f"eps max {self._last_train['epsilon-max']:.2f} (delta {self.config.target_delta:g}, "
                              f"{self.config.privacy_unit}, {self.config.accountant})")
             if self.config.central:
-                parts.append(f"eps {self.central_epsilon():.2f} (delta {self.config.target_delta:g}, merchant, "
+                parts.append(f"eps {self.central_epsilon_spent():.2f} (delta {self.config.target_delta:g}, merchant, "
                              f"{self.config.accountant})")
         for key, label in (("intent-auc", "intent AUC"), ("next-hr@10", "next HR@10")):
             if key in evaluation:
@@ -470,8 +476,7 @@ def build_strategy(run_dir: RunDirectory, config: FedShopConfig, initial: ArrayR
         min_evaluate_nodes=1, min_available_nodes=config.num_merchants)
     if not config.central:
         return ledger, ledger
-    ledger.central_noise = noise_for_budget(config.central_epsilon, config.target_delta, ledger.central_rate,
-                                            config.num_rounds, config.accountant)
+    ledger.central_noise = ledger.central_budget.calibrate(ledger.central_rate, config.num_rounds)
     wrapped = MerchantLevelDP(
         ledger, noise_multiplier=ledger.central_noise, clipping_norm=config.central_clip_norm,
         num_sampled_clients=ledger.expected_merchants(),  # type: ignore[arg-type]  # the fixed denominator m

@@ -270,7 +270,8 @@ class FedShopConfig:
         return self.dp and (self.privacy_unit == "merchant" or self.central_dp)
 
     @property
-    def central_epsilon(self) -> float:
+    def merchant_level_target_epsilon(self) -> float:
+        """The budget of the server's central DP: target-epsilon for the merchant unit, else central-target-epsilon."""
         return self.target_epsilon if self.privacy_unit == "merchant" else self.central_target_epsilon
 
     @property

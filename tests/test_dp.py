@@ -9,8 +9,9 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
 from shared.config import FedShopConfig
-from shared.dptrain import STATUS_DECLINED, STATUS_TRAINED, PrivacyState, epsilon_of, schedule, train_round
+from shared.dptrain import STATUS_DECLINED, STATUS_TRAINED, PrivacyState, schedule, train_round
 from shared.modeling import encode, per_sample_loss
+from shared.privacy import epsilon_of
 from tests.helpers import assert_opacus_per_sample_gradients_exact, first, lora_parameters, tiny_lora_model
 
 CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,

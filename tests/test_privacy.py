@@ -16,7 +16,7 @@ from server.strategy import build_strategy
 from shared.config import FedShopConfig
 from shared.dptrain import STATUS_TRAINED, PrivacyState, admit, schedule, train_round
 from shared.modeling import encode
-from shared.privacy import PoissonSampler, Uniform, epsilon_of, records_of
+from shared.privacy import PRIVACY_RECORD, PoissonSampler, PrivacyBudget, Uniform, epsilon_of, records_of
 from tests.helpers import lora_parameters, tiny_lora_model
 
 CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=24, public_shoppers=10,
@@ -134,7 +134,9 @@ def _reply(partition: int, arrays: ArrayRecord) -> Message:
     metrics = MetricRecord({"num-examples": 50 + partition, "train-loss": 1.0, "epsilon": math.inf, "delta": 1e-5,
                             "noise-multiplier": 0.0, "sample-rate": 0.1, "steps": 3, "declined": 0,
                             "partition-id": partition})
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=request)
+    privacy = ConfigRecord(PrivacyBudget.for_merchants(FedShopConfig(privacy_unit="merchant")).reply_fields())
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics, PRIVACY_RECORD: privacy}),
+                   reply_to=request)
 
 
 def test_central_noise_has_the_configured_std_and_merchant_epsilon_composes(tmp_path, server_identity):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
@@ -20,6 +20,7 @@ from shared.config import FedShopConfig
 from shared.dptrain import STATUS_TRAINED, PrivacyState, train_round
 from shared.model import adapter_state, uplink_state
 from shared.modeling import encode
+from shared.privacy import PRIVACY_RECORD, PrivacyBudget
 from tests.helpers import first, tiny_lora_model
 
 PREFIX = "base_model.model.encoder.block.0.layer.0.SelfAttention"
@@ -62,6 +63,7 @@ def _reply(partition: int, arrays: dict[str, np.ndarray] | None, examples: int, 
                             "noise-multiplier": 0.9, "sample-rate": 0.01, "steps": 10, "declined": int(declined),
                             "partition-id": partition})
     content = {"metrics": metrics} if arrays is None else {"arrays": _record(arrays), "metrics": metrics}
+    content[PRIVACY_RECORD] = ConfigRecord(PrivacyBudget.for_merchants(FedShopConfig()).reply_fields())
     return Message(content=RecordDict(content), reply_to=request)
 
 
