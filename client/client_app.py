@@ -17,7 +17,8 @@ from shared.data import merchant_data, merchant_id_for_partition
 from shared.dptrain import STATUS_DECLINED, PrivacyState, train_round
 from shared.model import add_lora, item_rows, load_adapter_state, load_base, uplink_state
 from shared.modeling import encode, evaluate
-from shared.privacy import PRIVACY_RECORD, PrivacyBudget, history_from_ledger, load_history, save_history
+from shared.privacy import PRIVACY_RECORD, PrivacyBudget, load_history, save_history
+from shared.rundir import history_from_ledger
 
 app = ClientApp()
 PRIVACY_STATE_KEY = "fedshop-privacy"

@@ -58,7 +58,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if config.reference_list:
         from server.references import run_references, write_references
         from server.report import write_report
-        from server.rundir import RunDirectory
+        from shared.rundir import RunDirectory
 
         log.info("training the reference runs on the same splits: %s", ", ".join(config.reference_list))
         write_references(config.run_dir, run_references(config, config.reference_list))
@@ -80,7 +80,7 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 def _claim_run_dir(config: FedShopConfig, force: bool) -> None:
     """Before any work: a fresh run needs a run directory without a run in it (--force moves one aside, never
     deletes it); resuming in place keeps the directory as it is."""
-    from server.rundir import RunDirectory
+    from shared.rundir import RunDirectory
 
     run_dir = RunDirectory(config.run_dir)
     if config.resumes_in_place:
@@ -140,7 +140,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from server.export import export_run, verify
+    from server.export import export_run
+    from server.manifest import verify
 
     if args.verify:
         problems = verify(args.verify)

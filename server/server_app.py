@@ -10,14 +10,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.continuation import check_init_adapter, record_origin, starting_adapter
 from server.report import write_report
-from server.rundir import RunDirectory
 from server.strategy import build_strategy
 from shared.config import from_mapping
 from shared.data import check_base_matches
 from shared.files import save_pretrained_atomic
 from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base
 from shared.pretrain import pretrain
-from shared.privacy import history_from_ledger
+from shared.rundir import MERCHANT_LEVEL, RunDirectory, history_from_ledger
 
 app = ServerApp()
 log = logging.getLogger("fedshop")
@@ -48,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     ledger, strategy = build_strategy(run_dir, config, initial)
     ledger.round_offset = offset
     if config.continued_from and config.central:  # read before this run appends any row
-        ledger.central_history = history_from_ledger(config.continued_from, "all")[1]
+        ledger.central_history = history_from_ledger(config.continued_from, MERCHANT_LEVEL)[1]
     if not config.resumes_in_place:  # in place, the starting adapter is round `offset`'s, already evaluated
         ledger.evaluate_initial(grid, initial)
 

@@ -41,12 +41,12 @@ from server.aggregation import (
     svd_aggregate,
     validate_update,
 )
-from server.rundir import RunDirectory
 from shared.config import FedShopConfig
 from shared.data import merchant_id_for_partition
 from shared.metrics import pool_metrics
 from shared.model import is_frozen_key
 from shared.privacy import PRIVACY_ACCOUNTANT_KEY, PRIVACY_RECORD, PRIVACY_UNIT_KEY, History, PrivacyBudget, Uniform
+from shared.rundir import RunDirectory
 
 log = logging.getLogger("fedshop")
 

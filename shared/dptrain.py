@@ -34,8 +34,7 @@ from shared.model import freeze_for, keep_item_rows
 from shared.modeling import Encoded, per_sample_loss
 from shared.privacy import History, PoissonSampler, PrivacyBudget, Uniform, accountant_for, history_of, records_of
 from shared.privacy import schedule as _schedule
-
-STATUS_TRAINED, STATUS_DECLINED = "trained", "declined"
+from shared.rundir import STATUS_DECLINED, STATUS_TRAINED
 
 
 @dataclass

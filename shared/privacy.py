@@ -12,7 +12,6 @@ system's CSPRNG (`os.urandom`) instead of a seeded generator.
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import json
 import math
@@ -20,14 +19,12 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from shared.config import FedShopConfig
-from shared.errors import UserError
 
 History = list[tuple[float, float, int]]
 # a merchant's train reply carries, beside its metrics, a ConfigRecord naming what its epsilon is about
@@ -210,56 +207,3 @@ def schedule(num_records: int, batch_size: int, local_epochs: int) -> tuple[floa
     """(Poisson sample rate, steps per round): an expected `batch_size` records per step, `local_epochs` passes."""
     batches = max(1, math.ceil(num_records / batch_size))
     return 1.0 / batches, local_epochs * batches
-
-
-CONTINUED_FROM = "continued-from.json"  # a continued run's (and its export's) carried-over accountant histories
-
-
-def history_from_ledger(run_dir: str | Path, merchant: str, before_round: int | None = None
-                        ) -> tuple[float | None, History]:
-    """(last noise multiplier, accountant history) of `merchant` in a run directory's (or export's) `privacy.csv`.
-
-    Rows that trained (or, for the server's merchant-level rows, were released) are the steps taken; declined and
-    failed rows took none. When the run itself continued another (`continued-from.json` beside the ledger), the
-    history it carried over comes first, so a chain of continued runs composes every step. A merchant absent from
-    both starts from nothing. With `before_round`, only rows of earlier rounds count (a run that resumes its own
-    directory reads the steps taken before the round it is in).
-    """
-    path = Path(run_dir) / "privacy.csv"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; expected a finished fedshop run directory or a fedshop export")
-    noise, history = carried_history(run_dir, merchant)
-    with path.open(newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            if row["merchant"] != merchant or row["status"] not in ("trained", "released"):
-                continue
-            if before_round is not None and int(row["round"]) >= before_round:
-                continue
-            if row["unit"] == "none":  # trained without DP: nothing to compose
-                continue
-            noise = float(row["noise_multiplier"])
-            history.append((noise, float(row["sample_rate"]), int(row["steps"])))
-    return noise, history
-
-
-def carried_history(run_dir: str | Path, merchant: str) -> tuple[float | None, History]:
-    """(noise multiplier, history) that a continued run carried over for `merchant` (none for a fresh run)."""
-    path = Path(run_dir) / CONTINUED_FROM
-    if not path.is_file():
-        return None, []
-    entry = json.loads(path.read_text(encoding="utf-8")).get("histories", {}).get(merchant)
-    if not entry:
-        return None, []
-    return entry["noise-multiplier"], [(float(n), float(q), int(s)) for n, q, s in entry["history"]]
-
-
-def ledger_merchants(run_dir: str | Path) -> list[str]:
-    """Every merchant (and `all`, the server's merchant-level rows) with a history in a run's or export's ledger,
-    the carried-over ones included."""
-    names: set[str] = set()
-    path = Path(run_dir) / CONTINUED_FROM
-    if path.is_file():
-        names |= set(json.loads(path.read_text(encoding="utf-8")).get("histories", {}))
-    with (Path(run_dir) / "privacy.csv").open(newline="", encoding="utf-8") as handle:
-        names |= {row["merchant"] for row in csv.DictReader(handle)}
-    return sorted(names)

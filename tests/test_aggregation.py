@@ -8,10 +8,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from server.rundir import RunDirectory
 from server.strategy import LedgerFedAvg
 from shared.config import FedShopConfig
 from shared.privacy import PRIVACY_RECORD, PrivacyBudget
+from shared.rundir import RunDirectory
 
 
 @pytest.fixture(autouse=True)

@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from server.rundir import RunDirectory
 from server.strategy import build_strategy
 from shared.config import FedShopConfig
 from shared.dptrain import STATUS_TRAINED, PrivacyState, admit, schedule, train_round
 from shared.modeling import encode
 from shared.privacy import PRIVACY_RECORD, PoissonSampler, PrivacyBudget, Uniform, epsilon_of, records_of
+from shared.rundir import RunDirectory
 from tests.helpers import lora_parameters, tiny_lora_model
 
 CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=24, public_shoppers=10,

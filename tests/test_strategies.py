@@ -14,13 +14,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.aggregation import payload_bytes
 from server.report import aggregation_lines
-from server.rundir import RunDirectory
 from server.strategy import LedgerFFA, LedgerSVD, TooFewValidUpdates, build_strategy
 from shared.config import FedShopConfig
 from shared.dptrain import STATUS_TRAINED, PrivacyState, train_round
 from shared.model import adapter_state, uplink_state
 from shared.modeling import encode
 from shared.privacy import PRIVACY_RECORD, PrivacyBudget
+from shared.rundir import RunDirectory
 from tests.helpers import first, tiny_lora_model
 
 PREFIX = "base_model.model.encoder.block.0.layer.0.SelfAttention"
