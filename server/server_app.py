@@ -46,8 +46,8 @@ def main(grid: Grid, context: Context) -> None:
 
     ledger, strategy = build_strategy(run_dir, config, initial)
     ledger.round_offset = offset
-    if config.continued_from and config.central:  # read before this run appends any row
-        ledger.central_history = history_from_ledger(config.continued_from, MERCHANT_LEVEL)[1]
+    if config.continued_from and ledger.central is not None:  # read before this run appends any row
+        ledger.central.history = history_from_ledger(config.continued_from, MERCHANT_LEVEL)[1]
     if not config.resumes_in_place:  # in place, the starting adapter is round `offset`'s, already evaluated
         ledger.evaluate_initial(grid, initial)
 

@@ -162,7 +162,7 @@ def test_ffa_under_central_dp_noises_b_only(tmp_path):
     assert all(out[k].tobytes() == initial[k].tobytes() for k in A_KEYS)
     mean = {k: sum(u[k].astype(np.float64) for u in sent) / 3 for k in B_KEYS}  # fixed denominator m = 3
     assert all(not np.allclose(out[k], mean[k], atol=1e-9) for k in B_KEYS)  # noised
-    assert ledger.central_history  # the release was accounted
+    assert ledger.central.history  # the release was accounted
 
 
 FFA_CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,
