@@ -9,6 +9,7 @@ merge the clipped updates with a fixed denominator, and adds the Gaussian noise.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ from shared.rundir import MERCHANT_LEVEL, STATUS_RELEASED
 
 if TYPE_CHECKING:
     from server.strategy import LedgerFedAvg
+
+log = logging.getLogger("fedshop")
 
 
 class CentralAccount:
@@ -73,15 +76,18 @@ class MerchantLevelDP(DifferentialPrivacyServerSideFixedClipping):
       sent, so a reply may carry a subset of them (ffa: B only);
     - the noise goes to the tensors the wrapped strategy merges, never to the ones it keeps frozen (ffa: A).
     The epsilon is fedshop's own account (`CentralAccount`, kept by the wrapped strategy): Flower's accountant is
-    not used."""
+    not used. Only public names of flwr 1.42's wrapper are used (its accounting and noise helpers are private).
+    """
 
     strategy: LedgerFedAvg
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        event = self._pop_pending_event(server_round)
-        if not validate_replies(replies, self.num_sampled_clients, strict=self.accountant is not None):
+        if self.accountant is not None:
+            raise RuntimeError("MerchantLevelDP keeps its epsilon in CentralAccount; build it without Flower's "
+                               "accountant")
+        if not validate_replies(replies, self.num_sampled_clients, strict=False):
             return None, None
         current = numpy_of(self.current_arrays)
         for reply in replies:
@@ -96,18 +102,22 @@ class MerchantLevelDP(DifferentialPrivacyServerSideFixedClipping):
                                                    for k, a in arrays.items()})
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays:
-            arrays = self._add_noise_to_aggregated_arrays(arrays)
-            self._compose_release(event)
+            arrays = self.noised(arrays)
         return arrays, metrics
 
-    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        frozen = self.strategy.frozen_keys(aggregated_arrays.keys())
-        if not frozen:
-            return super()._add_noise_to_aggregated_arrays(aggregated_arrays)
-        keys = list(aggregated_arrays.keys())
-        noised = super()._add_noise_to_aggregated_arrays(
-            ArrayRecord({k: aggregated_arrays[k] for k in keys if k not in frozen}))
-        return ArrayRecord({k: aggregated_arrays[k] if k in frozen else noised[k] for k in keys})
+    def noised(self, aggregate: ArrayRecord) -> ArrayRecord:
+        """The aggregate with Gaussian noise of std noise_multiplier * C / m on every tensor the wrapped strategy
+        merges (drawn as Flower's own fixed-clipping wrapper draws it: numpy's global generator, tensor by tensor in
+        record order)."""
+        frozen = self.strategy.frozen_keys(aggregate.keys())
+        std = float(self.noise_multiplier * self.clipping_norm / self.num_sampled_clients)
+        noised = {}
+        for key, array in zip(aggregate.keys(), aggregate.to_numpy_ndarrays(), strict=True):
+            if key not in frozen:
+                array += np.random.normal(0, std, array.shape).astype(array.dtype)
+            noised[key] = Array(np.asarray(array))
+        log.info("central DP: Gaussian noise of std %.4f added to the aggregate", std)
+        return ArrayRecord(noised)
 
 
 def wrap(ledger: LedgerFedAvg, account: CentralAccount, config: FedShopConfig) -> MerchantLevelDP:

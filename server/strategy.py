@@ -97,7 +97,8 @@ class LedgerFedAvg(FedAvg):
         _, nodes = sample_nodes(grid, self.min_available_nodes, 0)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, self.central.sample(nodes), MessageType.TRAIN)
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
+                for node in self.central.sample(nodes)]
 
     # --- what travels, and how updates merge (overridden by LedgerFFA / LedgerSVD) --------------------------
     def frozen_keys(self, keys: Iterable[str]) -> set[str]:
