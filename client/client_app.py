@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from shared.baselines import fit_baselines
-from shared.config import FedShopConfig, from_mapping
+from shared.config import FedShopConfig, from_run_config
 from shared.data import merchant_data, merchant_id_for_partition
 from shared.dptrain import STATUS_DECLINED, PrivacyState, train_round
 from shared.model import add_lora, item_rows, load_adapter_state, load_base, uplink_state
@@ -25,7 +25,7 @@ PRIVACY_STATE_KEY = "fedshop-privacy"
 
 
 def _setup(msg: Message, context: Context):
-    config = from_mapping(dict(context.run_config))
+    config = from_run_config(context.run_config)
     torch.set_num_threads(config.torch_threads)
     partition_id = int(context.node_config["partition-id"])
     merchant_id = merchant_id_for_partition(partition_id)

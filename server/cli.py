@@ -28,22 +28,13 @@ def _config(args: argparse.Namespace) -> FedShopConfig:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     config = _config(args)
-    from shared.data import check_base_matches
-    from shared.model import base_exists, read_base_meta
-    from shared.pretrain import pretrain
+    from server.preflight import preflight
 
     started = time.perf_counter()
     if config.resume_from:
         _check_resumable(config)
     _claim_run_dir(config, args.force)  # before any work: a refused run directory costs nothing
-    if not base_exists(config.base_dir):
-        log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
-        pretrain(config)
-    check_base_matches(read_base_meta(config.base_dir), config)
-    if config.init_adapter:
-        from server.continuation import check_init_adapter
-
-        check_init_adapter(config)
+    base_meta = preflight(config)
     from server.simulation import run_simulation
 
     log.info("simulating %d merchants x %d rounds (%s) -> %s", config.num_merchants, config.num_rounds,
@@ -62,7 +53,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         log.info("training the reference runs on the same splits: %s", ", ".join(config.reference_list))
         write_references(config.run_dir, run_references(config, config.reference_list))
-        write_report(RunDirectory(config.run_dir), config, read_base_meta(config.base_dir))
+        write_report(RunDirectory(config.run_dir), config, base_meta)
     log.info("done in %.0f s; report: %s", time.perf_counter() - started, report)
     return 0
 

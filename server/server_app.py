@@ -8,14 +8,13 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.continuation import check_init_adapter, record_origin, starting_adapter
+from server.continuation import record_origin, starting_adapter
+from server.preflight import preflight
 from server.report import write_report
 from server.strategy import build_strategy
-from shared.config import from_mapping
-from shared.data import check_base_matches
+from shared.config import from_run_config
 from shared.files import save_pretrained_atomic
-from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base
-from shared.pretrain import pretrain
+from shared.model import adapter_state, add_lora, load_adapter_state, load_base
 from shared.rundir import MERCHANT_LEVEL, RunDirectory, history_from_ledger
 
 app = ServerApp()
@@ -24,19 +23,14 @@ log = logging.getLogger("fedshop")
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = from_mapping(dict(context.run_config))
+    config = from_run_config(context.run_config)
     run_dir = RunDirectory(config.run_dir)
     offset = run_dir.start(config)  # resuming in place: rounds number on after the last recorded one
-    if not base_exists(config.base_dir):
-        log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
-        pretrain(config)
+    preflight(config)
     base, _, base_meta = load_base(config.base_dir)
-    check_base_matches(base_meta, config)
     # B = 0: the starting adapter leaves the base unchanged; under ffa its A stays frozen for the whole run
     model = add_lora(base, config, seed=config.seed)
     if config.continued_from:
-        if config.init_adapter:
-            check_init_adapter(config)
         load_adapter_state(model, starting_adapter(config))
         if not config.resumes_in_place:  # in place, the ledger itself holds the history (nothing to carry over)
             record_origin(run_dir.path, config)
