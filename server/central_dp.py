@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
 
 from server.aggregation import numpy_of
 from shared.config import FedShopConfig
 from shared.privacy import History, PrivacyBudget, Uniform
 from shared.rundir import MERCHANT_LEVEL, STATUS_RELEASED
-
-if TYPE_CHECKING:
-    from server.strategy import LedgerFedAvg
 
 log = logging.getLogger("fedshop")
 
@@ -75,11 +71,10 @@ class MerchantLevelDP(DifferentialPrivacyServerSideFixedClipping):
       a norm) are left unclipped for it to reject and record; the others are clipped key by key against the arrays
       sent, so a reply may carry a subset of them (ffa: B only);
     - the noise goes to the tensors the wrapped strategy merges, never to the ones it keeps frozen (ffa: A).
+    The wrapped strategy is a `server.strategy.LedgerFedAvg` (its `check_reply` and `frozen_keys` are used).
     The epsilon is fedshop's own account (`CentralAccount`, kept by the wrapped strategy): Flower's accountant is
     not used. Only public names of flwr 1.42's wrapper are used (its accounting and noise helpers are private).
     """
-
-    strategy: LedgerFedAvg
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -120,7 +115,7 @@ class MerchantLevelDP(DifferentialPrivacyServerSideFixedClipping):
         return ArrayRecord(noised)
 
 
-def wrap(ledger: LedgerFedAvg, account: CentralAccount, config: FedShopConfig) -> MerchantLevelDP:
+def wrap(ledger: FedAvg, account: CentralAccount, config: FedShopConfig) -> MerchantLevelDP:
     """The ledger strategy inside Flower's server-side fixed clipping, noised to the merchant-level budget."""
     return MerchantLevelDP(
         ledger, noise_multiplier=account.noise_multiplier, clipping_norm=config.central_clip_norm,
