@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.train import PrivacyState, train_round  # noqa: E402
 from shared.baselines import fit_baselines  # noqa: E402
 from shared.config import load_config  # noqa: E402
 from shared.data import merchant_data  # noqa: E402
+from shared.dptrain import PrivacyState, train_round  # noqa: E402
 from shared.model import adapter_state, add_lora, item_rows, load_adapter_state, load_base, uplink_state  # noqa: E402
 from shared.modeling import encode, evaluate  # noqa: E402
 from shared.sources import load_world  # noqa: E402

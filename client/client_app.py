@@ -11,20 +11,21 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.train import STATUS_DECLINED, PrivacyState, train_round
 from shared.baselines import fit_baselines
-from shared.config import FedShopConfig, from_mapping
+from shared.config import FedShopConfig, from_run_config
 from shared.data import merchant_data, merchant_id_for_partition
+from shared.dptrain import STATUS_DECLINED, PrivacyState, train_round
 from shared.model import add_lora, item_rows, load_adapter_state, load_base, uplink_state
 from shared.modeling import encode, evaluate
-from shared.privacy import history_from_ledger
+from shared.privacy import PRIVACY_RECORD, PrivacyBudget, load_history, save_history
+from shared.rundir import history_from_ledger
 
 app = ClientApp()
 PRIVACY_STATE_KEY = "fedshop-privacy"
 
 
 def _setup(msg: Message, context: Context):
-    config = from_mapping(dict(context.run_config))
+    config = from_run_config(context.run_config)
     torch.set_num_threads(config.torch_threads)
     partition_id = int(context.node_config["partition-id"])
     merchant_id = merchant_id_for_partition(partition_id)
@@ -45,17 +46,14 @@ def _load_state(context: Context, config: FedShopConfig, merchant_id: str, serve
         return PrivacyState()
     record = context.state[PRIVACY_STATE_KEY]
     noise = float(record["noise-multiplier"])
-    history = list(zip(record["history-noise"], record["history-rate"], record["history-steps"], strict=True))
     return PrivacyState(noise_multiplier=None if noise < 0 else noise,
-                        history=[(float(n), float(q), int(s)) for n, q, s in history])
+                        history=load_history(str(record["accountant-state"]), config.accountant))
 
 
-def _save_state(context: Context, state: PrivacyState) -> None:
+def _save_state(context: Context, config: FedShopConfig, state: PrivacyState) -> None:
     context.state[PRIVACY_STATE_KEY] = ConfigRecord({
         "noise-multiplier": -1.0 if state.noise_multiplier is None else state.noise_multiplier,
-        "history-noise": [float(h[0]) for h in state.history],
-        "history-rate": [float(h[1]) for h in state.history],
-        "history-steps": [int(h[2]) for h in state.history],
+        "accountant-state": save_history(state.history, config.accountant),  # Opacus's accountant state dict
     })
 
 
@@ -67,7 +65,7 @@ def train(msg: Message, context: Context) -> Message:
     result = train_round(model, encode(data.train, tokenizer), config, state,
                          seed=config.seed * 1_000_003 + server_round * 1_009 + partition_id,
                          owners=[e.user_id for e in data.train], output_rows=item_rows(tokenizer, data.facts))
-    _save_state(context, state)
+    _save_state(context, config, state)
     declined = result.status == STATUS_DECLINED
     metrics = MetricRecord({
         "num-examples": result.num_examples, "train-loss": 0.0 if declined else result.train_loss,
@@ -75,10 +73,11 @@ def train(msg: Message, context: Context) -> Message:
         "sample-rate": result.sample_rate, "steps": result.steps, "declined": int(declined),
         "partition-id": partition_id,
     })
+    privacy = ConfigRecord(PrivacyBudget.for_merchants(config).reply_fields())  # what the ledger row names
     if declined:  # nothing trained: only the metrics travel (no update to clip, average or count)
-        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+        return Message(content=RecordDict({"metrics": metrics, PRIVACY_RECORD: privacy}), reply_to=msg)
     arrays = ArrayRecord(uplink_state(model, config.aggregation))
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics, PRIVACY_RECORD: privacy}), reply_to=msg)
 
 
 @app.evaluate()

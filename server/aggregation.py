@@ -12,9 +12,11 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 
 Adapter = Mapping[str, np.ndarray]
+Arrays = dict[str, np.ndarray]
 
 
 def _check_same_keys(updates: Sequence[Adapter]) -> list[str]:
@@ -229,3 +231,13 @@ def fixed_denominator_mean(updates: Sequence[Adapter], reference: Adapter, m: fl
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Total bytes of the tensors' data (sum of nbytes), excluding any serialisation overhead."""
     return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+
+
+def numpy_of(record: ArrayRecord) -> Arrays:
+    """The tensors of a Flower ArrayRecord as numpy arrays, by name."""
+    return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
+
+
+def record_of(arrays: Mapping[str, np.ndarray], order: Iterable[str]) -> ArrayRecord:
+    """An ArrayRecord of `arrays` in the key order `order`."""
+    return ArrayRecord({k: Array(np.asarray(arrays[k])) for k in order})

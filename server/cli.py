@@ -28,22 +28,13 @@ def _config(args: argparse.Namespace) -> FedShopConfig:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     config = _config(args)
-    from shared.data import check_base_matches
-    from shared.model import base_exists, read_base_meta
-    from shared.pretrain import pretrain
+    from server.preflight import preflight
 
     started = time.perf_counter()
     if config.resume_from:
         _check_resumable(config)
     _claim_run_dir(config, args.force)  # before any work: a refused run directory costs nothing
-    if not base_exists(config.base_dir):
-        log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
-        pretrain(config)
-    check_base_matches(read_base_meta(config.base_dir), config)
-    if config.init_adapter:
-        from server.continuation import check_init_adapter
-
-        check_init_adapter(config)
+    base_meta = preflight(config)
     from server.simulation import run_simulation
 
     log.info("simulating %d merchants x %d rounds (%s) -> %s", config.num_merchants, config.num_rounds,
@@ -58,11 +49,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if config.reference_list:
         from server.references import run_references, write_references
         from server.report import write_report
-        from server.rundir import RunDirectory
+        from shared.rundir import RunDirectory
 
         log.info("training the reference runs on the same splits: %s", ", ".join(config.reference_list))
         write_references(config.run_dir, run_references(config, config.reference_list))
-        write_report(RunDirectory(config.run_dir), config, read_base_meta(config.base_dir))
+        write_report(RunDirectory(config.run_dir), config, base_meta)
     log.info("done in %.0f s; report: %s", time.perf_counter() - started, report)
     return 0
 
@@ -80,7 +71,7 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 def _claim_run_dir(config: FedShopConfig, force: bool) -> None:
     """Before any work: a fresh run needs a run directory without a run in it (--force moves one aside, never
     deletes it); resuming in place keeps the directory as it is."""
-    from server.rundir import RunDirectory
+    from shared.rundir import RunDirectory
 
     run_dir = RunDirectory(config.run_dir)
     if config.resumes_in_place:
@@ -140,7 +131,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from server.export import export_run, verify
+    from server.export import export_run
+    from server.manifest import verify
 
     if args.verify:
         problems = verify(args.verify)

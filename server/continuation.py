@@ -20,12 +20,13 @@ import torch
 
 from shared.config import FedShopConfig, load_config
 from shared.errors import UserError
-from shared.privacy import CONTINUED_FROM, epsilon_of, history_from_ledger, ledger_merchants
+from shared.privacy import PrivacyBudget, epsilon_of
+from shared.rundir import CONTINUED_FROM, MERCHANT_LEVEL, history_from_ledger, ledger_merchants
 
 
 def check_init_adapter(config: FedShopConfig) -> None:
     """UserError unless `config.init_adapter` is an intact export this config can continue."""
-    from server.export import check_base, verify
+    from server.manifest import check_base, verify
 
     export = Path(config.init_adapter)
     problems = verify(export)
@@ -78,7 +79,7 @@ def record_origin(run_path: Path, config: FedShopConfig) -> dict:
         histories[merchant] = {"noise-multiplier": noise, "history": [list(h) for h in history]}
         epsilons[merchant] = epsilon_of(history, before.target_delta, before.accountant)
     record = {"kind": kind, "path": str(origin.resolve()), "source-run": manifest.get("source-run", str(origin)),
-              "round": manifest.get("round"), "unit": before.privacy_unit if before.local_dp else "none",
+              "round": manifest.get("round"), "unit": PrivacyBudget.for_merchants(before).unit,
               "delta": before.target_delta, "accountant": before.accountant, "epsilon": epsilons,
               "histories": histories}
     (run_path / CONTINUED_FROM).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -99,15 +100,15 @@ def continuation_lines(path: str | Path) -> list[str]:
     where = f"export `{origin['path']}`" if origin["kind"] == "export" else f"run directory `{origin['path']}`"
     if origin["kind"] == "export" and origin.get("round") is not None:
         where += f" (round {origin['round']} of run `{origin['source-run']}`)"
-    local = [v for k, v in origin["epsilon"].items() if k != "all" and math.isfinite(v)]
+    local = [v for k, v in origin["epsilon"].items() if k != MERCHANT_LEVEL and math.isfinite(v)]
     words = f"- **Continued from {where}.** "
     if local:
         words += (f"There, epsilon per merchant ({origin['unit']} level) at delta {origin['delta']:g}, "
                   f"{origin['accountant']} accountant: max {max(local):.3f}, mean {sum(local) / len(local):.3f}")
     else:
         words += "There, no merchant had DP-SGD steps to carry over"
-    if "all" in origin["epsilon"]:
-        words += f"; merchant-level epsilon {origin['epsilon']['all']:.3f}"
+    if MERCHANT_LEVEL in origin["epsilon"]:
+        words += f"; merchant-level epsilon {origin['epsilon'][MERCHANT_LEVEL]:.3f}"
     words += (". The epsilons above are the totals over both: each merchant's accountant continued from its history "
               "there, at the noise multiplier calibrated there (merchants new to the federation started from zero "
               "and calibrated for this run), so they compose every step of both runs.")

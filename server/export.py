@@ -14,8 +14,6 @@ privacy figures are those of the ledger rows of rounds <= N. Every export carrie
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import math
 import shutil
@@ -24,24 +22,23 @@ from pathlib import Path
 
 from server.audit import read_audit, run_config
 from server.continuation import continuation_lines
-from server.report import ITEM_ID_WORDS, _epsilon_by_merchant, _f, privacy_lines, read_references, task_tables
-from server.rundir import CHECKPOINTS, PRIVACY_COLUMNS, RunDirectory
+from server.manifest import sha256, write_manifest
+from server.report import ITEM_ID_WORDS, figure, privacy_lines, read_references, task_tables
 from shared.config import FedShopConfig
 from shared.errors import UserError
-from shared.privacy import CONTINUED_FROM
+from shared.rundir import (
+    CHECKPOINTS,
+    CONTINUED_FROM,
+    MERCHANT_LEVEL,
+    STATUS_TRAINED,
+    RunDirectory,
+    epsilon_by_merchant,
+    write_privacy,
+)
 from shared.semantic import SEMANTIC_FILE
 
-MANIFEST = "manifest.json"
 BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", "fedshop_base.json", SEMANTIC_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, round: int | None = None) -> Path:
@@ -70,7 +67,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, round:
     shutil.copy2(adapter_dir / "adapter_model.safetensors", out / "adapter_model.safetensors")
     # what `fedshop predict` builds inputs with, and what `init-adapter` checks and continues from
     shutil.copy2(run_dir / "config.toml", out / "run-config.toml")
-    write_ledger(out / "privacy.csv", ledger)
+    write_privacy(out / "privacy.csv", ledger)
     if (run_dir / CONTINUED_FROM).is_file():
         shutil.copy2(run_dir / CONTINUED_FROM, out / CONTINUED_FROM)
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
@@ -109,21 +106,6 @@ def last_round(run_dir: Path, config: FedShopConfig) -> int:
     return max(rounds) if rounds else config.num_rounds
 
 
-def write_ledger(path: Path, rows: list[dict[str, str]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PRIVACY_COLUMNS)
-        writer.writeheader()
-        writer.writerows({c: row[c] for c in PRIVACY_COLUMNS} for row in rows)
-
-
-def check_base(export: Path, base_file: Path, what: str) -> None:
-    """UserError unless `base_file` is the base model the export's adapter was trained on (manifest's sha256)."""
-    manifest = json.loads((export / MANIFEST).read_text(encoding="utf-8"))
-    if not base_file.is_file() or sha256(base_file) != manifest.get("base-model-sha256"):
-        raise UserError(f"{what}: {base_file} is not the base this adapter was trained on (its sha256 differs from "
-                        f"{export / MANIFEST}'s base-model-sha256)")
-
-
 def _merge(out: Path) -> None:
     from peft import PeftModel
     from transformers import T5ForConditionalGeneration
@@ -140,26 +122,6 @@ def _merge(out: Path) -> None:
             shutil.copy2(out / name, out / "merged" / name)
 
 
-def write_manifest(out: Path, base_sha256: str, extra: dict | None = None) -> None:
-    files = {str(p.relative_to(out)): sha256(p) for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    manifest = {"format": "fedshop-export/1", "base-model-sha256": base_sha256, **(extra or {}), "files": files}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
-
-def verify(out: str | Path) -> list[str]:
-    """The problems of an export folder against its manifest (empty when every file matches)."""
-    out = Path(out)
-    if not (out / MANIFEST).is_file():
-        raise UserError(f"{out} is not a fedshop export (no {MANIFEST})")
-    files = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["files"]
-    problems = [f"{name}: missing" for name in files if not (out / name).is_file()]
-    problems += [f"{name}: sha256 differs from the manifest" for name, digest in files.items()
-                 if (out / name).is_file() and sha256(out / name) != digest]
-    present = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
-    problems += [f"{name}: not in the manifest" for name in sorted(present - set(files))]
-    return problems
-
-
 def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, ledger: list[dict[str, str]],
                round: int | None = None) -> str:
     """The card of an export: `ledger` holds the privacy rows the exported adapter rests on (rounds <= `round`)."""
@@ -168,9 +130,9 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
     evaluations = [r for r in records if r["scope"] == "evaluate" and (round is None or r["round"] <= round)]
     final = evaluations[-1]["metrics"] if evaluations else {}
     start = evaluations[0]["metrics"] if evaluations else {}
-    spent = [v for v in _epsilon_by_merchant(ledger).values() if math.isfinite(v)]
+    spent = [v for v in epsilon_by_merchant(ledger).values() if math.isfinite(v)]
     rounds = config.num_rounds if round is None else round
-    local = [r for r in ledger if r["merchant"] != "all" and r["status"] == "trained"]
+    local = [r for r in ledger if r["merchant"] != MERCHANT_LEVEL and r["status"] == STATUS_TRAINED]
     audit = read_audit(run_dir) if round is None else None  # the audit attacked the final adapter
     front = ["---", "library_name: peft", f"base_model: {(out / 'base').resolve()}",
              "tags:", *(f"- {t}" for t in ("lora", "t5", "federated-learning", "differential-privacy", "dp-sgd")),
@@ -211,7 +173,8 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
         noise = sorted({float(r["noise_multiplier"]) for r in local})
         lines += ["", "| privacy figure | value |", "|---|---|",
                   f"| unit | {config.privacy_unit} |",
-                  f"| epsilon per merchant, max / mean | {_f(max(spent), 3)} / {_f(sum(spent) / len(spent), 3)} |",
+                  f"| epsilon per merchant, max / mean | {figure(max(spent), 3)} / "
+                  f"{figure(sum(spent) / len(spent), 3)} |",
                   f"| delta | {config.target_delta:g} |", f"| accountant | {config.accountant} |",
                   f"| noise multiplier (the merchants' values) | {', '.join(f'{n:.4g}' for n in noise)} |",
                   f"| clipping norm | {config.max_grad_norm:g} |",

@@ -88,7 +88,7 @@ class Predictor:
         adapter = Path(adapter)
         if not (adapter / "manifest.json").is_file() or not (adapter / "run-config.toml").is_file():
             raise UserError(f"{adapter} is not a fedshop export (run `fedshop export RUN_DIR --out DIR` first)")
-        from server.export import check_base
+        from server.manifest import check_base
 
         check_base(adapter, adapter / "base" / "model.safetensors", "predict")
         from peft import PeftModel

@@ -7,7 +7,7 @@
   number of epochs. The upper reference that a federation with privacy gives up.
 
 Both read every merchant's data, which only a simulation can: they are research references, not something a
-deployment runs. No Flower here: the same `client.train.train_round` and `shared.modeling.evaluate` the merchants
+deployment runs. No Flower here: the same `shared.dptrain.train_round` and `shared.modeling.evaluate` the merchants
 use, called directly.
 
 Paired comparisons: the base alone (round 0) and the run's final federated adapter are also scored here on every
@@ -24,11 +24,11 @@ import math
 import time
 from pathlib import Path
 
-from client.train import PrivacyState, train_round
 from server.report import REFERENCES_FILE
 from shared.baselines import fit_baselines
 from shared.config import FedShopConfig
 from shared.data import MerchantData, merchant_data
+from shared.dptrain import PrivacyState, train_round
 from shared.files import write_text_atomic
 from shared.metrics import pool_metrics
 from shared.model import add_lora, item_rows, load_adapter_state, load_base, read_adapter

@@ -10,10 +10,18 @@ from typing import Any
 
 from server.audit import describe, read_audit
 from server.continuation import continuation_lines
-from server.rundir import RunDirectory
 from shared.config import FedShopConfig
 from shared.files import write_text_atomic
 from shared.metrics import compare, decide, standard_errors
+from shared.rundir import (
+    STATUS_RELEASED,
+    STEP_STATUSES,
+    RunDirectory,
+    epsilon_by_merchant,
+    merchant_level_epsilon,
+    merchant_level_rows,
+    number,
+)
 
 REFERENCES_FILE = "references.json"
 PAIRED = "paired"  # the key of `references.json` that holds the paired comparisons, beside the reference runs
@@ -41,7 +49,8 @@ def with_standard_errors(record: dict) -> dict:
     return {**metrics, **standard_errors(metrics, record.get("merchants", {}).values())}
 
 
-def _f(value: Any, digits: int = 3) -> str:
+def figure(value: Any, digits: int = 3) -> str:
+    """A figure as reports and model cards print it: n/a for none or nan, inf, else `digits` decimals."""
     if value is None:
         return "n/a"
     if isinstance(value, str):
@@ -56,16 +65,8 @@ def _f(value: Any, digits: int = 3) -> str:
 def _pm(metrics: dict, key: str, digits: int = 3) -> str:
     """A figure with its standard error (`0.812 ± 0.014`) when `metrics` holds a finite `<key>-se`."""
     se = metrics.get(f"{key}-se")
-    text = _f(metrics.get(key), digits)
+    text = figure(metrics.get(key), digits)
     return text + f" ± {se:.{digits}f}" if se is not None and math.isfinite(se) and text != "n/a" else text
-
-
-def _num(value: Any) -> float:
-    if value is None:
-        return math.nan
-    if value == "inf":
-        return math.inf
-    return float(value)
 
 
 def aggregation_lines(config: FedShopConfig, trains: list[dict]) -> list[str]:
@@ -76,13 +77,14 @@ def aggregation_lines(config: FedShopConfig, trains: list[dict]) -> list[str]:
     bound = "off" if config.update_norm_bound is None else f"{config.update_norm_bound:g}"
     lines = [f"- method: {config.aggregation}{robust}; update-norm bound {bound}, min-valid-merchants "
              f"{config.min_valid_merchants}"]
-    uplink = [_num(t["metrics"].get("uplink-bytes-mean")) for t in trains]
-    downlink = [_num(t["metrics"].get("downlink-bytes-mean")) for t in trains]
+    uplink = [number(t["metrics"].get("uplink-bytes-mean")) for t in trains]
+    downlink = [number(t["metrics"].get("downlink-bytes-mean")) for t in trains]
     uplink, downlink = [v for v in uplink if math.isfinite(v)], [v for v in downlink if math.isfinite(v)]
     if uplink:
         lines.append(f"- bytes per merchant per round (tensor data): uplink {sum(uplink) / len(uplink):,.0f}, "
                      f"downlink {sum(downlink) / max(1, len(downlink)):,.0f}")
-    dropped = [_num(t["metrics"]["svd-dropped-energy-max"]) for t in trains if "svd-dropped-energy-max" in t["metrics"]]
+    dropped = [number(t["metrics"]["svd-dropped-energy-max"]) for t in trains
+               if "svd-dropped-energy-max" in t["metrics"]]
     if dropped:
         lines.append(f"- SVD truncation: largest share of energy dropped in a layer {max(dropped):.3g}")
     rejected = [(t["round"], r) for t in trains for r in t.get("rejected", [])]
@@ -164,8 +166,8 @@ def task_tables(final: dict, start: dict, references: dict) -> list[str]:
         for label, prefix, metrics in rows:
             if f"{prefix}-elasticity" not in metrics:
                 continue
-            lines.append(f"| {label} | " + " | ".join(_f(metrics.get(f"{prefix}-p@{t}")) for t in levels)
-                         + f" | {_f(metrics.get(f'{prefix}-elasticity'), 2)} | "
+            lines.append(f"| {label} | " + " | ".join(figure(metrics.get(f"{prefix}-p@{t}")) for t in levels)
+                         + f" | {figure(metrics.get(f'{prefix}-elasticity'), 2)} | "
                          + f"{_pm(metrics, f'{prefix}-curve-mae') if prefix != 'price-oracle' else '-'} |")
         lines.append("")
     return lines
@@ -201,17 +203,17 @@ def verdict_lines(final: dict, start: dict, references: dict, paired: dict | Non
             if metrics.get(other) is None:
                 continue
             pair = (paired or {}).get(f"federated vs {PAIRED_NAMES[label]}", {}).get(key)
-            if pair is not None and math.isfinite(_num(pair["se"])):
-                c = decide(_num(pair["difference"]), _num(pair["se"]), higher_is_better=higher)
+            if pair is not None and math.isfinite(number(pair["se"])):
+                c = decide(number(pair["difference"]), number(pair["se"]), higher_is_better=higher)
                 parts.append(f"  - {c.verdict} {label} {_pm(metrics, other)} (paired bootstrap over "
                              f"{pair['shoppers']} test shoppers: on all {pair['examples']} test examples pooled "
-                             f"{_f(pair['a'])} vs {_f(pair['b'])}, difference {c.difference:+.3f} ± "
-                             f"{_f(c.standard_error)})")
+                             f"{figure(pair['a'])} vs {figure(pair['b'])}, difference {c.difference:+.3f} ± "
+                             f"{figure(c.standard_error)})")
                 continue
-            c = compare(_num(final[key]), _num(final.get(f"{key}-se")), _num(metrics[other]),
-                        _num(metrics.get(f"{other}-se")), higher_is_better=higher)
+            c = compare(number(final[key]), number(final.get(f"{key}-se")), number(metrics[other]),
+                        number(metrics.get(f"{other}-se")), higher_is_better=higher)
             parts.append(f"  - {c.verdict} {label} {_pm(metrics, other)} (difference {c.difference:+.3f} ± "
-                         f"{_f(c.standard_error)})")
+                         f"{figure(c.standard_error)})")
         if parts:
             lines += [f"- federated {what} {_pm(final, key)}:"] + parts
     return lines
@@ -273,7 +275,7 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
     ]
     lines += task_tables(final, start, references)
     if "intent-auc" in final and final.get("intent-oracle-auc"):
-        gap = (_num(final["intent-auc"]) - 0.5) / (_num(final["intent-oracle-auc"]) - 0.5)
+        gap = (number(final["intent-auc"]) - 0.5) / (number(final["intent-oracle-auc"]) - 0.5)
         lines += [f"Purchase intent closes **{gap:.0%}** of the gap between 0.5 and the Bayes-oracle AUC.", ""]
     local = references.get("local-only", {}).get("merchants", {})
     columns = [("intent AUC", "intent-auc"), ("next HR@10", "next-hr@10"), ("churn AUC", "churn-auc"),
@@ -283,36 +285,37 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
     lines += ["## Per merchant (final round; local-only in brackets)", "",
               "| merchant | test shoppers | " + " | ".join(label for label, _ in present)
               + f" | epsilon (delta {delta:g}, {unit}) |", "|---" * (len(present) + 3) + "|"]
-    spent = _epsilon_by_merchant(ledger)
+    spent = epsilon_by_merchant(ledger)
     for merchant, values in merchants.items():
         cells = []
         for _, key in present:
             alone = local.get(merchant, {}).get(key)
-            cells.append(_f(values.get(key)) + (f" ({_f(alone)})" if alone is not None else ""))
+            cells.append(figure(values.get(key)) + (f" ({figure(alone)})" if alone is not None else ""))
         lines.append(f"| {merchant} | {values.get('num-examples')} | " + " | ".join(cells)
-                     + f" | {_f(spent.get(merchant), 2)} |")
+                     + f" | {figure(spent.get(merchant), 2)} |")
     lines += ["", "## Per round", "", "| round | merchants trained | train loss | epsilon max | intent AUC | "
               "next HR@10 | churn AUC |", "|---|---|---|---|---|---|---|"]
     for rnd in sorted(evaluations):
         train = trains.get(rnd, {}).get("metrics", {})
         metrics = evaluations[rnd]["metrics"]
-        lines.append(f"| {rnd} | {train.get('merchants-trained', '-')} | {_f(train.get('train-loss'))} | "
-                     f"{_f(_num(train.get('epsilon-max')), 2) if train else '-'} | {_f(metrics.get('intent-auc'))} | "
-                     f"{_f(metrics.get('next-hr@10'))} | {_f(metrics.get('churn-auc'))} |")
+        lines.append(f"| {rnd} | {train.get('merchants-trained', '-')} | {figure(train.get('train-loss'))} | "
+                     f"{figure(number(train.get('epsilon-max')), 2) if train else '-'} | "
+                     f"{figure(metrics.get('intent-auc'))} | "
+                     f"{figure(metrics.get('next-hr@10'))} | {figure(metrics.get('churn-auc'))} |")
     lines += ["", "## Aggregation", ""]
     lines += aggregation_lines(config, [trains[r] for r in sorted(trains)])
     lines += ["", "## Privacy", ""]
     lines += privacy_lines(config, ledger)
     lines += continuation_lines(run_dir.path)
-    declined = [r for r in ledger if r["status"] not in ("trained", "released")]
+    declined = [r for r in ledger if r["status"] not in STEP_STATUSES]
     if declined:
         lines.append(f"- {len(declined)} merchant-round(s) did not train: "
                      + ", ".join(f"{r['merchant']} round {r['round']} ({r['status']})" for r in declined))
     pre = base_meta.get("public-valid-metrics", {})
     if pre:
         lines += ["", "## Base model", "", f"Pretrained on {base_meta.get('public-shoppers')} public shoppers; on "
-                  f"the public valid split: intent AUC {_f(pre.get('intent-auc'))}, next HR@10 "
-                  f"{_f(pre.get('next-hr@10'))}."]
+                  f"the public valid split: intent AUC {figure(pre.get('intent-auc'))}, next HR@10 "
+                  f"{figure(pre.get('next-hr@10'))}."]
     audit = read_audit(run_dir.path)
     if audit:
         lines += ["", "## Empirical privacy audit", "", f"- {describe(audit)}.",
@@ -343,46 +346,35 @@ def privacy_lines(config: FedShopConfig, ledger: list[dict[str, str]]) -> list[s
         return ["- This run is **not private** (dp = false): no clipping, no noise, epsilon = inf."]
     delta, lines = config.target_delta, []
     if config.local_dp:
-        spent = [v for v in _epsilon_by_merchant(ledger).values() if math.isfinite(v)]
+        spent = [v for v in epsilon_by_merchant(ledger).values() if math.isfinite(v)]
         lines += [
             f"- Unit: **{config.privacy_unit}** — {UNIT_WORDS[config.privacy_unit]}.",
             f"- Epsilon per merchant ({config.privacy_unit} level), composed over every round it trained, at delta = "
-            f"{delta:g}, {config.accountant} accountant: max **{_f(max(spent) if spent else math.nan, 3)}**, mean "
-            f"{_f(sum(spent) / len(spent) if spent else math.nan, 3)} (budget {config.target_epsilon:g}).",
+            f"{delta:g}, {config.accountant} accountant: max **{figure(max(spent) if spent else math.nan, 3)}**, mean "
+            f"{figure(sum(spent) / len(spent) if spent else math.nan, 3)} (budget {config.target_epsilon:g}).",
             f"- DP-SGD with Opacus: clipping norm {config.max_grad_norm:g}, Poisson sampling of "
             f"{'shoppers' if config.privacy_unit == 'shopper' else 'examples'}, noise multiplier calibrated once over "
             f"{config.num_rounds} rounds x {config.local_epochs} local epoch(s); secure randomness "
             f"{'on' if config.secure_mode else 'off (not for production)'}; see `privacy.csv`.",
         ]
     if config.central:
-        central = [r for r in ledger if r["merchant"] == "all"]
-        released = [r for r in central if r["status"] == "released"]
-        eps = _num(central[-1]["epsilon"]) if central else 0.0
-        noise = _num(central[0]["noise_multiplier"]) if central else math.nan
+        central = merchant_level_rows(ledger)
+        released = [r for r in central if r["status"] == STATUS_RELEASED]
+        eps = merchant_level_epsilon(ledger)
+        noise = number(central[0]["noise_multiplier"]) if central else math.nan
         lines += [
             f"- Unit: **merchant** — {UNIT_WORDS['merchant']}.",
-            f"- Merchant-level epsilon **{_f(eps, 3)}** at delta = {delta:g}, {config.accountant} accountant, over "
-            f"{len(released)} released aggregate(s) (budget {config.central_epsilon:g}); update clipping norm "
-            f"{config.central_clip_norm:g}, noise multiplier {_f(noise, 3)}, merchants sampled with probability "
-            f"{config.fraction_train:g} per round (Flower's DifferentialPrivacyServerSideFixedClipping). The "
-            "server's noise comes from numpy's generator, also in secure mode.",
+            f"- Merchant-level epsilon **{figure(eps, 3)}** at delta = {delta:g}, {config.accountant} accountant, over "
+            f"{len(released)} released aggregate(s) (budget {config.merchant_level_target_epsilon:g}); update "
+            f"clipping norm {config.central_clip_norm:g}, noise multiplier {figure(noise, 3)}, merchants sampled with "
+            f"probability {config.fraction_train:g} per round (Flower's DifferentialPrivacyServerSideFixedClipping). "
+            "The server's noise comes from numpy's generator, also in secure mode.",
         ]
     lines += ["- Only the LoRA tensors were trained with DP; the base was pretrained without DP on the public split, "
               "which holds no merchant's shoppers.",
               "- Not covered: the evaluation metrics the merchants report (computed on their test shoppers, not "
               "privatised), the number of examples each merchant reports, and the fact that a merchant took part."]
     return lines
-
-
-def _epsilon_by_merchant(ledger: list[dict[str, str]]) -> dict[str, float]:
-    spent: dict[str, float] = {}
-    for row in ledger:
-        if row["merchant"] == "all" or row["unit"] not in ("event", "shopper"):
-            continue
-        value = _num(row["epsilon"])
-        if not math.isnan(value):
-            spent[row["merchant"]] = max(spent.get(row["merchant"], 0.0), value)
-    return spent
 
 
 def _price_levels(metrics: dict) -> list[str]:
@@ -417,7 +409,7 @@ def _plot(run_dir: RunDirectory, evaluations: dict[int, dict]) -> bool:
     if len(evaluations) < 2:
         return False
     rounds = sorted(evaluations)
-    series = [(label, rounds, [_num(evaluations[r]["metrics"].get(key)) for r in rounds], "-")
+    series = [(label, rounds, [number(evaluations[r]["metrics"].get(key)) for r in rounds], "-")
               for key, label in (("intent-auc", "purchase intent AUC"), ("next-hr@10", "next item HR@10"),
                                  ("churn-auc", "churn AUC"))]
     _line_plot(run_dir.path / "metrics.png", series, "round (0 = pretrained base)", "test metric", xticks=rounds)
@@ -432,7 +424,7 @@ def _plot_price(run_dir: RunDirectory, final: dict, references: dict) -> bool:
     curves = [("federated model", "price", final, "-"), ("truth", "price-oracle", final, "--"),
               ("logistic baseline", "price-baseline", final, ":")]
     curves += [(kind, "price", references[kind]["metrics"], "-.") for kind in references]
-    series = [(label, x, [_num(metrics.get(f"{prefix}-p@{t}")) for t in levels], style)
+    series = [(label, x, [number(metrics.get(f"{prefix}-p@{t}")) for t in levels], style)
               for label, prefix, metrics, style in curves]
     _line_plot(run_dir.path / "price_curve.png", series, "offered price / list price",
                "mean P(purchase) over test views")

@@ -8,16 +8,14 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.continuation import check_init_adapter, record_origin, starting_adapter
+from server.continuation import record_origin, starting_adapter
+from server.preflight import preflight
 from server.report import write_report
-from server.rundir import RunDirectory
 from server.strategy import build_strategy
-from shared.config import from_mapping
-from shared.data import check_base_matches
+from shared.config import from_run_config
 from shared.files import save_pretrained_atomic
-from shared.model import adapter_state, add_lora, base_exists, load_adapter_state, load_base
-from shared.pretrain import pretrain
-from shared.privacy import history_from_ledger
+from shared.model import adapter_state, add_lora, load_adapter_state, load_base
+from shared.rundir import MERCHANT_LEVEL, RunDirectory, history_from_ledger
 
 app = ServerApp()
 log = logging.getLogger("fedshop")
@@ -25,19 +23,14 @@ log = logging.getLogger("fedshop")
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = from_mapping(dict(context.run_config))
+    config = from_run_config(context.run_config)
     run_dir = RunDirectory(config.run_dir)
     offset = run_dir.start(config)  # resuming in place: rounds number on after the last recorded one
-    if not base_exists(config.base_dir):
-        log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
-        pretrain(config)
+    preflight(config)
     base, _, base_meta = load_base(config.base_dir)
-    check_base_matches(base_meta, config)
     # B = 0: the starting adapter leaves the base unchanged; under ffa its A stays frozen for the whole run
     model = add_lora(base, config, seed=config.seed)
     if config.continued_from:
-        if config.init_adapter:
-            check_init_adapter(config)
         load_adapter_state(model, starting_adapter(config))
         if not config.resumes_in_place:  # in place, the ledger itself holds the history (nothing to carry over)
             record_origin(run_dir.path, config)
@@ -47,8 +40,8 @@ def main(grid: Grid, context: Context) -> None:
 
     ledger, strategy = build_strategy(run_dir, config, initial)
     ledger.round_offset = offset
-    if config.continued_from and config.central:  # read before this run appends any row
-        ledger.central_history = history_from_ledger(config.continued_from, "all")[1]
+    if config.continued_from and ledger.central is not None:  # read before this run appends any row
+        ledger.central.history = history_from_ledger(config.continued_from, MERCHANT_LEVEL)[1]
     if not config.resumes_in_place:  # in place, the starting adapter is round `offset`'s, already evaluated
         ledger.evaluate_initial(grid, initial)
 

@@ -4,7 +4,9 @@
 `flwr run` does internally: the ServerApp and ClientApp are loaded by reference from an app directory whose
 `pyproject.toml` carries the fully resolved config as `[tool.flwr.app.config]`, which Flower fuses into every
 merchant's `context.run_config`. This uses `flwr.simulation.run_simulation._run_simulation`, a private function of
-flwr 1.42 (pinned in pyproject.toml); `flwr run .` remains the public way and reads the same keys.
+flwr 1.42 (pinned in pyproject.toml) with no public equivalent that takes a run config; this module is the only place
+that names it, and tests/test_flower_api.py checks its parameters. `flwr run .` remains the public way and reads the
+same keys.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, RecordDict
 from flwr.simulation.run_simulation import _run_simulation
@@ -44,20 +47,26 @@ def run_simulation(config: FedShopConfig, verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for: keep Ray's env untouched
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    _run_simulation(**simulation_arguments(config, app_dir, verbose))
+
+
+def simulation_arguments(config: FedShopConfig, app_dir: Path, verbose: bool = False) -> dict[str, Any]:
+    """The keyword arguments of flwr 1.42's private `_run_simulation` (the one private Flower name fedshop uses;
+    tests/test_flower_api.py fails loudly when a Flower upgrade changes its parameters)."""
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_flat())
-    _run_simulation(
-        num_supernodes=config.num_merchants,
-        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-        server_app_attr=SERVER_APP,
-        client_app_attr=CLIENT_APP,
-        server_app_context=context,
-        app_dir=str(app_dir),
-        is_app=True,
-        backend_name="ray",
-        backend_config={
+    return {
+        "num_supernodes": config.num_merchants,
+        "exit_event": EventType.FLWR_SIMULATION_RUN_LEAVE,
+        "server_app_attr": SERVER_APP,
+        "client_app_attr": CLIENT_APP,
+        "server_app_context": context,
+        "app_dir": str(app_dir),
+        "is_app": True,
+        "backend_name": "ray",
+        "backend_config": {
             "client_resources": {"num_cpus": config.torch_threads, "num_gpus": 0.0},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                           "logging_level": logging.ERROR if not verbose else logging.INFO},
         },
-        verbose_logging=verbose,
-    )
+        "verbose_logging": verbose,
+    }

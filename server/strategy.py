@@ -1,5 +1,5 @@
-"""Aggregation of the merchants' LoRA adapters (Flower Message-API strategies) that also keeps the privacy ledger and
-the per-round metrics of the run directory.
+"""Aggregation of the merchants' LoRA adapters (Flower Message-API strategies): validation of every update, then the
+merge. What the rounds leave in the run directory is `server.recorder`'s; central DP is `server.central_dp`'s.
 
 `aggregation` picks the strategy (`build_strategy`), each a `FedAvg` subclass that differs only in how the validated
 updates are merged (the arithmetic is `server.aggregation`'s):
@@ -22,47 +22,40 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
-from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
+from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from server.aggregation import (
+    Arrays,
     combine,
     fixed_denominator_mean,
     max_dropped_energy,
+    numpy_of,
     payload_bytes,
+    record_of,
     server_step,
     svd_aggregate,
     validate_update,
 )
-from server.rundir import RunDirectory
+from server.central_dp import CentralAccount, wrap
+from server.recorder import RunRecorder
 from shared.config import FedShopConfig
 from shared.data import merchant_id_for_partition
 from shared.metrics import pool_metrics
 from shared.model import is_frozen_key
-from shared.privacy import History, Uniform, epsilon_of, noise_for_budget, would_exceed
+from shared.privacy import PRIVACY_RECORD
+from shared.rundir import STATUS_DECLINED, STATUS_RELEASED, RunDirectory
 
 log = logging.getLogger("fedshop")
-
-Arrays = dict[str, np.ndarray]
 
 
 class TooFewValidUpdates(RuntimeError):
     """A round whose rejected updates left fewer than `min-valid-merchants` valid ones: the run stops."""
-
-
-def _numpy(record: ArrayRecord) -> Arrays:
-    return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
-
-
-def _record(arrays: Arrays, order: Iterable[str]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(arrays[k])) for k in order})
 
 
 class LedgerFedAvg(FedAvg):
@@ -70,57 +63,42 @@ class LedgerFedAvg(FedAvg):
     updates that fail validation.
 
     Each train reply becomes one `privacy.csv` row; each round's train and evaluate results become `metrics.jsonl`
-    records with the per-merchant values beside the weighted means, the rejected updates and the bytes on the wire.
-    Subclasses change `frozen_keys` (what stays at the server) and `merge` (how valid updates combine).
+    records with the per-merchant values beside the weighted means, the rejected updates and the bytes on the wire
+    (`self.recorder`). Subclasses change `frozen_keys` (what stays at the server) and `merge` (how valid updates
+    combine). Under central DP `self.central` is the server's privacy account (None without central DP).
     """
 
     def __init__(self, run_dir: RunDirectory, config: FedShopConfig, initial: ArrayRecord | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.run_dir = run_dir
         self.config = config
-        self.started = time.perf_counter()
-        self._last_train: dict[str, float] = {}
+        self.central = CentralAccount(config) if config.central else None
+        self.recorder = RunRecorder(run_dir, config, self.central)
         self._current: ArrayRecord | None = initial  # the arrays sent in this round's train messages
-        self.central_history: History = []
-        self.central_noise = 0.0
-        self.central_rate = config.fraction_train
-        self._uniform = Uniform(config.seed + 0x5E4, secure=config.secure_mode)
         # a run resuming its own directory numbers its rounds on after the last recorded one: every entry point
         # (configure_train, aggregate_train, aggregate_evaluate) turns Flower's round into that run-wide round,
         # which the ledger, the metrics and the merchants' seeds ("server-round") see
         self.round_offset = 0
 
-    # --- merchant-level central DP --------------------------------------------------------------------------
-    def expected_merchants(self) -> float:
-        return self.central_rate * self.config.num_merchants
-
-    def central_epsilon(self, history: History | None = None) -> float:
-        return epsilon_of(self.central_history if history is None else history, self.config.target_delta,
-                          self.config.accountant)
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         server_round += self.round_offset
         self._current = arrays
-        if not self.config.central:
+        if self.central is None:
             return super().configure_train(server_round, arrays, config, grid)
-        step = (self.central_noise, self.central_rate, 1)
-        if would_exceed(self.central_history, step, self.config.central_epsilon, self.config.target_delta,
-                        self.config.accountant):
+        if not self.central.admits_release():
+            budget = self.central.budget
             log.warning("round %d: skipped, one more release would exceed the merchant-level epsilon %g (spent %.3f "
-                        "at delta %g, %s)", server_round, self.config.central_epsilon, self.central_epsilon(),
-                        self.config.target_delta, self.config.accountant)
-            self._central_row(server_round, "declined")
+                        "at delta %g, %s)", server_round, budget.epsilon, self.central.epsilon_spent(), budget.delta,
+                        budget.accountant)
+            self.recorder.central_row(server_round, STATUS_DECLINED)
             return []
-        if self.central_rate >= 1.0:
+        if self.central.sample_rate >= 1.0:
             return super().configure_train(server_round, arrays, config, grid)
-        # Poisson sampling of merchants (each in with probability fraction-train), which the accountant assumes
         _, nodes = sample_nodes(grid, self.min_available_nodes, 0)
-        chosen = [n for n, u in zip(sorted(nodes), self._uniform.draw(len(nodes)), strict=True)
-                  if u < self.central_rate]
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, chosen, MessageType.TRAIN)
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
+                for node in self.central.sample(nodes)]
 
     # --- what travels, and how updates merge (overridden by LedgerFFA / LedgerSVD) --------------------------
     def frozen_keys(self, keys: Iterable[str]) -> set[str]:
@@ -145,7 +123,7 @@ class LedgerFedAvg(FedAvg):
         """The arrays sent this round, less the frozen ones: what a valid reply must match (None if unknown)."""
         if self._current is None:
             return None
-        sent = _numpy(self._current)
+        sent = numpy_of(self._current)
         frozen = self.frozen_keys(sent)
         return {k: v for k, v in sent.items() if k not in frozen}
 
@@ -165,7 +143,7 @@ class LedgerFedAvg(FedAvg):
             return f"{self.weighted_by_key} = {weight!r} is not a positive number"
         if reference is None:
             return None
-        return validate_update(_numpy(msg.content[self.arrayrecord_key]), reference, max_norm=bound)
+        return validate_update(numpy_of(msg.content[self.arrayrecord_key]), reference, max_norm=bound)
 
     def _screen(self, server_round: int, replies: list[tuple[str, Message]]
                 ) -> tuple[list[tuple[str, Message]], list[dict[str, str]]]:
@@ -176,7 +154,7 @@ class LedgerFedAvg(FedAvg):
             # structure is checked against the first reply that has arrays, and there is no norm bound
             first = next((m.content[self.arrayrecord_key] for _, m in replies
                           if self.arrayrecord_key in m.content.array_records), None)
-            reference, bound = (None if first is None else _numpy(first)), None
+            reference, bound = (None if first is None else numpy_of(first)), None
         valid, rejected = [], []
         for merchant, msg in replies:
             reason = self.rejection_reason(msg, reference, bound)
@@ -187,45 +165,29 @@ class LedgerFedAvg(FedAvg):
                 rejected.append({"merchant": merchant, "reason": reason})
         return valid, rejected
 
-    def _fixed_denominator(self, updates: list[Arrays]) -> Arrays:
-        """current + (sum of the clipped updates) / m, m the expected number of merchants: every merchant weighs
-        the same whatever its size, so one merchant moves the aggregate by at most C / m (before the noise)."""
-        reference = self.uplink_reference()
-        assert reference is not None
-        return fixed_denominator_mean(updates, reference, self.expected_merchants())
-
-    def _central_row(self, server_round: int, status: str) -> None:
-        self.run_dir.append_privacy({
-            "merchant": "all", "round": server_round, "noise_multiplier": self.central_noise,
-            "sample_rate": self.central_rate, "steps": 1 if status == "released" else 0,
-            "epsilon": self.central_epsilon(), "delta": self.config.target_delta, "unit": "merchant",
-            "accountant": self.config.accountant, "status": status,
-        })
-
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         replies = list(replies)
         trained, merchants = [], {}
-        downlink = None if self._current is None else payload_bytes(_numpy(self._current))
+        downlink = None if self._current is None else payload_bytes(numpy_of(self._current))
         for msg in replies:
-            if msg.has_error():
+            if msg.has_error() or PRIVACY_RECORD not in msg.content.config_records:
                 merchant = f"node-{msg.metadata.src_node_id}"
-                self._ledger(server_round, merchant, math.nan, math.nan, 0, math.nan, "failed")
-                log.warning("round %d: merchant %s failed: %s", server_round, merchant, msg.error.reason)
+                self.recorder.failed_row(server_round, merchant)
+                log.warning("round %d: merchant %s failed: %s", server_round, merchant,
+                            msg.error.reason if msg.has_error() else f"no {PRIVACY_RECORD!r} record in its reply")
                 continue
             metrics = msg.content["metrics"]
             merchant = merchant_id_for_partition(int(metrics["partition-id"]))
-            declined = bool(metrics["declined"])
-            self._ledger(server_round, merchant, float(metrics["noise-multiplier"]), float(metrics["sample-rate"]),
-                         int(metrics["steps"]), float(metrics["epsilon"]), "declined" if declined else "trained")
+            self.recorder.merchant_row(server_round, merchant, metrics, msg.content.config_records[PRIVACY_RECORD])
             entry = {k: v for k, v in metrics.items() if k != "partition-id"}
             sent = msg.content.array_records.get(self.arrayrecord_key)
-            entry["uplink-bytes"] = 0 if sent is None else payload_bytes(_numpy(sent))
+            entry["uplink-bytes"] = 0 if sent is None else payload_bytes(numpy_of(sent))
             if downlink is not None:
                 entry["downlink-bytes"] = downlink
             merchants[merchant] = entry
-            if declined:
+            if bool(metrics["declined"]):
                 log.warning("round %d: merchant %s declined: one more round would exceed epsilon %g",
                             server_round, merchant, self.config.target_epsilon)
             else:
@@ -234,52 +196,41 @@ class LedgerFedAvg(FedAvg):
         summary: dict = {}
         arrays = metrics = None
         if rejected and len(valid) < self.config.min_valid_merchants:
-            self._record_train(server_round, summary, merchants, trained, valid, rejected)
+            self.recorder.train_record(server_round, summary, merchants, trained, valid, rejected)
             reasons = "; ".join(f"{r['merchant']}: {r['reason']}" for r in rejected)
             raise TooFewValidUpdates(
                 f"round {server_round}: {len(valid)} valid merchant update(s) after rejecting {len(rejected)}, fewer "
                 f"than min-valid-merchants = {self.config.min_valid_merchants}; rejected: {reasons}")
         if valid:
-            updates = [_numpy(msg.content[self.arrayrecord_key]) for _, msg in valid]
+            updates = [numpy_of(msg.content[self.arrayrecord_key]) for _, msg in valid]
             weights = [float(msg.content["metrics"][self.weighted_by_key]) for _, msg in valid]
-            if self.config.central:
+            if self.central is not None:
                 # the wrapper adds the Gaussian noise to what this returns: that release is accounted here
                 merged, extra = self._fixed_denominator(updates), {}
-                self.central_history.append((self.central_noise, self.central_rate, 1))
-                self._central_row(server_round, "released")
+                self.central.release()
+                self.recorder.central_row(server_round, STATUS_RELEASED)
             else:
                 merged, extra = self.merge(updates, weights)
             arrays = self._complete(merged)
             metrics = self.train_metrics_aggr_fn([msg.content for _, msg in valid], self.weighted_by_key)
             summary.update({k: v for k, v in metrics.items() if k not in ("partition-id", "declined")})
             summary.update(extra)
-        self._record_train(server_round, summary, merchants, trained, valid, rejected)
+        self.recorder.train_record(server_round, summary, merchants, trained, valid, rejected)
         return arrays, metrics
+
+    def _fixed_denominator(self, updates: list[Arrays]) -> Arrays:
+        """current + (sum of the clipped updates) / m, m the expected number of merchants: every merchant weighs
+        the same whatever its size, so one merchant moves the aggregate by at most C / m (before the noise)."""
+        reference = self.uplink_reference()
+        assert reference is not None and self.central is not None
+        return fixed_denominator_mean(updates, reference, self.central.expected_merchants)
 
     def _complete(self, merged: Arrays) -> ArrayRecord:
         """The full adapter: the merged tensors plus the frozen ones the server kept, in the order it sent them."""
         if self._current is None:
-            return _record(merged, sorted(merged))
-        sent = _numpy(self._current)
-        return _record({**{k: sent[k] for k in self.frozen_keys(sent)}, **merged}, sent)
-
-    def _record_train(self, server_round: int, summary: dict, merchants: dict, trained: list, valid: list,
-                      rejected: list[dict[str, str]]) -> None:
-        epsilons = [float(m["epsilon"]) for m in merchants.values()]
-        summary["epsilon-max"] = max(epsilons) if epsilons else math.nan
-        summary["merchants-trained"] = len(trained)
-        summary["merchants-rejected"] = len(rejected)
-        summary["merchants-aggregated"] = len(valid)
-        uplink = [merchants[m]["uplink-bytes"] for m, _ in trained]
-        summary["uplink-bytes-mean"] = float(np.mean(uplink)) if uplink else math.nan
-        downlink = [m["downlink-bytes"] for m in merchants.values() if "downlink-bytes" in m]
-        summary["downlink-bytes-mean"] = float(np.mean(downlink)) if downlink else math.nan
-        if self.config.central:
-            summary["epsilon-merchant"] = self.central_epsilon()
-        self.run_dir.append_metrics({"round": server_round, "scope": "train", "aggregation": self.config.aggregation,
-                                     "metrics": summary, "merchants": dict(sorted(merchants.items())),
-                                     "rejected": rejected})
-        self._last_train = summary
+            return record_of(merged, sorted(merged))
+        sent = numpy_of(self._current)
+        return record_of({**{k: sent[k] for k in self.frozen_keys(sent)}, **merged}, sent)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Every metric pooled over the merchants that report it (`pool_metrics`). Flower's own aggregation refuses
@@ -303,42 +254,14 @@ class LedgerFedAvg(FedAvg):
             merchants[merchant_id_for_partition(int(metrics["partition-id"]))] = {
                 k: v for k, v in metrics.items() if k != "partition-id"}
         summary = pool_metrics(list(merchants.values()), self.weighted_by_key)  # in reply order, as Flower's
-        self.run_dir.append_metrics({"round": server_round, "scope": "evaluate", "metrics": summary,
-                                     "merchants": dict(sorted(merchants.items()))})
-        self._progress(server_round, summary)
+        self.recorder.evaluate_record(server_round, summary, merchants)
+        self.recorder.progress(server_round, self.round_offset + self.config.num_rounds, summary)
         return MetricRecord(summary) if merchants else None
 
     def evaluate_initial(self, grid: Grid, arrays: ArrayRecord) -> None:
         """Federated evaluation of the starting adapter (the pretrained base alone) as round 0."""
         messages = self.configure_evaluate(0, arrays, ConfigRecord(), grid)
         self.aggregate_evaluate(0, grid.send_and_receive(messages))
-
-    def _ledger(self, server_round: int, merchant: str, noise: float, rate: float, steps: int, epsilon: float,
-                status: str) -> None:
-        self.run_dir.append_privacy({
-            "merchant": merchant, "round": server_round, "noise_multiplier": noise, "sample_rate": rate,
-            "steps": steps, "epsilon": epsilon if self.config.local_dp else math.inf,
-            "delta": self.config.target_delta, "unit": self.config.privacy_unit if self.config.local_dp else "none",
-            "accountant": self.config.accountant if self.config.local_dp else "none", "status": status,
-        })
-
-    def _progress(self, server_round: int, evaluation: dict) -> None:
-        if not self.config.progress:
-            return
-        parts = [f"round {server_round}/{self.round_offset + self.config.num_rounds}"]
-        if server_round and self._last_train:
-            parts.append(f"train loss {self._last_train.get('train-loss', math.nan):.3f}")
-            if self.config.local_dp:
-                parts.append(f"eps max {self._last_train['epsilon-max']:.2f} (delta {self.config.target_delta:g}, "
-                             f"{self.config.privacy_unit}, {self.config.accountant})")
-            if self.config.central:
-                parts.append(f"eps {self.central_epsilon():.2f} (delta {self.config.target_delta:g}, merchant, "
-                             f"{self.config.accountant})")
-        for key, label in (("intent-auc", "intent AUC"), ("next-hr@10", "next HR@10")):
-            if key in evaluation:
-                parts.append(f"{label} {evaluation[key]:.3f}")
-        parts.append(f"{time.perf_counter() - self.started:.0f} s")
-        log.info(" | ".join(parts))
 
 
 class LedgerFFA(LedgerFedAvg):
@@ -358,7 +281,7 @@ class LedgerFFA(LedgerFedAvg):
         return {k for k in keys if is_frozen_key(k, "ffa")}
 
     def _frozen_part(self, arrays: ArrayRecord) -> Arrays:
-        numpy = _numpy(arrays)
+        numpy = numpy_of(arrays)
         return {k: numpy[k] for k in self.frozen_keys(numpy)}
 
     def _check_frozen(self, arrays: ArrayRecord, what: str) -> None:
@@ -382,17 +305,17 @@ class LedgerFFA(LedgerFedAvg):
         if self._frozen is None:
             raise RuntimeError("ffa: the server does not know the frozen lora_A tensors (pass the initial arrays)")
         order = list(self._current.keys()) if self._current is not None else sorted({*self._frozen, *merged})
-        return _record({**self._frozen, **merged}, order)
+        return record_of({**self._frozen, **merged}, order)
 
     def final_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
         """The last aggregate with the kept A re-attached (checked bit-identical where present)."""
         if self._frozen is None:
             return arrays
-        got = _numpy(arrays)
+        got = numpy_of(arrays)
         if self.frozen_keys(got):
             self._check_frozen(arrays, "the final adapter")
         order = list(self._current.keys()) if self._current is not None else list(arrays.keys())
-        return _record({**got, **self._frozen}, order)
+        return record_of({**got, **self._frozen}, order)
 
 
 class LedgerSVD(LedgerFedAvg):
@@ -418,62 +341,14 @@ class LedgerSVD(LedgerFedAvg):
 STRATEGIES: dict[str, type[LedgerFedAvg]] = {"fedavg": LedgerFedAvg, "ffa": LedgerFFA, "svd": LedgerSVD}
 
 
-class MerchantLevelDP(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed clipping and Gaussian noise, with three differences:
-    - an update of norm zero (a merchant that sent the adapter back unchanged) is kept as it is; flwr 1.42 divides
-      by the norm and fails the round;
-    - replies that the wrapped strategy will reject (`check_reply`: wrong names, shapes, dtypes, NaN/Inf, too large
-      a norm) are left unclipped for it to reject and record; the others are clipped key by key against the arrays
-      sent, so a reply may carry a subset of them (ffa: B only);
-    - the noise goes to the tensors the wrapped strategy merges, never to the ones it keeps frozen (ffa: A)."""
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        event = self._pop_pending_event(server_round)
-        if not validate_replies(replies, self.num_sampled_clients, strict=self.accountant is not None):
-            return None, None
-        current = _numpy(self.current_arrays)
-        for reply in replies:
-            if reply.has_error() or not reply.content.array_records or self.strategy.check_reply(reply) is not None:
-                continue
-            for name, record in list(reply.content.array_records.items()):
-                arrays = _numpy(record)
-                update = {k: a - current[k] for k, a in arrays.items()}
-                norm = float(np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update.values())))
-                factor = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
-                reply.content[name] = ArrayRecord({k: Array((current[k] + factor * update[k]).astype(a.dtype))
-                                                   for k, a in arrays.items()})
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if arrays:
-            arrays = self._add_noise_to_aggregated_arrays(arrays)
-            self._compose_release(event)
-        return arrays, metrics
-
-    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        frozen = self.strategy.frozen_keys(aggregated_arrays.keys())
-        if not frozen:
-            return super()._add_noise_to_aggregated_arrays(aggregated_arrays)
-        keys = list(aggregated_arrays.keys())
-        noised = super()._add_noise_to_aggregated_arrays(
-            ArrayRecord({k: aggregated_arrays[k] for k in keys if k not in frozen}))
-        return ArrayRecord({k: aggregated_arrays[k] if k in frozen else noised[k] for k in keys})
-
-
 def build_strategy(run_dir: RunDirectory, config: FedShopConfig, initial: ArrayRecord | None = None
                    ) -> tuple[LedgerFedAvg, FedAvg]:
     """(the ledger strategy, the strategy to start): the class `config.aggregation` names; under central DP the
-    latter wraps the former in Flower's server-side fixed clipping (`MerchantLevelDP`), with noise calibrated to the
-    merchant-level budget. `initial` is the adapter of round 1 (ffa keeps its A)."""
+    latter wraps the former in Flower's server-side fixed clipping (`server.central_dp.MerchantLevelDP`), with noise
+    calibrated to the merchant-level budget. `initial` is the adapter of round 1 (ffa keeps its A)."""
     ledger = STRATEGIES[config.aggregation](
         run_dir, config, initial, fraction_train=config.fraction_train, fraction_evaluate=1.0, min_train_nodes=1,
         min_evaluate_nodes=1, min_available_nodes=config.num_merchants)
-    if not config.central:
+    if ledger.central is None:
         return ledger, ledger
-    ledger.central_noise = noise_for_budget(config.central_epsilon, config.target_delta, ledger.central_rate,
-                                            config.num_rounds, config.accountant)
-    wrapped = MerchantLevelDP(
-        ledger, noise_multiplier=ledger.central_noise, clipping_norm=config.central_clip_norm,
-        num_sampled_clients=ledger.expected_merchants(),  # type: ignore[arg-type]  # the fixed denominator m
-    )
-    return ledger, wrapped
+    return ledger, wrap(ledger, ledger.central, config)

@@ -18,9 +18,18 @@ from pathlib import Path
 
 from server.audit import audit_run, read_audit
 from server.report import with_standard_errors
-from server.rundir import RunDirectory
 from shared.config import FedShopConfig, load_config
 from shared.errors import UserError
+from shared.privacy import PrivacyBudget
+from shared.rundir import (
+    MERCHANT_LEVEL,
+    STATUS_FAILED,
+    RunDirectory,
+    epsilon_by_merchant,
+    merchant_level_epsilon,
+    merchant_level_rows,
+    number,
+)
 
 log = logging.getLogger("fedshop")
 METRICS = (("intent-auc", "purchase intent AUC"), ("next-hr@10", "next item HR@10"),
@@ -28,7 +37,8 @@ METRICS = (("intent-auc", "purchase intent AUC"), ("next-hr@10", "next item HR@1
 AUDIT = (("mia-auc", "MIA AUC"), ("mia-tpr@1%fpr", "MIA TPR@1%FPR"), ("canary-auc", "canary AUC"),
          ("eps-emp", "eps_emp"))
 COLUMNS = ("target_epsilon", "status", "unit", "delta", "accountant", "epsilon_max", "epsilon_mean",
-           "noise_multiplier", *(c for k, _ in METRICS for c in (k, f"{k}-se")), *(k for k, _ in AUDIT), "seconds")
+           "noise_multiplier", "epsilon_merchant_level", *(c for k, _ in METRICS for c in (k, f"{k}-se")),
+           *(k for k, _ in AUDIT), "seconds")
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -82,22 +92,26 @@ def run_sweep(config_path: Path | None, overrides: list[str], epsilons: list[flo
 
 
 def summarize(run_dir: Path, config: FedShopConfig, epsilon: float, status: str, seconds: float) -> dict:
-    row: dict = {"target_epsilon": label(epsilon), "status": status, "delta": config.target_delta,
-                 "unit": config.privacy_unit if config.dp else "none",
-                 "accountant": config.accountant if config.dp else "none", "seconds": round(seconds, 1)}
+    """One row of the sweep table. Epsilon max / mean is per merchant of its own DP-SGD (event or shopper unit), or
+    the merchant-level epsilon for the merchant unit, inf without DP; the merchant-level epsilon of central DP (the
+    merchant unit, or central-dp on top of an event or shopper unit) has its own column."""
+    budget = PrivacyBudget.for_server(config) if config.privacy_unit == "merchant" else \
+        PrivacyBudget.for_merchants(config)
+    row: dict = {"target_epsilon": label(epsilon), "status": status, "delta": budget.delta, "unit": budget.unit,
+                 "accountant": budget.ledger_accountant, "seconds": round(seconds, 1)}
     directory = RunDirectory(run_dir)
     ledger = directory.read_privacy()
-    if config.dp and config.privacy_unit == "merchant":
-        rows = [r for r in ledger if r["merchant"] == "all"]
-        spent = [float(rows[-1]["epsilon"])] if rows else []
-        noise = [float(r["noise_multiplier"]) for r in rows]
+    central = merchant_level_rows(ledger)
+    row["epsilon_merchant_level"] = merchant_level_epsilon(ledger) if central else math.nan
+    if not budget.private:
+        spent, noise = [math.inf], [0.0]
+    elif budget.unit == "merchant":
+        spent = [row["epsilon_merchant_level"]] if central else []
+        noise = [number(r["noise_multiplier"]) for r in central]
     else:
-        last: dict[str, dict] = {}
-        for r in ledger:
-            if r["merchant"] != "all" and r["status"] != "failed":
-                last[r["merchant"]] = r
-        spent = [float(r["epsilon"]) for r in last.values()]
-        noise = [float(r["noise_multiplier"]) for r in last.values()]
+        spent = list(epsilon_by_merchant(ledger).values())
+        last = {r["merchant"]: r for r in ledger if r["merchant"] != MERCHANT_LEVEL and r["status"] != STATUS_FAILED}
+        noise = [number(r["noise_multiplier"]) for r in last.values()]
     row["epsilon_max"] = max(spent) if spent else math.nan
     row["epsilon_mean"] = sum(spent) / len(spent) if spent else math.nan
     row["noise_multiplier"] = sum(noise) / len(noise) if noise else math.nan
@@ -133,16 +147,18 @@ def write_outputs(out: Path, rows: list[dict], config: FedShopConfig) -> None:
              f"{config.num_merchants} merchants x {config.num_rounds} rounds, unit **{unit}**, delta "
              f"{config.target_delta:g}, {config.accountant} accountant, same data, seed and schedule in every row; "
              "`inf` is the non-private run. Epsilon is per merchant, composed over all rounds (max and mean over "
-             "merchants). Audit: loss-threshold membership attack (members vs held-out shoppers) and the one-run "
+             "merchants); merchant-level eps is the server's central DP (n/a without it). Audit: loss-threshold "
+             "membership attack (members vs held-out shoppers) and the one-run "
              "canary audit's lower bound eps_emp at the same delta (95 % confidence). ± is one standard error of "
              "the test metric (binomial for HR@10, Hanley-McNeil for AUC, the binomial bound for NDCG and MRR; the "
              "report's SE words give the detail); the plot's bars are ±1 SE.", "",
-             "| target eps | eps max | eps mean | noise mult. | " + " | ".join(n for _, n in METRICS) + " | "
-             + " | ".join(n for _, n in AUDIT) + " | s | status |",
-             "|" + "---|" * (6 + len(METRICS) + len(AUDIT))]
+             "| target eps | eps max | eps mean | noise mult. | merchant-level eps | "
+             + " | ".join(n for _, n in METRICS) + " | " + " | ".join(n for _, n in AUDIT) + " | s | status |",
+             "|" + "---|" * (7 + len(METRICS) + len(AUDIT))]
     for r in rows:
         lines.append(f"| {r['target_epsilon']} | {_cell(r['epsilon_max'])} | {_cell(r['epsilon_mean'])} | "
-                     f"{_cell(r['noise_multiplier'])} | " + " | ".join(_with_se(r, k) for k, _ in METRICS) + " | "
+                     f"{_cell(r['noise_multiplier'])} | {_cell(r['epsilon_merchant_level'])} | "
+                     + " | ".join(_with_se(r, k) for k, _ in METRICS) + " | "
                      + " | ".join(_cell(r[k]) for k, _ in AUDIT) + f" | {r['seconds']:.0f} | {r['status']} |")
     if plot(out, rows):
         lines += ["", "![utility vs epsilon](privacy_utility.png)"]

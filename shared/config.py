@@ -8,8 +8,10 @@ Values are parsed and validated once, here, and a bad key or value is refused wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,7 +293,8 @@ class FedShopConfig:
         return self.dp and (self.privacy_unit == "merchant" or self.central_dp)
 
     @property
-    def central_epsilon(self) -> float:
+    def merchant_level_target_epsilon(self) -> float:
+        """The budget of the server's central DP: target-epsilon for the merchant unit, else central-target-epsilon."""
         return self.target_epsilon if self.privacy_unit == "merchant" else self.central_target_epsilon
 
     @property
@@ -413,6 +416,18 @@ def _coerce(key: str, f: dataclasses.Field, raw: Any, where: str) -> Any:
         if high is not None and (value > high or (meta["high_open"] and value >= high)):
             raise refuse("out of range")
     return value
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> FedShopConfig:
+    """The config of a Flower run config (`context.run_config`), parsed and validated once per distinct run config:
+    a ClientApp is handed the same run config with every message of a run. The config is frozen, so one parsed
+    object may serve every message."""
+    return _parsed(tuple(sorted(run_config.items())))
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(items: tuple[tuple[str, Any], ...]) -> FedShopConfig:
+    return from_mapping(dict(items))
 
 
 def from_mapping(values: dict[str, Any], where: str = "") -> FedShopConfig:

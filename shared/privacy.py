@@ -12,22 +12,48 @@ system's CSPRNG (`os.urandom`) instead of a seeded generator.
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import json
 import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-from opacus.accountants import create_accountant
+from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from shared.errors import UserError
+from shared.config import FedShopConfig
 
 History = list[tuple[float, float, int]]
+# a merchant's train reply carries, beside its metrics, a ConfigRecord naming what its epsilon is about
+PRIVACY_RECORD, PRIVACY_UNIT_KEY, PRIVACY_ACCOUNTANT_KEY = "privacy", "unit", "accountant"
+
+
+def accountant_for(history: History, accountant: str) -> IAccountant:
+    """A fresh Opacus accountant of kind `accountant` holding `history`, loaded through its own state dict (which
+    refuses a history saved by another kind of accountant)."""
+    engine = create_accountant(accountant)
+    engine.load_state_dict({"history": [(float(n), float(q), int(s)) for n, q, s in history], "mechanism": accountant})
+    return engine
+
+
+def history_of(engine: IAccountant) -> History:
+    """The `(noise_multiplier, sample_rate, steps)` history an Opacus accountant holds, read from its state dict."""
+    return [(float(n), float(q), int(s)) for n, q, s in engine.state_dict()["history"]]
+
+
+def save_history(history: History, accountant: str) -> str:
+    """The accountant's state dict as JSON text (what a merchant keeps between rounds); floats round-trip exactly."""
+    return json.dumps(accountant_for(history, accountant).state_dict())
+
+
+def load_history(text: str, accountant: str) -> History:
+    """The history `save_history` wrote, loaded back through an accountant's `load_state_dict`."""
+    engine = create_accountant(accountant)
+    engine.load_state_dict(json.loads(text))
+    return history_of(engine)
 
 
 def epsilon_of(history: History, delta: float, accountant: str) -> float:
@@ -37,10 +63,8 @@ def epsilon_of(history: History, delta: float, accountant: str) -> float:
         return 0.0
     if any(n <= 0 for n, _, _ in steps):
         return math.inf
-    engine = create_accountant(accountant)
-    engine.history = steps
     with _quiet():
-        return float(engine.get_epsilon(delta=delta))
+        return float(accountant_for(steps, accountant).get_epsilon(delta=delta))
 
 
 @contextlib.contextmanager
@@ -53,17 +77,59 @@ def _quiet() -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=256)
-def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The smallest noise multiplier whose `steps` steps at `sample_rate` stay within (target_epsilon, delta)."""
+def _noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     with _quiet():
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps, accountant=accountant))
 
 
-def would_exceed(history: History, step: tuple[float, float, int], target_epsilon: float, delta: float,
-                 accountant: str) -> bool:
-    """True when taking `step` after `history` would push epsilon past the budget."""
-    return epsilon_of([*history, step], delta, accountant) > target_epsilon
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """A privacy budget: at most `epsilon` at `delta` for the protected record `unit`, composed by one Opacus
+    `accountant`. The merchants' DP-SGD (unit event or shopper) and the server's central DP (unit merchant) each
+    hold one; unit `none` is a run without that kind of DP (nothing to spend, epsilon inf)."""
+
+    epsilon: float
+    delta: float
+    accountant: str
+    unit: str
+
+    @classmethod
+    def for_merchants(cls, config: FedShopConfig) -> PrivacyBudget:
+        """The budget of each merchant's DP-SGD (unit `none` without local DP)."""
+        return cls(config.target_epsilon, config.target_delta, config.accountant,
+                   config.privacy_unit if config.local_dp else "none")
+
+    @classmethod
+    def for_server(cls, config: FedShopConfig) -> PrivacyBudget:
+        """The budget of the server's merchant-level central DP (unit `none` without it)."""
+        return cls(config.merchant_level_target_epsilon, config.target_delta, config.accountant,
+                   "merchant" if config.central else "none")
+
+    @property
+    def private(self) -> bool:
+        return self.unit != "none"
+
+    @property
+    def ledger_accountant(self) -> str:
+        """The accountant a ledger row names: `none` when nothing is accounted."""
+        return self.accountant if self.private else "none"
+
+    def reply_fields(self) -> dict[str, str]:
+        """What a merchant's reply says its epsilon is about (the `PRIVACY_RECORD` ConfigRecord's fields)."""
+        return {PRIVACY_UNIT_KEY: self.unit, PRIVACY_ACCOUNTANT_KEY: self.ledger_accountant}
+
+    def calibrate(self, sample_rate: float, steps: int) -> float:
+        """The smallest noise multiplier whose `steps` steps at `sample_rate` stay within the budget."""
+        return _noise_for_budget(self.epsilon, self.delta, sample_rate, steps, self.accountant)
+
+    def spent(self, history: History) -> float:
+        """Epsilon (at this budget's delta and accountant) that the steps of `history` spent."""
+        return epsilon_of(history, self.delta, self.accountant)
+
+    def admits(self, history: History, step: tuple[float, float, int]) -> bool:
+        """Whether taking `step` after `history` stays within the budget."""
+        return self.spent([*history, step]) <= self.epsilon
 
 
 class Uniform:
@@ -141,56 +207,3 @@ def schedule(num_records: int, batch_size: int, local_epochs: int) -> tuple[floa
     """(Poisson sample rate, steps per round): an expected `batch_size` records per step, `local_epochs` passes."""
     batches = max(1, math.ceil(num_records / batch_size))
     return 1.0 / batches, local_epochs * batches
-
-
-CONTINUED_FROM = "continued-from.json"  # a continued run's (and its export's) carried-over accountant histories
-
-
-def history_from_ledger(run_dir: str | Path, merchant: str, before_round: int | None = None
-                        ) -> tuple[float | None, History]:
-    """(last noise multiplier, accountant history) of `merchant` in a run directory's (or export's) `privacy.csv`.
-
-    Rows that trained (or, for the server's merchant-level rows, were released) are the steps taken; declined and
-    failed rows took none. When the run itself continued another (`continued-from.json` beside the ledger), the
-    history it carried over comes first, so a chain of continued runs composes every step. A merchant absent from
-    both starts from nothing. With `before_round`, only rows of earlier rounds count (a run that resumes its own
-    directory reads the steps taken before the round it is in).
-    """
-    path = Path(run_dir) / "privacy.csv"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; expected a finished fedshop run directory or a fedshop export")
-    noise, history = carried_history(run_dir, merchant)
-    with path.open(newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            if row["merchant"] != merchant or row["status"] not in ("trained", "released"):
-                continue
-            if before_round is not None and int(row["round"]) >= before_round:
-                continue
-            if row["unit"] == "none":  # trained without DP: nothing to compose
-                continue
-            noise = float(row["noise_multiplier"])
-            history.append((noise, float(row["sample_rate"]), int(row["steps"])))
-    return noise, history
-
-
-def carried_history(run_dir: str | Path, merchant: str) -> tuple[float | None, History]:
-    """(noise multiplier, history) that a continued run carried over for `merchant` (none for a fresh run)."""
-    path = Path(run_dir) / CONTINUED_FROM
-    if not path.is_file():
-        return None, []
-    entry = json.loads(path.read_text(encoding="utf-8")).get("histories", {}).get(merchant)
-    if not entry:
-        return None, []
-    return entry["noise-multiplier"], [(float(n), float(q), int(s)) for n, q, s in entry["history"]]
-
-
-def ledger_merchants(run_dir: str | Path) -> list[str]:
-    """Every merchant (and `all`, the server's merchant-level rows) with a history in a run's or export's ledger,
-    the carried-over ones included."""
-    names: set[str] = set()
-    path = Path(run_dir) / CONTINUED_FROM
-    if path.is_file():
-        names |= set(json.loads(path.read_text(encoding="utf-8")).get("histories", {}))
-    with (Path(run_dir) / "privacy.csv").open(newline="", encoding="utf-8") as handle:
-        names |= {row["merchant"] for row in csv.DictReader(handle)}
-    return sorted(names)

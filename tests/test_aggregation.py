@@ -6,11 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from server.rundir import RunDirectory
 from server.strategy import LedgerFedAvg
 from shared.config import FedShopConfig
+from shared.privacy import PRIVACY_RECORD, PrivacyBudget
+from shared.rundir import RunDirectory
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +24,9 @@ def _reply(partition: int, tensors: dict[str, torch.Tensor], examples: int, decl
     metrics = MetricRecord({"num-examples": examples, "train-loss": 1.0, "epsilon": 2.0 + partition,
                             "delta": 1e-5, "noise-multiplier": 0.9, "sample-rate": 0.01, "steps": 10,
                             "declined": int(declined), "partition-id": partition})
-    return Message(content=RecordDict({"arrays": ArrayRecord(tensors), "metrics": metrics}), reply_to=request)
+    privacy = ConfigRecord(PrivacyBudget.for_merchants(FedShopConfig()).reply_fields())
+    return Message(content=RecordDict({"arrays": ArrayRecord(tensors), "metrics": metrics, PRIVACY_RECORD: privacy}),
+                   reply_to=request)
 
 
 def test_weighted_fedavg_equals_the_hand_computed_mean_and_skips_declined(tmp_path):

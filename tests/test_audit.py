@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.train import PrivacyState, train_round
 from shared.audit import canary_audit, epsilon_lower_bound, example_losses, membership_inference, p_value, tpr_at_fpr
 from shared.canaries import make_canaries
 from shared.config import FedShopConfig
+from shared.dptrain import PrivacyState, train_round
 from shared.modeling import encode
 from tests.helpers import lora_parameters, tiny_lora_model
 

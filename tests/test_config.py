@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import ConfigError, FedShopConfig, from_mapping, load_config, to_toml
+from shared.config import ConfigError, FedShopConfig, from_mapping, from_run_config, load_config, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,3 +126,14 @@ def test_pretraining_task_weights_give_each_task_its_share_and_average_one():
     assert float(weights.mean()) == pytest.approx(1.0)
     share = {t: float(weights[[k for k, u in enumerate(tasks) if u == t]].sum()) / len(tasks) for t in set(tasks)}
     assert share == pytest.approx({"next-item": 0.25, "intent": 0.25, "churn": 0.5})
+
+
+def test_a_run_config_is_parsed_once_and_still_refuses_a_bad_value():
+    # Prepare: what Flower hands a ClientApp with every message (a fresh mapping each time)
+    flat = FedShopConfig().to_flat()
+    # Execute
+    first, again = from_run_config(dict(flat)), from_run_config(dict(reversed(list(flat.items()))))
+    # Assert: one parsed (frozen) config per run config, and validation still applies
+    assert first is again and first == FedShopConfig()
+    with pytest.raises(ConfigError, match="lora-r"):
+        from_run_config({**flat, "lora-r": 0})

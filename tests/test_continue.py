@@ -16,10 +16,11 @@ from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
 from server.continuation import check_init_adapter
-from server.export import export_run, verify
+from server.export import export_run
+from server.manifest import verify
 from shared.config import ConfigError, load_config
 from shared.errors import UserError
-from shared.privacy import history_from_ledger
+from shared.rundir import history_from_ledger
 
 pytestmark = pytest.mark.slow  # whole simulations through Flower: `pytest -m "not slow"` skips them
 

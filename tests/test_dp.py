@@ -8,9 +8,10 @@ from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
-from client.train import STATUS_DECLINED, STATUS_TRAINED, PrivacyState, epsilon_of, schedule, train_round
 from shared.config import FedShopConfig
+from shared.dptrain import STATUS_DECLINED, STATUS_TRAINED, PrivacyState, schedule, train_round
 from shared.modeling import encode, per_sample_loss
+from shared.privacy import epsilon_of
 from tests.helpers import assert_opacus_per_sample_gradients_exact, first, lora_parameters, tiny_lora_model
 
 CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,
@@ -97,7 +98,7 @@ def test_empty_poisson_batches_still_take_a_noised_counted_step(setup):
 
 def test_a_shoppers_examples_give_one_row_their_mean_gradient(setup):
     # Prepare: 7 rows from 3 shoppers (2, 4 and 1 examples), LoRA B non-zero so every tensor has a gradient
-    from client.train import shopper_backward
+    from shared.dptrain import shopper_backward
 
     model, _, _, data = setup
     with torch.no_grad():

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from server.export import export_run, verify
+from server.export import export_run
+from server.manifest import verify
 from shared.errors import UserError
 from shared.model import add_lora, load_adapter_state, load_base, read_adapter
 

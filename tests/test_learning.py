@@ -4,9 +4,9 @@ nearly as well as non-private training, and both must be clearly better than cha
 The base is a randomly initialised tiny T5 (not pretrained), so every bit of AUC comes from the LoRA training.
 """
 
-from client.train import PrivacyState, train_round
 from shared.config import FedShopConfig
 from shared.data import merchant_data, vocabulary
+from shared.dptrain import PrivacyState, train_round
 from shared.model import add_lora, build_base
 from shared.modeling import encode, evaluate
 from shared.synthetic import generate

@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from client.train import STATUS_TRAINED, PrivacyState, admit, schedule, train_round
-from server.rundir import RunDirectory
 from server.strategy import build_strategy
 from shared.config import FedShopConfig
+from shared.dptrain import STATUS_TRAINED, PrivacyState, admit, schedule, train_round
 from shared.modeling import encode
-from shared.privacy import PoissonSampler, Uniform, epsilon_of, records_of
+from shared.privacy import PRIVACY_RECORD, PoissonSampler, PrivacyBudget, Uniform, epsilon_of, records_of
+from shared.rundir import RunDirectory
 from tests.helpers import lora_parameters, tiny_lora_model
 
 CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=24, public_shoppers=10,
@@ -134,7 +134,9 @@ def _reply(partition: int, arrays: ArrayRecord) -> Message:
     metrics = MetricRecord({"num-examples": 50 + partition, "train-loss": 1.0, "epsilon": math.inf, "delta": 1e-5,
                             "noise-multiplier": 0.0, "sample-rate": 0.1, "steps": 3, "declined": 0,
                             "partition-id": partition})
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=request)
+    privacy = ConfigRecord(PrivacyBudget.for_merchants(FedShopConfig(privacy_unit="merchant")).reply_fields())
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics, PRIVACY_RECORD: privacy}),
+                   reply_to=request)
 
 
 def test_central_noise_has_the_configured_std_and_merchant_epsilon_composes(tmp_path, server_identity):
@@ -146,7 +148,7 @@ def test_central_noise_has_the_configured_std_and_merchant_epsilon_composes(tmp_
     ledger, wrapped = build_strategy(run_dir, config)
     rng = np.random.default_rng(0)
     current = {"a": np.zeros((64, 64)), "b": np.zeros((32, 64))}
-    expected_std = ledger.central_noise * config.central_clip_norm / config.num_merchants
+    expected_std = ledger.central.noise_multiplier * config.central_clip_norm / config.num_merchants
     np.random.seed(1234)  # Flower's wrapper draws its noise from numpy's global generator
     for server_round in (1, 2, 3):
         arrays = _record(current)
@@ -161,7 +163,7 @@ def test_central_noise_has_the_configured_std_and_merchant_epsilon_composes(tmp_
     rows = [r for r in csv.DictReader(open(tmp_path / "privacy.csv")) if r["merchant"] == "all"]
     assert [r["status"] for r in rows] == ["released"] * 3 and {r["unit"] for r in rows} == {"merchant"}
     for k, row in enumerate(rows, 1):
-        reference = _reference_epsilon([(ledger.central_noise, 1.0, k)], config.target_delta, RDPAccountant)
+        reference = _reference_epsilon([(ledger.central.noise_multiplier, 1.0, k)], config.target_delta, RDPAccountant)
         assert math.isclose(float(row["epsilon"]), reference, abs_tol=1e-6)
     assert float(rows[0]["epsilon"]) < float(rows[1]["epsilon"]) < float(rows[2]["epsilon"]) <= 8.0
     # a fourth release would exceed the merchant-level budget: the round is not even configured

@@ -3,9 +3,9 @@
 import json
 
 from server.report import REFERENCES_FILE, read_references, write_report
-from server.rundir import RunDirectory
 from shared.config import FedShopConfig
 from shared.metrics import binomial_se, compare, hanley_mcneil_se
+from shared.rundir import RunDirectory
 
 COUNTS = {"m0": {"num-examples": 100.0, "intent-examples": 200.0, "intent-positive-rate": 0.25,
                  "next-examples": 100.0},

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 from server.cli import _claim_run_dir, main
-from server.rundir import PRIVACY_COLUMNS, RunDirectory
 from shared.config import FedShopConfig, to_toml
 from shared.errors import UserError
 from shared.files import write_text_atomic
-from shared.privacy import history_from_ledger
+from shared.rundir import PRIVACY_COLUMNS, RunDirectory, history_from_ledger
 
 HEADER = ",".join(PRIVACY_COLUMNS) + "\n"
 LEDGER = HEADER + ("m0,1,1.1,0.25,4,0.5,1e-05,event,rdp,trained\n"
@@ -144,3 +143,21 @@ def test_simulate_refuses_a_used_run_directory_before_any_work(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and f"run directory {run} already holds a run" in err and "Traceback" not in err
     assert not (tmp_path / "base").exists() and _snapshot(run) == before
+
+
+def test_the_sweep_reads_epsilon_per_merchant_and_central_dp_from_the_one_ledger_reader(tmp_path):
+    # Prepare: event-unit DP-SGD at the merchants with central DP on top (a declined row repeats what was spent)
+    config = FedShopConfig(run_dir=str(tmp_path), central_dp=True)
+    (tmp_path / "privacy.csv").write_text(LEDGER + "all,2,2.0,1.0,1,0.45,1e-05,merchant,rdp,released\n"
+                                          "m1,3,1.2,0.5,0,0.6,1e-05,event,rdp,declined\n")
+    (tmp_path / "metrics.jsonl").write_text("")
+    from server.sweep import summarize
+    from shared.rundir import epsilon_by_merchant
+
+    # Execute
+    spent = epsilon_by_merchant(RunDirectory(tmp_path).read_privacy())
+    row = summarize(tmp_path, config, 8.0, "ok", 1.0)
+    # Assert: one figure per merchant (its largest composed epsilon), the merchant-level epsilon beside it
+    assert spent == {"m0": 0.7, "m1": 0.6}
+    assert row["epsilon_max"] == 0.7 and row["epsilon_mean"] == pytest.approx(0.65)
+    assert row["epsilon_merchant_level"] == 0.45 and row["unit"] == "event"

@@ -8,18 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
-from client.train import STATUS_TRAINED, PrivacyState, train_round
 from server.aggregation import payload_bytes
 from server.report import aggregation_lines
-from server.rundir import RunDirectory
 from server.strategy import LedgerFFA, LedgerSVD, TooFewValidUpdates, build_strategy
 from shared.config import FedShopConfig
+from shared.dptrain import STATUS_TRAINED, PrivacyState, train_round
 from shared.model import adapter_state, uplink_state
 from shared.modeling import encode
+from shared.privacy import PRIVACY_RECORD, PrivacyBudget
+from shared.rundir import RunDirectory
 from tests.helpers import first, tiny_lora_model
 
 PREFIX = "base_model.model.encoder.block.0.layer.0.SelfAttention"
@@ -62,6 +63,7 @@ def _reply(partition: int, arrays: dict[str, np.ndarray] | None, examples: int, 
                             "noise-multiplier": 0.9, "sample-rate": 0.01, "steps": 10, "declined": int(declined),
                             "partition-id": partition})
     content = {"metrics": metrics} if arrays is None else {"arrays": _record(arrays), "metrics": metrics}
+    content[PRIVACY_RECORD] = ConfigRecord(PrivacyBudget.for_merchants(FedShopConfig()).reply_fields())
     return Message(content=RecordDict(content), reply_to=request)
 
 
@@ -160,7 +162,7 @@ def test_ffa_under_central_dp_noises_b_only(tmp_path):
     assert all(out[k].tobytes() == initial[k].tobytes() for k in A_KEYS)
     mean = {k: sum(u[k].astype(np.float64) for u in sent) / 3 for k in B_KEYS}  # fixed denominator m = 3
     assert all(not np.allclose(out[k], mean[k], atol=1e-9) for k in B_KEYS)  # noised
-    assert ledger.central_history  # the release was accounted
+    assert ledger.central.history  # the release was accounted
 
 
 FFA_CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,

@@ -1,6 +1,7 @@
 """A merchant's local round: DP-SGD on the LoRA tensors with Opacus, accountant history carried across rounds.
 
-Plain PyTorch + Opacus, no Flower: the ClientApp translates messages into a call of `train_round`.
+Plain PyTorch + Opacus, no Flower: the ClientApp translates messages into a call of `train_round`, and the server's
+reference runs (`server/references.py`) call it directly.
 
 Privacy bookkeeping, in order:
 1. records are examples (unit `event`) or shoppers (unit `shopper`); every step Poisson-samples records, and a
@@ -26,16 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 
 from shared.config import FedShopConfig
 from shared.model import freeze_for, keep_item_rows
 from shared.modeling import Encoded, per_sample_loss
-from shared.privacy import PoissonSampler, Uniform, epsilon_of, noise_for_budget, records_of, would_exceed
+from shared.privacy import History, PoissonSampler, PrivacyBudget, Uniform, accountant_for, history_of, records_of
 from shared.privacy import schedule as _schedule
-
-STATUS_TRAINED, STATUS_DECLINED = "trained", "declined"
+from shared.rundir import STATUS_DECLINED, STATUS_TRAINED
 
 
 @dataclass
@@ -43,7 +42,7 @@ class PrivacyState:
     """What a merchant must remember between rounds (kept in Flower's `context.state`)."""
 
     noise_multiplier: float | None = None
-    history: list[tuple[float, float, int]] = field(default_factory=list)  # (noise_multiplier, sample_rate, steps)
+    history: History = field(default_factory=list)  # Opacus's (noise_multiplier, sample_rate, steps) entries
 
 
 @dataclass
@@ -81,8 +80,7 @@ def by_shopper(config: FedShopConfig) -> bool:
 def calibrate(num_records: int, config: FedShopConfig) -> float:
     """Noise multiplier meeting the budget after all planned rounds (every round this merchant could take part in)."""
     sample_rate, steps = schedule(num_records, config)
-    return noise_for_budget(config.target_epsilon, config.target_delta, sample_rate, steps * config.num_rounds,
-                            config.accountant)
+    return PrivacyBudget.for_merchants(config).calibrate(sample_rate, steps * config.num_rounds)
 
 
 def admit(state: PrivacyState, num_records: int, config: FedShopConfig) -> bool:
@@ -94,8 +92,7 @@ def admit(state: PrivacyState, num_records: int, config: FedShopConfig) -> bool:
     if state.noise_multiplier is None:
         state.noise_multiplier = calibrate(num_records, config)
     sample_rate, steps = schedule(num_records, config)
-    return not would_exceed(state.history, (state.noise_multiplier, sample_rate, steps), config.target_epsilon,
-                            config.target_delta, config.accountant)
+    return PrivacyBudget.for_merchants(config).admits(state.history, (state.noise_multiplier, sample_rate, steps))
 
 
 def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, state: PrivacyState,
@@ -125,7 +122,7 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     noise = state.noise_multiplier
     assert noise is not None  # admit() calibrates it
     if not admitted:
-        spent = epsilon_of(state.history, config.target_delta, config.accountant)
+        spent = PrivacyBudget.for_merchants(config).spent(state.history)
         return RoundResult(STATUS_DECLINED, 0, 0, sample_rate, noise, spent, config.target_delta, math.nan)
 
     model.train()
@@ -135,7 +132,7 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         losses = _private_loop(model, trainable, optimizer, data, sampler, steps, len(records), config, state,
                                noise, uniform, output_rows)
-    epsilon = epsilon_of(state.history, config.target_delta, config.accountant)
+    epsilon = PrivacyBudget.for_merchants(config).spent(state.history)
     return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, noise, epsilon, config.target_delta,
                        float(sum(losses) / max(1, len(losses))))
 
@@ -208,8 +205,7 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
     private_optimizer = DPOptimizer(optimizer, noise_multiplier=noise, max_grad_norm=config.max_grad_norm,
                                     expected_batch_size=sampler.sample_rate * num_records, loss_reduction="mean",
                                     generator=generator, secure_mode=config.secure_mode)
-    accountant = create_accountant(config.accountant)
-    accountant.history = list(state.history)
+    accountant = accountant_for(state.history, config.accountant)
     private_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sampler.sample_rate))
     losses: list[float] = []
     try:
@@ -235,5 +231,5 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
             keep_item_rows(model, output_rows)
     finally:
         private_model._close()
-    state.history = [tuple(entry) for entry in accountant.history]  # type: ignore[misc]
+    state.history = history_of(accountant)
     return losses

@@ -1,5 +1,9 @@
 """The run directory: the files `simulate` writes and everything else reads (see the README for the contract).
 
+This module owns the directory's files: it writes and reads back `privacy.csv` (the ledger: its columns, statuses and
+units, the epsilon per merchant, the accountant histories), `metrics.jsonl`, `config.toml` and `continued-from.json`;
+report, sweep, export and continuation read them through it.
+
 `privacy.csv` and `metrics.jsonl` are append-only: no command truncates or rewrites them. A fresh run refuses a
 directory that already holds a run (`fedshop simulate --force` moves that one aside first, never deletes it); a run
 that resumes its own directory (`resume-from` = `run-dir`) appends to both and numbers its rounds on from the last.
@@ -15,15 +19,24 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.config import FedShopConfig, to_toml
 from shared.errors import UserError
 from shared.files import write_text_atomic
-from shared.privacy import CONTINUED_FROM
 
+if TYPE_CHECKING:
+    from shared.privacy import History
+
+CONTINUED_FROM = "continued-from.json"  # a continued run's (and its export's) carried-over accountant histories
 PRIVACY_COLUMNS = ("merchant", "round", "noise_multiplier", "sample_rate", "steps", "epsilon", "delta", "unit",
                    "accountant", "status")
+# a ledger row's status: trained / declined (a merchant's DP-SGD round), released / declined (the server's
+# merchant-level release, merchant "all"), failed (no reply); trained and released rows are accountant steps
+STATUS_TRAINED, STATUS_DECLINED, STATUS_FAILED, STATUS_RELEASED = "trained", "declined", "failed", "released"
+STEP_STATUSES = (STATUS_TRAINED, STATUS_RELEASED)
+MERCHANT_LEVEL = "all"  # the merchant column of the server's central-DP rows
+LOCAL_UNITS = ("event", "shopper")  # the units of a merchant's own DP-SGD; "none": no DP, "merchant": central DP
 log = logging.getLogger("fedshop")
 CHECKPOINTS = "checkpoints"  # checkpoints/round-<N>/: the global adapter after round N (PEFT format)
 # what makes a directory hold a run: a fresh run refuses to write into one that has any of these
@@ -149,6 +162,95 @@ class RunDirectory:
             log.warning("%s: %d unfinished row(s) (a run stopped mid-write?) skipped", self.privacy_file,
                         len(rows) - len(complete))
         return complete
+
+
+def history_from_ledger(run_dir: str | Path, merchant: str, before_round: int | None = None
+                        ) -> tuple[float | None, History]:
+    """(last noise multiplier, accountant history) of `merchant` in a run directory's (or export's) `privacy.csv`.
+
+    Rows that trained (or, for the server's merchant-level rows, were released) are the steps taken; declined and
+    failed rows took none. When the run itself continued another (`continued-from.json` beside the ledger), the
+    history it carried over comes first, so a chain of continued runs composes every step. A merchant absent from
+    both starts from nothing. With `before_round`, only rows of earlier rounds count (a run that resumes its own
+    directory reads the steps taken before the round it is in).
+    """
+    path = Path(run_dir) / "privacy.csv"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; expected a finished fedshop run directory or a fedshop export")
+    noise, history = carried_history(run_dir, merchant)
+    with path.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["merchant"] != merchant or row["status"] not in STEP_STATUSES:
+                continue
+            if before_round is not None and int(row["round"]) >= before_round:
+                continue
+            if row["unit"] == "none":  # trained without DP: nothing to compose
+                continue
+            noise = float(row["noise_multiplier"])
+            history.append((noise, float(row["sample_rate"]), int(row["steps"])))
+    return noise, history
+
+
+def carried_history(run_dir: str | Path, merchant: str) -> tuple[float | None, History]:
+    """(noise multiplier, history) that a continued run carried over for `merchant` (none for a fresh run)."""
+    path = Path(run_dir) / CONTINUED_FROM
+    if not path.is_file():
+        return None, []
+    entry = json.loads(path.read_text(encoding="utf-8")).get("histories", {}).get(merchant)
+    if not entry:
+        return None, []
+    return entry["noise-multiplier"], [(float(n), float(q), int(s)) for n, q, s in entry["history"]]
+
+
+def ledger_merchants(run_dir: str | Path) -> list[str]:
+    """Every merchant (and `all`, the server's merchant-level rows) with a history in a run's or export's ledger,
+    the carried-over ones included."""
+    names: set[str] = set()
+    path = Path(run_dir) / CONTINUED_FROM
+    if path.is_file():
+        names |= set(json.loads(path.read_text(encoding="utf-8")).get("histories", {}))
+    with (Path(run_dir) / "privacy.csv").open(newline="", encoding="utf-8") as handle:
+        names |= {row["merchant"] for row in csv.DictReader(handle)}
+    return sorted(names)
+
+
+def epsilon_by_merchant(rows: list[dict[str, str]]) -> dict[str, float]:
+    """Each merchant's epsilon spent by its own DP-SGD (event or shopper unit): the largest composed epsilon of its
+    rows (declined rows repeat what was spent). Merchants without local DP rows are absent."""
+    spent: dict[str, float] = {}
+    for row in rows:
+        if row["merchant"] == MERCHANT_LEVEL or row["unit"] not in LOCAL_UNITS:
+            continue
+        value = number(row["epsilon"])
+        if not math.isnan(value):
+            spent[row["merchant"]] = max(spent.get(row["merchant"], 0.0), value)
+    return spent
+
+
+def merchant_level_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The server's central-DP rows (unit merchant), in ledger order."""
+    return [r for r in rows if r["merchant"] == MERCHANT_LEVEL]
+
+
+def merchant_level_epsilon(rows: list[dict[str, str]]) -> float:
+    """The merchant-level epsilon spent at the end of `rows` (0 without central-DP rows)."""
+    central = merchant_level_rows(rows)
+    return number(central[-1]["epsilon"]) if central else 0.0
+
+
+def number(cell: str | None) -> float:
+    """A ledger or metrics cell as a float: "inf" and None (a missing value: nan) included."""
+    if cell is None:
+        return math.nan
+    return math.inf if cell == "inf" else float(cell)
+
+
+def write_privacy(path: Path, rows: list[dict[str, str]]) -> None:
+    """A ledger file holding `rows` (an export's copy of the rows its adapter rests on)."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=PRIVACY_COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: row[c] for c in PRIVACY_COLUMNS} for row in rows)
 
 
 def _append_line(path: Path, text: str) -> None:
