@@ -41,9 +41,9 @@ from server.aggregation import (
     svd_aggregate,
     validate_update,
 )
+from server.identity import merchant_names, merchant_of
 from server.rundir import RunDirectory
 from shared.config import FedShopConfig
-from shared.data import merchant_id_for_partition
 from shared.metrics import pool_metrics
 from shared.model import is_frozen_key
 from shared.privacy import History, Uniform, epsilon_of, noise_for_budget, would_exceed
@@ -89,6 +89,7 @@ class LedgerFedAvg(FedAvg):
         # (configure_train, aggregate_train, aggregate_evaluate) turns Flower's round into that run-wide round,
         # which the ledger, the metrics and the merchants' seeds ("server-round") see
         self.round_offset = 0
+        self.merchant_names = merchant_names(config)  # deployment with authentication: node id -> merchant
 
     # --- merchant-level central DP --------------------------------------------------------------------------
     def expected_merchants(self) -> float:
@@ -210,12 +211,12 @@ class LedgerFedAvg(FedAvg):
         downlink = None if self._current is None else payload_bytes(_numpy(self._current))
         for msg in replies:
             if msg.has_error():
-                merchant = f"node-{msg.metadata.src_node_id}"
+                merchant = (self.merchant_names or {}).get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
                 self._ledger(server_round, merchant, math.nan, math.nan, 0, math.nan, "failed")
                 log.warning("round %d: merchant %s failed: %s", server_round, merchant, msg.error.reason)
                 continue
             metrics = msg.content["metrics"]
-            merchant = merchant_id_for_partition(int(metrics["partition-id"]))
+            merchant = merchant_of(msg, self.merchant_names)
             declined = bool(metrics["declined"])
             self._ledger(server_round, merchant, float(metrics["noise-multiplier"]), float(metrics["sample-rate"]),
                          int(metrics["steps"]), float(metrics["epsilon"]), "declined" if declined else "trained")
@@ -300,7 +301,7 @@ class LedgerFedAvg(FedAvg):
                             "partition-id and a positive %s", server_round, msg.metadata.src_node_id,
                             self.weighted_by_key)
                 continue
-            merchants[merchant_id_for_partition(int(metrics["partition-id"]))] = {
+            merchants[merchant_of(msg, self.merchant_names)] = {
                 k: v for k, v in metrics.items() if k != "partition-id"}
         summary = pool_metrics(list(merchants.values()), self.weighted_by_key)  # in reply order, as Flower's
         self.run_dir.append_metrics({"round": server_round, "scope": "evaluate", "metrics": summary,

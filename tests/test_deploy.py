@@ -1,0 +1,151 @@
+"""fedshop on Flower's deployment engine (`fedshop deploy`): a SuperLink and one SuperNode per merchant on 127.0.0.1.
+
+The slow tests start real Flower processes; each stops every process it started by PID, also when it fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server.processes import Processes, alive, descendants, start_time
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _deploy(args: list[str], log: Path, timeout_s: float) -> int:
+    """`fedshop deploy ARGS` as a user runs it; on a timeout or a failing test, SIGTERM (which the command turns
+    into stopping everything it started), then SIGKILL by PID whatever of its tree is still running."""
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "server.cli", "deploy", *args], cwd=ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    tree: dict[int, int | None] = {}
+    try:
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and time.monotonic() < deadline:
+            tree.update({pid: start_time(pid) for pid in descendants(process.pid)})
+            time.sleep(1.0)
+        return process.returncode if process.poll() is not None else -1
+    finally:
+        if process.poll() is None:
+            tree.update({pid: start_time(pid) for pid in descendants(process.pid)})
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for pid, started in tree.items():
+            if alive(pid, started):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+# --- fast: the parts, without Flower processes --------------------------------------------------------------------
+def test_identity_comes_from_the_authenticated_node_not_the_reported_partition(tmp_path, server_identity, caplog):
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from server.identity import merchant_names, merchant_of
+    from shared.config import FedShopConfig
+
+    nodes = tmp_path / "merchant-nodes.json"
+    nodes.write_text(json.dumps({"11": "m2", "12": "m0"}))
+    names = merchant_names(FedShopConfig(merchant_nodes=str(nodes)))
+    request = Message(content=RecordDict(), dst_node_id=11, message_type="train")
+    reply = Message(content=RecordDict({"metrics": MetricRecord({"partition-id": 0})}), reply_to=request)
+
+    assert merchant_of(reply, names) == "m2"  # node 11 was registered as m2, whatever it reports
+    assert "registered as m2 but reports partition m0" in caplog.text
+    assert merchant_of(reply, None) == "m0"  # simulation: the reported partition
+    assert merchant_names(FedShopConfig()) is None
+
+
+def test_processes_stop_a_whole_tree_by_pid(tmp_path):
+    processes = Processes({"PATH": "/usr/bin:/bin"}, tmp_path)
+    try:
+        # a child in a session of its own that outlives its parent's group, as Flower's superexec does
+        processes.start("tree", ["bash", "-c", "setsid sleep 300 & sleep 300"])
+        time.sleep(0.5)
+        processes.stop_all(grace_s=2.0)
+    finally:
+        left = processes.left_running()
+    assert len(processes.seen) >= 3 and left == []
+
+
+# --- slow: real SuperLink and SuperNodes -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, tiny_base):
+    """configs/tiny.toml (3 merchants x 2 rounds) deployed with TLS and SuperNode authentication."""
+    run_dir = tmp_path_factory.mktemp("deploy") / "run"
+    log = run_dir.parent / "deploy.log"
+    started = time.perf_counter()
+    code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--tls", "--auth",
+                    "--set", f"base-dir={tiny_base.base_dir}", "--run-dir", str(run_dir), "--no-progress"],
+                   log, timeout_s=420)
+    return run_dir, code, log.read_text(), time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_deploy_writes_the_run_directory_of_a_simulation_and_composes_epsilon(deployed):
+    run_dir, code, output, _ = deployed
+    assert code == 0, output[-4000:]
+    shown = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    assert shown == ["adapter", "checkpoints", "config.toml", "metrics.jsonl", "metrics.png", "price_curve.png",
+                     "privacy.csv", "report.md"]  # what `simulate` writes (test_end_to_end)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["scope"]) for r in records] == [
+        (0, "evaluate"), (1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+
+    # the ledger names merchants by the node id the SuperLink authenticated (their registered keys)
+    nodes = json.loads((run_dir / ".deploy" / "merchant-nodes.json").read_text())
+    assert sorted(nodes.values()) == ["m0", "m1", "m2"]
+    rows = list(csv.DictReader((run_dir / "privacy.csv").open()))
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"trained"}
+    for merchant in ("m0", "m1", "m2"):
+        epsilons = [float(r["epsilon"]) for r in rows if r["merchant"] == merchant]
+        assert 0 < epsilons[0] < epsilons[1] <= 8.0  # composed although every message ran in a fresh process
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    pids = json.loads((run_dir / ".deploy" / "pids.json").read_text())
+    assert len(pids["seen"]) >= 8 and pids["left-running"] == []  # SuperLink, 3 SuperNodes, their superexecs, ...
+    assert not any(alive(pid) for pid in pids["seen"])
+    timing = json.loads((run_dir / ".deploy" / "timing.json").read_text())
+    print(f"\ndeploy timing: {timing}")
+
+
+@pytest.mark.slow
+def test_only_registered_supernodes_join_a_tls_superlink(tmp_path):
+    from server.deploy import Deployment
+    from server.keys import make_node_key
+
+    deployment = Deployment(tmp_path / ".deploy", tls=True, auth=True)
+    try:
+        deployment.start_superlink()
+        registered = deployment.register("m0")
+        stranger, _ = make_node_key(tmp_path / "stranger-keys", "stranger")  # never registered
+        deployment.start_supernode("m0", {"partition-id": 0, "merchant": "m0"}, registered)
+        deployment.start_supernode("stranger", {"partition-id": 1, "merchant": "m1"}, stranger)
+        deployment.wait_online(1, timeout_s=90)
+        superlink_log = tmp_path / ".deploy" / "logs" / "superlink.log"
+        deadline = time.monotonic() + 60
+        while "No SuperNode found with the given public key" not in superlink_log.read_text():
+            assert time.monotonic() < deadline, "the stranger's attempt never reached the SuperLink"
+            time.sleep(1.0)
+        online = deployment.online_nodes()
+    finally:
+        left = deployment.close()
+    assert [int(n["node-id"]) for n in online] == [deployment.nodes["m0"]]  # the registered merchant only
+    refusal = next(line for line in superlink_log.read_text().splitlines() if "No SuperNode found" in line)
+    print(f"\nrefusal: {refusal}")
+    assert "https://127.0.0.1" in superlink_log.read_text()  # served over TLS
+    assert left == []
