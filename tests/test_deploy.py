@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from server.processes import Processes, alive, descendants, start_time
+from shared.privacy import epsilon_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +72,26 @@ def test_identity_comes_from_the_authenticated_node_not_the_reported_partition(t
     assert merchant_names(FedShopConfig()) is None
 
 
+def test_a_merchant_keeps_its_own_state_and_budget(tmp_path, tiny_config):
+    from client.state import load_own_state, save_own_state, within_own_budget
+    from client.train import PrivacyState
+    from shared.errors import UserError
+
+    path = tmp_path / "m1" / "privacy-state.json"
+    assert load_own_state(path, "m1").history == []  # a new merchant starts from nothing
+    save_own_state(path, "m1", PrivacyState(0.55, [(0.55, 0.02, 49)]))
+    assert load_own_state(path, "m1") == PrivacyState(0.55, [(0.55, 0.02, 49)])
+    with pytest.raises(UserError, match="privacy state of m1"):
+        load_own_state(path, "m2")
+
+    generous = tiny_config.replace(target_epsilon=50.0)
+    assert within_own_budget(generous, {"target-epsilon": 4}).target_epsilon == 4.0  # the merchant's cap wins
+    assert within_own_budget(tiny_config.replace(target_epsilon=2.0), {"target-epsilon": 4}).target_epsilon == 2.0
+    assert within_own_budget(generous, {}).target_epsilon == 50.0
+    with pytest.raises(UserError, match="only with DP-SGD"):
+        within_own_budget(tiny_config.replace(dp=False), {"target-epsilon": 4})
+
+
 def test_processes_stop_a_whole_tree_by_pid(tmp_path):
     processes = Processes({"PATH": "/usr/bin:/bin"}, tmp_path)
     try:
@@ -114,6 +136,10 @@ def test_deploy_writes_the_run_directory_of_a_simulation_and_composes_epsilon(de
     for merchant in ("m0", "m1", "m2"):
         epsilons = [float(r["epsilon"]) for r in rows if r["merchant"] == merchant]
         assert 0 < epsilons[0] < epsilons[1] <= 8.0  # composed although every message ran in a fresh process
+        # the merchant's own record holds both rounds' steps (Opacus merges runs of equal noise and rate)
+        own = json.loads((run_dir / ".deploy" / "state" / merchant / "privacy-state.json").read_text())
+        assert sum(s for _, _, s in own["history"]) == sum(int(r["steps"]) for r in rows if r["merchant"] == merchant)
+        assert math.isclose(epsilon_of([tuple(h) for h in own["history"]], 1e-5, "rdp"), epsilons[1], rel_tol=1e-9)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
     pids = json.loads((run_dir / ".deploy" / "pids.json").read_text())
@@ -121,6 +147,36 @@ def test_deploy_writes_the_run_directory_of_a_simulation_and_composes_epsilon(de
     assert not any(alive(pid) for pid in pids["seen"])
     timing = json.loads((run_dir / ".deploy" / "timing.json").read_text())
     print(f"\ndeploy timing: {timing}")
+
+
+@pytest.mark.slow
+def test_a_restarted_merchant_keeps_its_spent_budget_whatever_the_server_says(deployed, tiny_base):
+    """Every SuperNode is stopped after round 2 and started afresh; the server then continues the run from a ledger
+    that forgot every row, and asks for a budget of 50. Each merchant composes on its own state and declines."""
+    run_dir, code, output, _ = deployed
+    assert code == 0, output[-4000:]
+    forged = run_dir.parent / "forgetful-server"
+    subprocess.run(["cp", "-r", str(run_dir), str(forged)], check=True)
+    ledger = (forged / "privacy.csv").read_text().splitlines()
+    (forged / "privacy.csv").write_text(ledger[0] + "\n")  # a server that lost (or hides) what merchants spent
+    again = run_dir.parent / "continued"
+    log = run_dir.parent / "continued.log"
+    code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--set",
+                    f"base-dir={tiny_base.base_dir}", "--set", f"resume-from={forged}", "--set", "num-rounds=1",
+                    "--set", "target-epsilon=50", "--node-config", "target-epsilon=8",
+                    "--state-dir", str(run_dir / ".deploy" / "state"), "--run-dir", str(again), "--no-progress"],
+                   log, timeout_s=300)
+    assert code == 0, log.read_text()[-4000:]
+
+    before = {r["merchant"]: float(r["epsilon"]) for r in csv.DictReader((run_dir / "privacy.csv").open())
+              if r["round"] == "2"}
+    rows = list(csv.DictReader((again / "privacy.csv").open()))
+    print("\nledger after the restart:\n" + (again / "privacy.csv").read_text())
+    assert {r["merchant"] for r in rows} == {"m0", "m1", "m2"}
+    for row in rows:
+        assert row["status"] == "declined" and int(row["steps"]) == 0
+        assert math.isclose(float(row["epsilon"]), before[row["merchant"]], rel_tol=1e-9)  # spent, kept
+    assert json.loads((again / ".deploy" / "pids.json").read_text())["left-running"] == []
 
 
 @pytest.mark.slow
