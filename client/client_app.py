@@ -11,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.outbox import record_outgoing
 from client.state import load_own_state, save_own_state, state_file, within_own_budget
 from client.train import STATUS_DECLINED, PrivacyState, train_round
 from shared.baselines import fit_baselines
@@ -20,7 +21,7 @@ from shared.model import add_lora, item_rows, load_adapter_state, load_base, upl
 from shared.modeling import encode, evaluate
 from shared.privacy import history_from_ledger
 
-app = ClientApp()
+app = ClientApp(mods=[record_outgoing])
 PRIVACY_STATE_KEY = "fedshop-privacy"
 
 

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,9 @@ from server.processes import Processes, alive, descendants, start_time
 from shared.privacy import epsilon_of
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps",
+                 "declined", "partition-id"}
+EVALUATE_METRIC = re.compile(r"^(num-examples|partition-id|(intent|next|churn|price)-[a-z0-9@.\-]+)$")
 
 
 def _deploy(args: list[str], log: Path, timeout_s: float) -> int:
@@ -112,8 +116,8 @@ def deployed(tmp_path_factory, tiny_base):
     log = run_dir.parent / "deploy.log"
     started = time.perf_counter()
     code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--tls", "--auth",
-                    "--set", f"base-dir={tiny_base.base_dir}", "--run-dir", str(run_dir), "--no-progress"],
-                   log, timeout_s=420)
+                    "--set", f"base-dir={tiny_base.base_dir}", "--run-dir", str(run_dir), "--no-progress",
+                    "--node-config", f"message-log={run_dir.parent / 'outbox.jsonl'}"], log, timeout_s=420)
     return run_dir, code, log.read_text(), time.perf_counter() - started
 
 
@@ -147,6 +151,29 @@ def test_deploy_writes_the_run_directory_of_a_simulation_and_composes_epsilon(de
     assert not any(alive(pid) for pid in pids["seen"])
     timing = json.loads((run_dir / ".deploy" / "timing.json").read_text())
     print(f"\ndeploy timing: {timing}")
+
+
+@pytest.mark.slow
+def test_every_message_a_merchant_sends_carries_only_adapter_tensors_and_scalar_metrics(deployed):
+    run_dir, code, output, _ = deployed
+    assert code == 0, output[-4000:]
+    sent = [json.loads(line) for line in (run_dir.parent / "outbox.jsonl").read_text().splitlines()]
+    assert {m["merchant"] for m in sent} == {"m0", "m1", "m2"}
+    assert sorted(m["message-type"] for m in sent).count("train") == 6  # 3 merchants x 2 rounds
+    assert len(sent) == 6 + 9  # and 3 evaluations each (before training and after each round)
+    for message in sent:
+        assert not message["error"] and message["configs"] == {}
+        assert set(message["metrics"]) == {"metrics"}
+        metrics = message["metrics"]["metrics"]
+        assert set(metrics.values()) <= {"int", "float"}  # scalars only: no list, string or bytes
+        if message["message-type"] == "train":
+            assert set(metrics) == TRAIN_METRICS
+            assert set(message["arrays"]) == {"arrays"}
+            # with aggregation = ffa only the LoRA B matrices travel, with the adapter's shapes
+            assert all(re.fullmatch(r"base_model\.model\..+\.lora_B\.weight", k) and v["dtype"] == "float32"
+                       for k, v in message["arrays"]["arrays"].items())
+        else:
+            assert message["arrays"] == {} and all(EVALUATE_METRIC.match(k) for k in metrics), metrics
 
 
 @pytest.mark.slow
