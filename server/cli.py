@@ -86,8 +86,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     report = Path(config.run_dir) / "report.md"
     before = _stamp(report)
     extra = dict(item.split("=", 1) for item in (args.node_config or "").split())
-    timing = run_deployment(config, args.merchants, tls=args.tls, auth=args.auth,
-                            state_root=args.state_dir and args.state_dir.resolve(), extra_node_config=extra)
+    try:
+        timing = run_deployment(config, args.merchants, tls=args.tls, auth=args.auth,
+                                state_root=args.state_dir and args.state_dir.resolve(), extra_node_config=extra)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: run_deployment has stopped every process
+        log.error("interrupted (%s); every process it started is stopped: %s", exc or "Ctrl-C",
+                  Path(config.run_dir) / ".deploy" / "pids.json")
+        return 130
     if _stamp(report) in (None, before):
         log.error("the deployment ended without writing this run's %s; see %s", report,
                   Path(config.run_dir) / ".deploy" / "logs")

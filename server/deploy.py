@@ -159,7 +159,10 @@ def run_deployment(config: FedShopConfig, merchants: int, *, tls: bool = False, 
     deployment = Deployment(work, tls=tls, auth=auth)
     # Ctrl-C raises KeyboardInterrupt already; SIGTERM and SIGHUP do the same here, so `finally` stops everything
     main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
-    previous = {s: signal.signal(s, _raise_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)} if main else {}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)} if main else {}
+    for s in previous:
+        if s != signal.SIGINT:
+            signal.signal(s, _raise_on_signal)
     started = time.perf_counter()
     timing: dict[str, float] = {}
     try:
@@ -183,9 +186,11 @@ def run_deployment(config: FedShopConfig, merchants: int, *, tls: bool = False, 
         _stream_run(deployment, app_dir)
         timing["run-seconds"] = time.perf_counter() - submitted
     finally:
+        for s in previous:  # a second Ctrl-C must not cut the stopping short and leave processes behind
+            signal.signal(s, signal.SIG_IGN)
+        left = deployment.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-        left = deployment.close()
         timing["total-seconds"] = time.perf_counter() - started
         if work.is_dir():
             write_text_atomic(work / "timing.json", json.dumps(timing, indent=1))

@@ -27,9 +27,12 @@ TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "noise-multip
 EVALUATE_METRIC = re.compile(r"^(num-examples|partition-id|(intent|next|churn|price)-[a-z0-9@.\-]+)$")
 
 
-def _deploy(args: list[str], log: Path, timeout_s: float) -> int:
-    """`fedshop deploy ARGS` as a user runs it; on a timeout or a failing test, SIGTERM (which the command turns
-    into stopping everything it started), then SIGKILL by PID whatever of its tree is still running."""
+def _deploy(args: list[str], log: Path, timeout_s: float, interrupt=None) -> int:
+    """`fedshop deploy ARGS` as a user runs it; returns its exit code (-1: still running after `timeout_s`).
+
+    `interrupt(process)` is called every second while it runs; when it returns a signal, that signal is sent once
+    (a user's Ctrl-C). On a timeout or a failing test, SIGTERM (which the command turns into stopping everything it
+    started), then SIGKILL by PID whatever of its tree is still running."""
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "server.cli", "deploy", *args], cwd=ROOT, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
@@ -38,6 +41,10 @@ def _deploy(args: list[str], log: Path, timeout_s: float) -> int:
         deadline = time.monotonic() + timeout_s
         while process.poll() is None and time.monotonic() < deadline:
             tree.update({pid: start_time(pid) for pid in descendants(process.pid)})
+            sent = interrupt(process) if interrupt is not None else None
+            if sent is not None:
+                process.send_signal(sent)
+                interrupt = None
             time.sleep(1.0)
         return process.returncode if process.poll() is not None else -1
     finally:
@@ -116,7 +123,7 @@ def deployed(tmp_path_factory, tiny_base):
     log = run_dir.parent / "deploy.log"
     started = time.perf_counter()
     code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--tls", "--auth",
-                    "--set", f"base-dir={tiny_base.base_dir}", "--run-dir", str(run_dir), "--no-progress",
+                    "--set", f"base-dir={tiny_base.base_dir}", "--run-dir", str(run_dir),
                     "--node-config", f"message-log={run_dir.parent / 'outbox.jsonl'}"], log, timeout_s=420)
     return run_dir, code, log.read_text(), time.perf_counter() - started
 
@@ -131,6 +138,7 @@ def test_deploy_writes_the_run_directory_of_a_simulation_and_composes_epsilon(de
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["scope"]) for r in records] == [
         (0, "evaluate"), (1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+    assert re.search(r"fedshop round 2/2 \| train loss .* \| eps max", output)  # the ServerApp's progress, streamed
 
     # the ledger names merchants by the node id the SuperLink authenticated (their registered keys)
     nodes = json.loads((run_dir / ".deploy" / "merchant-nodes.json").read_text())
@@ -232,3 +240,25 @@ def test_only_registered_supernodes_join_a_tls_superlink(tmp_path):
     print(f"\nrefusal: {refusal}")
     assert "https://127.0.0.1" in superlink_log.read_text()  # served over TLS
     assert left == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_run_stops_every_process_it_started(tmp_path, tiny_base):
+    run_dir = tmp_path / "run"
+    seen: dict[int, int | None] = {}
+
+    def ctrl_c_once_merchants_work(process):
+        seen.update({pid: start_time(pid) for pid in descendants(process.pid)})
+        log = run_dir / ".deploy" / "logs" / "flwr-run.log"
+        # the first messages are out: ClientApp processes run under the SuperNodes
+        return signal.SIGINT if log.is_file() and "configure_evaluate: Sampled" in log.read_text() else None
+
+    code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--set",
+                    f"base-dir={tiny_base.base_dir}", "--run-dir", str(run_dir), "--no-progress"],
+                   tmp_path / "deploy.log", timeout_s=240, interrupt=ctrl_c_once_merchants_work)
+
+    output = (tmp_path / "deploy.log").read_text()
+    assert code == 130 and "interrupted" in output, output[-3000:]
+    pids = json.loads((run_dir / ".deploy" / "pids.json").read_text())
+    assert pids["left-running"] == [] and len(pids["seen"]) >= 8
+    assert [pid for pid, started in seen.items() if alive(pid, started)] == []  # nothing of its tree outlived it
