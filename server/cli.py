@@ -68,8 +68,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from server.deploy import absolute_paths, run_deployment
+    from server.deploy import absolute_paths, check_options, run_deployment
 
+    check_options(tls=args.tls, auth=args.auth)  # before any work
     args.set = [*(args.set or []), f"num-merchants={args.merchants}"]
     config = absolute_paths(_config(args))
     if config.resume_from:

@@ -33,6 +33,7 @@ from server.processes import Processes, free_port, start_time, wait_for_port
 from server.simulation import write_app_dir
 from shared.config import FedShopConfig
 from shared.data import merchant_id_for_partition
+from shared.errors import UserError
 from shared.files import write_text_atomic
 
 log = logging.getLogger("fedshop")
@@ -145,6 +146,11 @@ def merchant_node_config(config: FedShopConfig, partition: int, state_root: Path
     return node_config
 
 
+def check_options(*, tls: bool, auth: bool) -> None:
+    if auth and not tls:  # flower-superlink exits with code 104 otherwise
+        raise UserError("--auth needs --tls: Flower's SuperNode authentication runs over TLS only")
+
+
 def _raise_on_signal(signum: int, _frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -153,6 +159,7 @@ def run_deployment(config: FedShopConfig, merchants: int, *, tls: bool = False, 
                    state_root: Path | None = None, extra_node_config: dict[str, str] | None = None) -> dict:
     """One federated run on a local deployment; returns the timing. Every process is stopped before it returns,
     also on an exception, Ctrl-C or SIGTERM."""
+    check_options(tls=tls, auth=auth)
     run_dir = Path(config.run_dir)
     work = run_dir / ".deploy"
     state_root = state_root or work / "state"

@@ -31,7 +31,6 @@ def main(grid: Grid, context: Context) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s fedshop %(message)s", datefmt="%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-        log.propagate = False
     run_dir = RunDirectory(config.run_dir)
     offset = run_dir.start(config)  # resuming in place: rounds number on after the last recorded one
     if not base_exists(config.base_dir):

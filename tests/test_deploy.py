@@ -103,6 +103,13 @@ def test_a_merchant_keeps_its_own_state_and_budget(tmp_path, tiny_config):
         within_own_budget(tiny_config.replace(dp=False), {"target-epsilon": 4})
 
 
+def test_authentication_without_tls_is_refused_before_any_work(tmp_path):
+    from server.cli import main
+
+    assert main(["deploy", "--merchants", "3", "--auth", "--run-dir", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+
+
 def test_processes_stop_a_whole_tree_by_pid(tmp_path):
     processes = Processes({"PATH": "/usr/bin:/bin"}, tmp_path)
     try:
