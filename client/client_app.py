@@ -11,6 +11,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.outbox import record_outgoing
+from client.state import load_own_state, save_own_state, state_file, within_own_budget
 from shared.baselines import fit_baselines
 from shared.config import FedShopConfig, from_run_config
 from shared.data import merchant_data, merchant_id_for_partition
@@ -20,15 +22,17 @@ from shared.modeling import encode, evaluate
 from shared.privacy import PRIVACY_RECORD, PrivacyBudget, load_history, save_history
 from shared.rundir import history_from_ledger
 
-app = ClientApp()
+app = ClientApp(mods=[record_outgoing])
 PRIVACY_STATE_KEY = "fedshop-privacy"
 
 
 def _setup(msg: Message, context: Context):
-    config = from_run_config(context.run_config)
+    config = within_own_budget(from_run_config(context.run_config), context.node_config)
+    if "data-path" in context.node_config:  # deployment: the merchant's own data
+        config = config.replace(data_path=str(context.node_config["data-path"]))
     torch.set_num_threads(config.torch_threads)
     partition_id = int(context.node_config["partition-id"])
-    merchant_id = merchant_id_for_partition(partition_id)
+    merchant_id = merchant_name(context)
     base, tokenizer, _ = load_base(config.base_dir)
     model = add_lora(base, config)
     load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
@@ -36,7 +40,16 @@ def _setup(msg: Message, context: Context):
     return config, partition_id, model, tokenizer, data
 
 
+def merchant_name(context: Context) -> str:
+    """The merchant's own name (node config `merchant`, deployment), else the one of its partition (simulation)."""
+    named = context.node_config.get("merchant")
+    return str(named) if named else merchant_id_for_partition(int(context.node_config["partition-id"]))
+
+
 def _load_state(context: Context, config: FedShopConfig, merchant_id: str, server_round: int) -> PrivacyState:
+    own = state_file(context.node_config)
+    if own is not None:  # deployment: the merchant's own record, whatever the server's ledger says
+        return load_own_state(own, merchant_id, config.accountant)
     if PRIVACY_STATE_KEY not in context.state:
         if config.continued_from:  # resume-from / init-adapter: this merchant's earlier steps count on
             # in place, the ledger is this run's own: every row before this round is a step already taken
@@ -50,7 +63,10 @@ def _load_state(context: Context, config: FedShopConfig, merchant_id: str, serve
                         history=load_history(str(record["accountant-state"]), config.accountant))
 
 
-def _save_state(context: Context, config: FedShopConfig, state: PrivacyState) -> None:
+def _save_state(context: Context, config: FedShopConfig, merchant_id: str, state: PrivacyState) -> None:
+    own = state_file(context.node_config)
+    if own is not None:
+        save_own_state(own, merchant_id, state, config.accountant)
     context.state[PRIVACY_STATE_KEY] = ConfigRecord({
         "noise-multiplier": -1.0 if state.noise_multiplier is None else state.noise_multiplier,
         "accountant-state": save_history(state.history, config.accountant),  # Opacus's accountant state dict
@@ -61,11 +77,11 @@ def _save_state(context: Context, config: FedShopConfig, state: PrivacyState) ->
 def train(msg: Message, context: Context) -> Message:
     config, partition_id, model, tokenizer, data = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    state = _load_state(context, config, merchant_id_for_partition(partition_id), server_round)
+    state = _load_state(context, config, merchant_name(context), server_round)
     result = train_round(model, encode(data.train, tokenizer), config, state,
                          seed=config.seed * 1_000_003 + server_round * 1_009 + partition_id,
                          owners=[e.user_id for e in data.train], output_rows=item_rows(tokenizer, data.facts))
-    _save_state(context, config, state)
+    _save_state(context, config, merchant_name(context), state)
     declined = result.status == STATUS_DECLINED
     metrics = MetricRecord({
         "num-examples": result.num_examples, "train-loss": 0.0 if declined else result.train_loss,

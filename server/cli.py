@@ -58,6 +58,42 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from server.deploy import absolute_paths, check_options, run_deployment
+
+    check_options(tls=args.tls, auth=args.auth)  # before any work
+    args.set = [*(args.set or []), f"num-merchants={args.merchants}"]
+    config = absolute_paths(_config(args))
+    if config.resume_from:
+        _check_resumable(config)
+    _claim_run_dir(config, args.force)
+    from shared.data import check_base_matches
+    from shared.model import base_exists, read_base_meta
+    from shared.pretrain import pretrain
+
+    if not base_exists(config.base_dir):
+        log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
+        pretrain(config)
+    check_base_matches(read_base_meta(config.base_dir), config)
+    report = Path(config.run_dir) / "report.md"
+    before = _stamp(report)
+    extra = dict(item.split("=", 1) for item in (args.node_config or "").split())
+    try:
+        timing = run_deployment(config, args.merchants, tls=args.tls, auth=args.auth,
+                                state_root=args.state_dir and args.state_dir.resolve(), extra_node_config=extra)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: run_deployment has stopped every process
+        log.error("interrupted (%s); every process it started is stopped: %s", exc or "Ctrl-C",
+                  Path(config.run_dir) / ".deploy" / "pids.json")
+        return 130
+    if _stamp(report) in (None, before):
+        log.error("the deployment ended without writing this run's %s; see %s", report,
+                  Path(config.run_dir) / ".deploy" / "logs")
+        return 1
+    log.info("done: start-up %.1f s, run %.1f s, total %.1f s; report: %s", timing["startup-seconds"],
+             timing["run-seconds"], timing["total-seconds"], report)
+    return 0
+
+
 def _stamp(path: Path) -> tuple[int, int, int] | None:
     """(inode, mtime ns, size) of a file, None if absent: reports are replaced atomically (a new inode), so a
     stamp that changed means the file was written again."""
@@ -221,6 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--init-adapter", metavar="DIR", help="continue from an export folder on this config's "
                           "data: its adapter and its merchants' privacy ledger (config key init-adapter)")
     simulate.set_defaults(func=cmd_simulate)
+
+    deploy = sub.add_parser("deploy", help="the same run on Flower's deployment engine: one SuperLink and a "
+                            "SuperNode per merchant on 127.0.0.1, every process stopped by PID at the end")
+    common(deploy)
+    deploy.add_argument("--merchants", type=int, required=True, help="SuperNodes to start (sets num-merchants)")
+    deploy.add_argument("--tls", action="store_true", help="TLS on the SuperLink (a throwaway CA for this run)")
+    deploy.add_argument("--auth", action="store_true", help="SuperNode authentication: only registered merchant "
+                        "keys join, and the ledger names merchants by their authenticated node")
+    deploy.add_argument("--run-dir", help="run directory to write (default: config key run-dir)")
+    deploy.add_argument("--state-dir", type=Path, help="root of the merchants' own privacy state, one folder per "
+                        "merchant (default RUN_DIR/.deploy/state); reuse it to continue their budgets")
+    deploy.add_argument("--node-config", metavar="\"KEY=VALUE ...\"", help="more node config for every SuperNode, "
+                        "e.g. \"target-epsilon=4\" (each merchant's own budget) or \"message-log=FILE\" (a line per "
+                        "message a merchant sends)")
+    deploy.add_argument("--no-progress", action="store_true", help="no progress line per round")
+    deploy.add_argument("--force", action="store_true", help="as for simulate: move a run in the way aside first")
+    deploy.set_defaults(func=cmd_deploy)
 
     pretrain = sub.add_parser("pretrain", help="pretrain the T5 base on the public split (no DP)")
     common(pretrain)

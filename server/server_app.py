@@ -24,6 +24,11 @@ log = logging.getLogger("fedshop")
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = from_run_config(context.run_config)
+    if not log.handlers:  # under `flwr run` no fedshop CLI set one up: progress goes to the log Flower streams
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s fedshop %(message)s", datefmt="%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     run_dir = RunDirectory(config.run_dir)
     offset = run_dir.start(config)  # resuming in place: rounds number on after the last recorded one
     preflight(config)

@@ -43,9 +43,9 @@ from server.aggregation import (
     validate_update,
 )
 from server.central_dp import CentralAccount, wrap
+from server.identity import merchant_names, merchant_of
 from server.recorder import RunRecorder
 from shared.config import FedShopConfig
-from shared.data import merchant_id_for_partition
 from shared.metrics import pool_metrics
 from shared.model import is_frozen_key
 from shared.privacy import PRIVACY_RECORD
@@ -78,6 +78,7 @@ class LedgerFedAvg(FedAvg):
         # (configure_train, aggregate_train, aggregate_evaluate) turns Flower's round into that run-wide round,
         # which the ledger, the metrics and the merchants' seeds ("server-round") see
         self.round_offset = 0
+        self.merchant_names = merchant_names(config)  # deployment with authentication: node id -> merchant
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
@@ -173,13 +174,13 @@ class LedgerFedAvg(FedAvg):
         downlink = None if self._current is None else payload_bytes(numpy_of(self._current))
         for msg in replies:
             if msg.has_error() or PRIVACY_RECORD not in msg.content.config_records:
-                merchant = f"node-{msg.metadata.src_node_id}"
+                merchant = (self.merchant_names or {}).get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
                 self.recorder.failed_row(server_round, merchant)
                 log.warning("round %d: merchant %s failed: %s", server_round, merchant,
                             msg.error.reason if msg.has_error() else f"no {PRIVACY_RECORD!r} record in its reply")
                 continue
             metrics = msg.content["metrics"]
-            merchant = merchant_id_for_partition(int(metrics["partition-id"]))
+            merchant = merchant_of(msg, self.merchant_names)
             self.recorder.merchant_row(server_round, merchant, metrics, msg.content.config_records[PRIVACY_RECORD])
             entry = {k: v for k, v in metrics.items() if k != "partition-id"}
             sent = msg.content.array_records.get(self.arrayrecord_key)
@@ -251,7 +252,7 @@ class LedgerFedAvg(FedAvg):
                             "partition-id and a positive %s", server_round, msg.metadata.src_node_id,
                             self.weighted_by_key)
                 continue
-            merchants[merchant_id_for_partition(int(metrics["partition-id"]))] = {
+            merchants[merchant_of(msg, self.merchant_names)] = {
                 k: v for k, v in metrics.items() if k != "partition-id"}
         summary = pool_metrics(list(merchants.values()), self.weighted_by_key)  # in reply order, as Flower's
         self.recorder.evaluate_record(server_round, summary, merchants)

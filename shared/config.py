@@ -195,6 +195,9 @@ class FedShopConfig:
                             "splits, for the report: local-only (each merchant alone, same recipe and DP budget), "
                             "centralised (all merchants' training data pooled, no DP); simulation only",
                             choices=REFERENCE_CHOICES, multi=True)
+    merchant_nodes: str = _spec("", "deployment: a JSON file mapping the node ids the SuperLink authenticated to "
+                                "merchant names (fedshop deploy --auth writes it); the ledger then names merchants by "
+                                "it, not by the partition-id they report (empty = the reported partition-id)")
     progress: bool = _spec(True, "show a progress line per round")
     torch_threads: int = _spec(1, "torch intra-op threads per merchant process", low=1, high=256)
 

@@ -1,0 +1,65 @@
+"""A merchant's own privacy state and budget, held on the merchant's side (deployment).
+
+A SuperNode started with `--node-config state-dir=DIR` keeps its accountant history in DIR/privacy-state.json,
+written atomically after every round it trains. That file, not the server's ledger and not Flower's in-memory
+`context.state`, is what the merchant composes its next round on: it survives a SuperNode restart, and continuing
+or resuming a run on the same DIR carries the spent budget on. Without state-dir (simulation) the ClientApp keeps
+today's behaviour (`context.state`, and the server's ledger on continuation).
+
+`--node-config target-epsilon=E` is the merchant's own budget: whatever the run config says, it trains at most to
+min(E, target-epsilon), and refuses a run that asks it to train without DP-SGD.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shared.config import FedShopConfig
+from shared.dptrain import PrivacyState
+from shared.errors import UserError
+from shared.files import write_text_atomic
+from shared.privacy import load_history, save_history
+
+STATE_FILE = "privacy-state.json"
+
+
+def state_file(node_config: dict) -> Path | None:
+    directory = node_config.get("state-dir")
+    return Path(str(directory)) / STATE_FILE if directory else None
+
+
+def load_own_state(path: Path, merchant: str, accountant: str) -> PrivacyState:
+    """The merchant's history from its state file (a fresh state if the file does not exist yet)."""
+    if not path.is_file():
+        return PrivacyState()
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        owner, noise, state = saved["merchant"], saved["noise-multiplier"], saved["accountant-state"]
+        history = load_history(json.dumps(state), accountant)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: not a readable merchant privacy state ({error}); it is this merchant's record of "
+                        "its spent budget, restore it from a backup rather than deleting it") from error
+    if owner != merchant:
+        raise UserError(f"{path} holds the privacy state of {owner}, not of {merchant}")
+    return PrivacyState(noise_multiplier=noise, history=history)
+
+
+def save_own_state(path: Path, merchant: str, state: PrivacyState, accountant: str) -> None:
+    """Written atomically; the history as Opacus's accountant state dict (floats round-trip exactly)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"merchant": merchant, "noise-multiplier": state.noise_multiplier,
+                                        "accountant-state": json.loads(save_history(state.history, accountant))},
+                                       indent=1))
+
+
+def within_own_budget(config: FedShopConfig, node_config: dict) -> FedShopConfig:
+    """The run config capped by the merchant's own `target-epsilon` (node config), if it has one."""
+    own = node_config.get("target-epsilon")
+    if own is None:
+        return config
+    own = float(own)
+    if not config.local_dp:
+        raise UserError(f"this merchant trains only with DP-SGD within its own budget epsilon {own:g}; the run asks "
+                        f"dp = {config.dp}, privacy-unit = {config.privacy_unit}")
+    return config if config.target_epsilon <= own else config.replace(target_epsilon=own)

@@ -1,0 +1,274 @@
+"""fedshop on Flower's deployment engine (`fedshop deploy`): a SuperLink and one SuperNode per merchant on 127.0.0.1.
+
+The slow tests start real Flower processes; each stops every process it started by PID, also when it fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server.processes import Processes, alive, descendants, start_time
+from shared.privacy import epsilon_of
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps",
+                 "declined", "partition-id"}
+EVALUATE_METRIC = re.compile(r"^(num-examples|partition-id|(intent|next|churn|price)-[a-z0-9@.\-]+)$")
+
+
+def _deploy(args: list[str], log: Path, timeout_s: float, interrupt=None) -> int:
+    """`fedshop deploy ARGS` as a user runs it; returns its exit code (-1: still running after `timeout_s`).
+
+    `interrupt(process)` is called every second while it runs; when it returns a signal, that signal is sent once
+    (a user's Ctrl-C). On a timeout or a failing test, SIGTERM (which the command turns into stopping everything it
+    started), then SIGKILL by PID whatever of its tree is still running."""
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "server.cli", "deploy", *args], cwd=ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    tree: dict[int, int | None] = {}
+    try:
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and time.monotonic() < deadline:
+            tree.update({pid: start_time(pid) for pid in descendants(process.pid)})
+            sent = interrupt(process) if interrupt is not None else None
+            if sent is not None:
+                process.send_signal(sent)
+                interrupt = None
+            time.sleep(1.0)
+        return process.returncode if process.poll() is not None else -1
+    finally:
+        if process.poll() is None:
+            tree.update({pid: start_time(pid) for pid in descendants(process.pid)})
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for pid, started in tree.items():
+            if alive(pid, started):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+# --- fast: the parts, without Flower processes --------------------------------------------------------------------
+def test_identity_comes_from_the_authenticated_node_not_the_reported_partition(tmp_path, server_identity, caplog):
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from server.identity import merchant_names, merchant_of
+    from shared.config import FedShopConfig
+
+    nodes = tmp_path / "merchant-nodes.json"
+    nodes.write_text(json.dumps({"11": "m2", "12": "m0"}))
+    names = merchant_names(FedShopConfig(merchant_nodes=str(nodes)))
+    request = Message(content=RecordDict(), dst_node_id=11, message_type="train")
+    reply = Message(content=RecordDict({"metrics": MetricRecord({"partition-id": 0})}), reply_to=request)
+
+    assert merchant_of(reply, names) == "m2"  # node 11 was registered as m2, whatever it reports
+    assert "registered as m2 but reports partition m0" in caplog.text
+    assert merchant_of(reply, None) == "m0"  # simulation: the reported partition
+    assert merchant_names(FedShopConfig()) is None
+
+
+def test_a_merchant_keeps_its_own_state_and_budget(tmp_path, tiny_config):
+    from client.state import load_own_state, save_own_state, within_own_budget
+    from shared.dptrain import PrivacyState
+    from shared.errors import UserError
+
+    path = tmp_path / "m1" / "privacy-state.json"
+    assert load_own_state(path, "m1", "rdp").history == []  # a new merchant starts from nothing
+    save_own_state(path, "m1", PrivacyState(0.55, [(0.55, 0.02, 49)]), "rdp")
+    assert load_own_state(path, "m1", "rdp") == PrivacyState(0.55, [(0.55, 0.02, 49)])
+    with pytest.raises(UserError, match="privacy state of m1"):
+        load_own_state(path, "m2", "rdp")
+    path.write_text('{"merchant": "m1", "noise-multiplier": 0.5', encoding="utf-8")  # cut short by a crash
+    with pytest.raises(UserError, match="not a readable merchant privacy state"):
+        load_own_state(path, "m1", "rdp")
+
+    generous = tiny_config.replace(target_epsilon=50.0)
+    assert within_own_budget(generous, {"target-epsilon": 4}).target_epsilon == 4.0  # the merchant's cap wins
+    assert within_own_budget(tiny_config.replace(target_epsilon=2.0), {"target-epsilon": 4}).target_epsilon == 2.0
+    assert within_own_budget(generous, {}).target_epsilon == 50.0
+    with pytest.raises(UserError, match="only with DP-SGD"):
+        within_own_budget(tiny_config.replace(dp=False), {"target-epsilon": 4})
+
+
+def test_authentication_without_tls_is_refused_before_any_work(tmp_path):
+    from server.cli import main
+
+    assert main(["deploy", "--merchants", "3", "--auth", "--run-dir", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_processes_stop_a_whole_tree_by_pid(tmp_path):
+    processes = Processes({"PATH": "/usr/bin:/bin"}, tmp_path)
+    try:
+        # a child in a session of its own that outlives its parent's group, as Flower's superexec does
+        processes.start("tree", ["bash", "-c", "setsid sleep 300 & sleep 300"])
+        time.sleep(0.5)
+        processes.stop_all(grace_s=2.0)
+    finally:
+        left = processes.left_running()
+    assert len(processes.seen) >= 3 and left == []
+
+
+# --- slow: real SuperLink and SuperNodes -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, tiny_base):
+    """configs/tiny.toml (3 merchants x 2 rounds) deployed with TLS and SuperNode authentication."""
+    run_dir = tmp_path_factory.mktemp("deploy") / "run"
+    log = run_dir.parent / "deploy.log"
+    started = time.perf_counter()
+    code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--tls", "--auth",
+                    "--set", f"base-dir={tiny_base.base_dir}", "--run-dir", str(run_dir),
+                    "--node-config", f"message-log={run_dir.parent / 'outbox.jsonl'}"], log, timeout_s=420)
+    return run_dir, code, log.read_text(), time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_deploy_writes_the_run_directory_of_a_simulation_and_composes_epsilon(deployed):
+    run_dir, code, output, _ = deployed
+    assert code == 0, output[-4000:]
+    shown = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    assert shown == ["adapter", "checkpoints", "config.toml", "metrics.jsonl", "metrics.png", "price_curve.png",
+                     "privacy.csv", "report.md"]  # what `simulate` writes (test_end_to_end)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["scope"]) for r in records] == [
+        (0, "evaluate"), (1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+    assert re.search(r"fedshop round 2/2 \| train loss .* \| eps max", output)  # the ServerApp's progress, streamed
+
+    # the ledger names merchants by the node id the SuperLink authenticated (their registered keys)
+    nodes = json.loads((run_dir / ".deploy" / "merchant-nodes.json").read_text())
+    assert sorted(nodes.values()) == ["m0", "m1", "m2"]
+    rows = list(csv.DictReader((run_dir / "privacy.csv").open()))
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"trained"}
+    for merchant in ("m0", "m1", "m2"):
+        epsilons = [float(r["epsilon"]) for r in rows if r["merchant"] == merchant]
+        assert 0 < epsilons[0] < epsilons[1] <= 8.0  # composed although every message ran in a fresh process
+        # the merchant's own record holds both rounds' steps (Opacus merges runs of equal noise and rate)
+        own = json.loads((run_dir / ".deploy" / "state" / merchant / "privacy-state.json").read_text())
+        assert sum(s for _, _, s in own["history"]) == sum(int(r["steps"]) for r in rows if r["merchant"] == merchant)
+        assert math.isclose(epsilon_of([tuple(h) for h in own["history"]], 1e-5, "rdp"), epsilons[1], rel_tol=1e-9)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    pids = json.loads((run_dir / ".deploy" / "pids.json").read_text())
+    assert len(pids["seen"]) >= 8 and pids["left-running"] == []  # SuperLink, 3 SuperNodes, their superexecs, ...
+    assert not any(alive(pid) for pid in pids["seen"])
+    timing = json.loads((run_dir / ".deploy" / "timing.json").read_text())
+    print(f"\ndeploy timing: {timing}")
+
+
+@pytest.mark.slow
+def test_every_message_a_merchant_sends_carries_only_adapter_tensors_and_scalar_metrics(deployed):
+    run_dir, code, output, _ = deployed
+    assert code == 0, output[-4000:]
+    sent = [json.loads(line) for line in (run_dir.parent / "outbox.jsonl").read_text().splitlines()]
+    assert {m["merchant"] for m in sent} == {"m0", "m1", "m2"}
+    assert sorted(m["message-type"] for m in sent).count("train") == 6  # 3 merchants x 2 rounds
+    assert len(sent) == 6 + 9  # and 3 evaluations each (before training and after each round)
+    for message in sent:
+        assert not message["error"] and message["configs"] == {}
+        assert set(message["metrics"]) == {"metrics"}
+        metrics = message["metrics"]["metrics"]
+        assert set(metrics.values()) <= {"int", "float"}  # scalars only: no list, string or bytes
+        if message["message-type"] == "train":
+            assert set(metrics) == TRAIN_METRICS
+            assert set(message["arrays"]) == {"arrays"}
+            # with aggregation = ffa only the LoRA B matrices travel, with the adapter's shapes
+            assert all(re.fullmatch(r"base_model\.model\..+\.lora_B\.weight", k) and v["dtype"] == "float32"
+                       for k, v in message["arrays"]["arrays"].items())
+        else:
+            assert message["arrays"] == {} and all(EVALUATE_METRIC.match(k) for k in metrics), metrics
+
+
+@pytest.mark.slow
+def test_a_restarted_merchant_keeps_its_spent_budget_whatever_the_server_says(deployed, tiny_base):
+    """Every SuperNode is stopped after round 2 and started afresh; the server then continues the run from a ledger
+    that forgot every row, and asks for a budget of 50. Each merchant composes on its own state and declines."""
+    run_dir, code, output, _ = deployed
+    assert code == 0, output[-4000:]
+    forged = run_dir.parent / "forgetful-server"
+    subprocess.run(["cp", "-r", str(run_dir), str(forged)], check=True)
+    ledger = (forged / "privacy.csv").read_text().splitlines()
+    (forged / "privacy.csv").write_text(ledger[0] + "\n")  # a server that lost (or hides) what merchants spent
+    again = run_dir.parent / "continued"
+    log = run_dir.parent / "continued.log"
+    code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--set",
+                    f"base-dir={tiny_base.base_dir}", "--set", f"resume-from={forged}", "--set", "num-rounds=1",
+                    "--set", "target-epsilon=50", "--node-config", "target-epsilon=8",
+                    "--state-dir", str(run_dir / ".deploy" / "state"), "--run-dir", str(again), "--no-progress"],
+                   log, timeout_s=300)
+    assert code == 0, log.read_text()[-4000:]
+
+    before = {r["merchant"]: float(r["epsilon"]) for r in csv.DictReader((run_dir / "privacy.csv").open())
+              if r["round"] == "2"}
+    rows = list(csv.DictReader((again / "privacy.csv").open()))
+    print("\nledger after the restart:\n" + (again / "privacy.csv").read_text())
+    assert {r["merchant"] for r in rows} == {"m0", "m1", "m2"}
+    for row in rows:
+        assert row["status"] == "declined" and int(row["steps"]) == 0
+        assert math.isclose(float(row["epsilon"]), before[row["merchant"]], rel_tol=1e-9)  # spent, kept
+    assert json.loads((again / ".deploy" / "pids.json").read_text())["left-running"] == []
+
+
+@pytest.mark.slow
+def test_only_registered_supernodes_join_a_tls_superlink(tmp_path):
+    from server.deploy import Deployment
+    from server.keys import make_node_key
+
+    deployment = Deployment(tmp_path / ".deploy", tls=True, auth=True)
+    try:
+        deployment.start_superlink()
+        registered = deployment.register("m0")
+        stranger, _ = make_node_key(tmp_path / "stranger-keys", "stranger")  # never registered
+        deployment.start_supernode("m0", {"partition-id": 0, "merchant": "m0"}, registered)
+        deployment.start_supernode("stranger", {"partition-id": 1, "merchant": "m1"}, stranger)
+        deployment.wait_online(1, timeout_s=90)
+        superlink_log = tmp_path / ".deploy" / "logs" / "superlink.log"
+        deadline = time.monotonic() + 60
+        while "No SuperNode found with the given public key" not in superlink_log.read_text():
+            assert time.monotonic() < deadline, "the stranger's attempt never reached the SuperLink"
+            time.sleep(1.0)
+        online = deployment.online_nodes()
+    finally:
+        left = deployment.close()
+    assert [int(n["node-id"]) for n in online] == [deployment.nodes["m0"]]  # the registered merchant only
+    refusal = next(line for line in superlink_log.read_text().splitlines() if "No SuperNode found" in line)
+    print(f"\nrefusal: {refusal}")
+    assert "https://127.0.0.1" in superlink_log.read_text()  # served over TLS
+    assert left == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_run_stops_every_process_it_started(tmp_path, tiny_base):
+    run_dir = tmp_path / "run"
+    seen: dict[int, int | None] = {}
+
+    def ctrl_c_once_merchants_work(process):
+        seen.update({pid: start_time(pid) for pid in descendants(process.pid)})
+        log = run_dir / ".deploy" / "logs" / "flwr-run.log"
+        # the first messages are out: ClientApp processes run under the SuperNodes
+        return signal.SIGINT if log.is_file() and "configure_evaluate: Sampled" in log.read_text() else None
+
+    code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--set",
+                    f"base-dir={tiny_base.base_dir}", "--run-dir", str(run_dir), "--no-progress"],
+                   tmp_path / "deploy.log", timeout_s=240, interrupt=ctrl_c_once_merchants_work)
+
+    output = (tmp_path / "deploy.log").read_text()
+    assert code == 130 and "interrupted" in output, output[-3000:]
+    pids = json.loads((run_dir / ".deploy" / "pids.json").read_text())
+    assert pids["left-running"] == [] and len(pids["seen"]) >= 8
+    assert [pid for pid, started in seen.items() if alive(pid, started)] == []  # nothing of its tree outlived it
