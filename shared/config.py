@@ -115,10 +115,10 @@ class FedShopConfig:
     pretrain_batch_size: int = _spec(128, "batch size of pretraining", low=1, high=65536)
     pretrain_learning_rate: float = _spec(5e-3, "learning rate of pretraining (AdamW)", low=0.0, low_open=True,
                                           high=1.0)
-    pretrain_task_weights: str = _spec("intent:3,next-item:1,churn:2", "pretraining loss: each task's mean example "
+    pretrain_task_weights: str = _spec("intent:1,next-item:1,churn:1", "pretraining loss: each task's mean example "
                                        "loss times its weight (task:weight, comma-separated; a task not named weighs "
-                                       "1). With plain example averaging next-item, the largest loss, drowned the "
-                                       "yes/no tasks")
+                                       "1). Averaging over examples instead let next-item, the largest loss, drown "
+                                       "the yes/no tasks")
     lora_r: int = _spec(8, "LoRA rank", low=1, high=1024)
     lora_alpha: float = _spec(16.0, "LoRA alpha (update scale alpha / r)", low=0.0, low_open=True, high=1e4)
     lora_dropout: float = _spec(0.0, "dropout on the LoRA branch", low=0.0, high=1.0, high_open=True)
