@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from client.state import load_own_state
 from server.processes import Processes, alive, descendants, start_time
 from shared.privacy import epsilon_of
 
@@ -159,9 +160,9 @@ def test_deploy_writes_the_run_directory_of_a_simulation_and_composes_epsilon(de
         epsilons = [float(r["epsilon"]) for r in rows if r["merchant"] == merchant]
         assert 0 < epsilons[0] < epsilons[1] <= 8.0  # composed although every message ran in a fresh process
         # the merchant's own record holds both rounds' steps (Opacus merges runs of equal noise and rate)
-        own = json.loads((run_dir / ".deploy" / "state" / merchant / "privacy-state.json").read_text())
-        assert sum(s for _, _, s in own["history"]) == sum(int(r["steps"]) for r in rows if r["merchant"] == merchant)
-        assert math.isclose(epsilon_of([tuple(h) for h in own["history"]], 1e-5, "rdp"), epsilons[1], rel_tol=1e-9)
+        own = load_own_state(run_dir / ".deploy" / "state" / merchant / "privacy-state.json", merchant, "rdp")
+        assert sum(s for _, _, s in own.history) == sum(int(r["steps"]) for r in rows if r["merchant"] == merchant)
+        assert math.isclose(epsilon_of(own.history, 1e-5, "rdp"), epsilons[1], rel_tol=1e-9)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
     pids = json.loads((run_dir / ".deploy" / "pids.json").read_text())
@@ -180,7 +181,9 @@ def test_every_message_a_merchant_sends_carries_only_adapter_tensors_and_scalar_
     assert sorted(m["message-type"] for m in sent).count("train") == 6  # 3 merchants x 2 rounds
     assert len(sent) == 6 + 9  # and 3 evaluations each (before training and after each round)
     for message in sent:
-        assert not message["error"] and message["configs"] == {}
+        # a train reply names what its epsilon is about (unit, accountant: strings of the config, not of data)
+        named = {"privacy": {"accountant": "str", "unit": "str"}} if message["message-type"] == "train" else {}
+        assert not message["error"] and message["configs"] == named, message["configs"]
         assert set(message["metrics"]) == {"metrics"}
         metrics = message["metrics"]["metrics"]
         assert set(metrics.values()) <= {"int", "float"}  # scalars only: no list, string or bytes
