@@ -27,7 +27,14 @@ def _config(args: argparse.Namespace) -> FedShopConfig:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from shared.locks import directory_lock
+
     config = _config(args)
+    with directory_lock(config.run_dir, "run directory"):  # from the claim to the last report: one writer
+        return _simulate(config, args)
+
+
+def _simulate(config: FedShopConfig, args: argparse.Namespace) -> int:
     from server.preflight import preflight
 
     started = time.perf_counter()
