@@ -20,7 +20,7 @@ from shared.canaries import CANARY_PREFIX, make_canaries
 from shared.config import FedShopConfig, load_config
 from shared.data import catalogue_facts, merchant_data, semantic_ids_for
 from shared.errors import UserError
-from shared.model import load_base
+from shared.model import check_adapter_dir, load_base
 from shared.sources import load_world
 
 log = logging.getLogger("fedshop")
@@ -43,6 +43,7 @@ def audit_run(run_dir: str | Path) -> dict[str, float]:
     import torch
 
     torch.set_num_threads(max(1, config.torch_threads))
+    check_adapter_dir(run_dir / "adapter")
     base, tokenizer, _ = load_base(config.base_dir)
     with warnings.catch_warnings():
         # peft 0.21 asks transformers 5.x a deprecated question while wrapping; nothing for a user to act on

@@ -27,7 +27,14 @@ def _config(args: argparse.Namespace) -> FedShopConfig:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from shared.locks import directory_lock
+
     config = _config(args)
+    with directory_lock(config.run_dir, "run directory"):  # from the claim to the last report: one writer
+        return _simulate(config, args)
+
+
+def _simulate(config: FedShopConfig, args: argparse.Namespace) -> int:
     from server.preflight import preflight
 
     started = time.perf_counter()
@@ -126,6 +133,9 @@ def _check_resumable(config: FedShopConfig) -> None:
     for needed in ("config.toml", "privacy.csv", "adapter/adapter_model.safetensors"):
         if not (previous / needed).is_file():
             raise UserError(f"resume-from: {previous / needed} does not exist; expected a finished fedshop run")
+    from shared.model import check_safetensors
+
+    check_safetensors(previous / "adapter" / "adapter_model.safetensors", "the run's final LoRA adapter")
     before, now = load_config(previous / "config.toml").to_flat(), config.to_flat()
     different = [f"{k} = {before[k]!r} there, {now[k]!r} here" for k in
                  ("seed", "num-merchants", "num-items", "num-categories", "base-dir", "lora-r", "lora-targets")

@@ -20,6 +20,8 @@ import torch
 
 from shared.config import FedShopConfig, load_config
 from shared.errors import UserError
+from shared.files import reading
+from shared.model import check_adapter_dir, read_json_object
 from shared.privacy import PrivacyBudget, epsilon_of
 from shared.rundir import CONTINUED_FROM, MERCHANT_LEVEL, history_from_ledger, ledger_merchants
 
@@ -40,7 +42,8 @@ def check_init_adapter(config: FedShopConfig) -> None:
                             "`fedshop export` (an export now carries the ledger and run config continued training "
                             "needs)")
     check_base(export, Path(config.base_dir) / "model.safetensors", f"init-adapter: base-dir {config.base_dir}")
-    adapter = json.loads((export / "adapter_config.json").read_text(encoding="utf-8"))
+    check_adapter_dir(export)
+    adapter = read_json_object(export / "adapter_config.json", "PEFT's adapter config")
     before = load_config(export / "run-config.toml")
     there = {"lora-r": adapter.get("r"), "lora-alpha": float(adapter.get("lora_alpha", math.nan)),
              "lora-targets": ",".join(sorted(adapter.get("target_modules") or [])),
@@ -61,7 +64,9 @@ def starting_adapter(config: FedShopConfig) -> dict[str, torch.Tensor]:
 
     if config.resume_from:
         return read_adapter(config.resume_from)
-    return load_file(str(Path(config.init_adapter) / "adapter_model.safetensors"))
+    path = Path(config.init_adapter) / "adapter_model.safetensors"
+    with reading(path, "the LoRA adapter's weights (a complete safetensors file)"):
+        return load_file(str(path))
 
 
 def record_origin(run_path: Path, config: FedShopConfig) -> dict:
@@ -70,7 +75,9 @@ def record_origin(run_path: Path, config: FedShopConfig) -> dict:
     origin = Path(config.continued_from)
     kind = "run" if config.resume_from else "export"
     before = load_config(origin / ("config.toml" if kind == "run" else "run-config.toml"))
-    manifest = json.loads((origin / "manifest.json").read_text(encoding="utf-8")) if kind == "export" else {}
+    from server.manifest import read_manifest
+
+    manifest = read_manifest(origin) if kind == "export" else {}
     histories, epsilons = {}, {}
     for merchant in ledger_merchants(origin):
         noise, history = history_from_ledger(origin, merchant)
@@ -88,7 +95,7 @@ def record_origin(run_path: Path, config: FedShopConfig) -> dict:
 
 def read_origin(path: str | Path) -> dict | None:
     file = Path(path) / CONTINUED_FROM
-    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+    return read_json_object(file, "the record of the run this one continued") if file.is_file() else None
 
 
 def continuation_lines(path: str | Path) -> list[str]:

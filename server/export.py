@@ -26,6 +26,7 @@ from server.manifest import sha256, write_manifest
 from server.report import ITEM_ID_WORDS, figure, privacy_lines, read_references, task_tables
 from shared.config import FedShopConfig
 from shared.errors import UserError
+from shared.model import check_adapter_dir, read_json_object
 from shared.rundir import (
     CHECKPOINTS,
     CONTINUED_FROM,
@@ -55,6 +56,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, round:
     base_dir = Path(config.base_dir)
     if not (base_dir / "model.safetensors").is_file():
         raise UserError(f"the run's base directory {base_dir} is missing; the export needs it beside the adapter")
+    check_adapter_dir(adapter_dir)
     ledger = [row for row in RunDirectory(run_dir).read_privacy() if round is None or int(row["round"]) <= round]
     out.mkdir(parents=True, exist_ok=True)
     (out / "base").mkdir()
@@ -70,7 +72,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, round:
     write_privacy(out / "privacy.csv", ledger)
     if (run_dir / CONTINUED_FROM).is_file():
         shutil.copy2(run_dir / CONTINUED_FROM, out / CONTINUED_FROM)
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    adapter_config = read_json_object(adapter_dir / "adapter_config.json", "PEFT's adapter config")
     adapter_config["base_model_name_or_path"] = str((out / "base").resolve())
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
     if merge:

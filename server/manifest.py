@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from shared.errors import UserError
+from shared.files import reading
 
 MANIFEST = "manifest.json"
 
@@ -34,7 +35,7 @@ def verify(out: str | Path) -> list[str]:
     out = Path(out)
     if not (out / MANIFEST).is_file():
         raise UserError(f"{out} is not a fedshop export (no {MANIFEST})")
-    files = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["files"]
+    files = read_manifest(out)["files"]
     problems = [f"{name}: missing" for name in files if not (out / name).is_file()]
     problems += [f"{name}: sha256 differs from the manifest" for name, digest in files.items()
                  if (out / name).is_file() and sha256(out / name) != digest]
@@ -45,7 +46,18 @@ def verify(out: str | Path) -> list[str]:
 
 def check_base(export: Path, base_file: Path, what: str) -> None:
     """UserError unless `base_file` is the base model the export's adapter was trained on (manifest's sha256)."""
-    manifest = json.loads((export / MANIFEST).read_text(encoding="utf-8"))
+    manifest = read_manifest(export)
     if not base_file.is_file() or sha256(base_file) != manifest.get("base-model-sha256"):
         raise UserError(f"{what}: {base_file} is not the base this adapter was trained on (its sha256 differs from "
                         f"{export / MANIFEST}'s base-model-sha256)")
+
+
+def read_manifest(export: Path) -> dict:
+    """An export's manifest: a JSON object whose "files" maps each file to its sha256; UserError naming it if not."""
+    path = Path(export) / MANIFEST
+    with reading(path, "a fedshop export manifest (JSON with \"files\": {name: sha256})"):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
+            raise ValueError("no \"files\" object of names and digests")
+    return manifest

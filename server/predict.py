@@ -89,10 +89,13 @@ class Predictor:
         if not (adapter / "manifest.json").is_file() or not (adapter / "run-config.toml").is_file():
             raise UserError(f"{adapter} is not a fedshop export (run `fedshop export RUN_DIR --out DIR` first)")
         from server.manifest import check_base
+        from shared.model import check_adapter_dir, check_base_files, load_tokenizer
 
         check_base(adapter, adapter / "base" / "model.safetensors", "predict")
+        check_base_files(adapter / "base")
+        check_adapter_dir(adapter)
         from peft import PeftModel
-        from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
+        from transformers import T5ForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
         from shared.config import load_config
@@ -104,7 +107,7 @@ class Predictor:
         self.config = load_config(adapter / "run-config.toml")
         self.facts = catalogue_facts(load_world(self.config), semantic_ids_for(self.config, adapter / "base"))
         self.index = self.facts.index()
-        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(adapter)
+        self.tokenizer = load_tokenizer(adapter)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
                                     category=FutureWarning)

@@ -5,6 +5,7 @@ its data and tokenizer match this config, and an `init-adapter` export is intact
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from shared.config import FedShopConfig
 
@@ -15,13 +16,15 @@ def preflight(config: FedShopConfig) -> dict:
     """Check (and, for a missing base, prepare) what this run starts from; returns the base's metadata. Raises a
     UserError naming what does not fit."""
     from shared.data import check_base_matches
-    from shared.model import base_exists, read_base_meta
+    from shared.model import base_exists, check_base_files, load_tokenizer, read_base_meta
     from shared.pretrain import pretrain
 
     if not base_exists(config.base_dir):
         log.info("base directory %s does not exist yet: pretraining it on the public split first", config.base_dir)
         pretrain(config)
     base_meta = read_base_meta(config.base_dir)
+    check_base_files(Path(config.base_dir))  # a damaged file is named here, not in a merchant's traceback
+    load_tokenizer(Path(config.base_dir))
     check_base_matches(base_meta, config)
     if config.init_adapter:
         from server.continuation import check_init_adapter

@@ -12,8 +12,9 @@ from server.continuation import record_origin, starting_adapter
 from server.preflight import preflight
 from server.report import write_report
 from server.strategy import build_strategy
-from shared.config import from_run_config
+from shared.config import FedShopConfig, from_run_config
 from shared.files import save_pretrained_atomic
+from shared.locks import directory_lock
 from shared.model import adapter_state, add_lora, load_adapter_state, load_base
 from shared.rundir import MERCHANT_LEVEL, RunDirectory, history_from_ledger
 
@@ -29,6 +30,11 @@ def main(grid: Grid, context: Context) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s fedshop %(message)s", datefmt="%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    with directory_lock(config.run_dir, "run directory"):  # re-entrant: `fedshop simulate` already holds it
+        run(grid, config)
+
+
+def run(grid: Grid, config: FedShopConfig) -> None:
     run_dir = RunDirectory(config.run_dir)
     offset = run_dir.start(config)  # resuming in place: rounds number on after the last recorded one
     preflight(config)

@@ -96,8 +96,10 @@ class FedShopConfig:
                                                 "shopper-level epsilon then composes over those merchants")
     public_fraction: float = _spec(0.2, "fraction of shoppers that form the public split (pretraining only)",
                                    low=0.0, low_open=True, high=0.9)
-    min_shopper_events: int = _spec(5, "cleaning: drop shoppers with fewer events (k-core, with min-item-events)",
-                                    low=1, high=1_000_000)
+    min_shopper_events: int = _spec(0, "cleaning: drop shoppers with fewer events (k-core, with min-item-events); "
+                                    "0 = by task: 1 for a transactions log or tasks = churn (one-time customers are "
+                                    "what a churn study is about), else 5, stopping with a message when that would "
+                                    "drop more than half of the shoppers", low=0, high=1_000_000)
     min_item_events: int = _spec(2, "cleaning: drop items with fewer events (k-core)", low=1, high=1_000_000)
     max_events_per_shopper_per_day: int = _spec(1000, "cleaning: a shopper with more events on one day is a bot and "
                                                 "dropped (0 = no limit)", low=0)

@@ -1,13 +1,18 @@
 """Files written whole or not at all: a reader (or a run killed mid-write) never sees half a report, config or
 adapter. Each file goes to a temporary name beside its target, is flushed to disk, then renamed over the target
-(`os.replace`, atomic on POSIX within one file system)."""
+(`os.replace`, atomic on POSIX within one file system). And files read back that a disk, a copy or a hand broke
+anyway: `reading` turns whatever parsing one file raises into a UserError naming that file."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from shared.errors import UserError
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -61,3 +66,18 @@ def save_pretrained_atomic(model: Any, directory: str | Path) -> Path:
     temporary.rmdir()
     _fsync_dir(directory)
     return directory
+
+
+@contextmanager
+def reading(path: str | Path, expected: str) -> Iterator[None]:
+    """Parse `path` inside this block: any error it raises (bad JSON or UTF-8, a truncated safetensors file, a
+    missing key, the tokenizers library's plain Exception ...) becomes a UserError naming the file and what was
+    expected, so the user sees one line, not a traceback. A UserError raised inside passes unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a parser of this one file raises means the file is broken
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: unreadable or corrupted ({type(exc).__name__}: {detail}); expected {expected}"
+                        ) from None

@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from shared.config import FedShopConfig
 from shared.errors import UserError
+from shared.files import reading
 
 PRESETS: dict[str, dict[str, int]] = {
     # tests and CI: ~0.1 M parameters besides the embeddings
@@ -59,16 +60,54 @@ def read_base_meta(directory: str | Path) -> dict:
     if not base_exists(directory):
         raise UserError(f"base directory {directory} is missing or incomplete (needs config.json, "
                         f"model.safetensors, {BASE_META}); run `fedshop pretrain` to create it")
-    return json.loads((directory / BASE_META).read_text(encoding="utf-8"))
+    return read_json_object(directory / BASE_META, "the base's metadata written by `fedshop pretrain`")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object file, or a UserError naming it."""
+    with reading(path, f"{what} (a JSON object)"):
+        value = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(value, dict):
+            raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def check_safetensors(path: Path, what: str) -> None:
+    """UserError naming `path` unless it is a complete safetensors file (its header parses and covers the file)."""
+    from safetensors import safe_open
+
+    with reading(path, f"{what} (a complete safetensors file)"), safe_open(str(path), framework="pt") as handle:
+        list(handle.keys())
 
 
 def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast, dict]:
+    directory = Path(directory)
     meta = read_base_meta(directory)
     hf_logging.disable_progress_bar()  # a merchant loads the base every round: no progress bars in the logs
-    model = T5ForConditionalGeneration.from_pretrained(directory)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    check_base_files(directory)
+    with reading(directory / "model.safetensors", "the base's T5 weights matching config.json"):
+        model = T5ForConditionalGeneration.from_pretrained(directory)
+    tokenizer = load_tokenizer(directory)
     model.eval()
     return model, tokenizer, meta
+
+
+def check_base_files(directory: Path) -> None:
+    """UserError naming the file unless a base's model config and weights are readable."""
+    read_json_object(directory / "config.json", "the T5 model config")
+    check_safetensors(directory / "model.safetensors", "the base's T5 weights")
+
+
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
+    """The tokenizer saved in `directory` (a base or an export), or a UserError naming its file."""
+    with reading(directory / "tokenizer.json", "the tokenizer saved with the base"):
+        return PreTrainedTokenizerFast.from_pretrained(directory)
+
+
+def check_adapter_dir(directory: Path) -> None:
+    """UserError naming the file unless `directory` holds a readable PEFT adapter (config and weights)."""
+    read_json_object(directory / "adapter_config.json", "PEFT's adapter config")
+    check_safetensors(directory / "adapter_model.safetensors", "the LoRA adapter's weights")
 
 
 def lora_config(config: FedShopConfig) -> LoraConfig:
@@ -161,4 +200,5 @@ def read_adapter(run_dir: str | Path) -> dict[str, torch.Tensor]:
     path = Path(run_dir) / "adapter" / "adapter_model.safetensors"
     if not path.is_file():
         raise UserError(f"{path} does not exist: {run_dir} is not a finished fedshop run")
-    return load_file(str(path))
+    with reading(path, "the LoRA adapter's weights (a complete safetensors file)"):
+        return load_file(str(path))

@@ -16,6 +16,7 @@ import torch
 
 from shared.config import FedShopConfig
 from shared.data import catalogue_facts, catalogue_fingerprint, merchant_data, public_shopper_count, vocabulary
+from shared.locks import directory_lock
 from shared.model import build_base, save_base
 from shared.modeling import encode, evaluate, per_sample_loss
 from shared.semantic import SemanticIds, build_semantic_ids
@@ -70,7 +71,13 @@ def public_semantic_ids(config: FedShopConfig, data: SyntheticData) -> SemanticI
 
 
 def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[str, float]:
+    """Pretrain a base on the public split and write it to `base_dir` (default: base-dir), holding its lock."""
     base_dir = Path(base_dir or config.base_dir)
+    with directory_lock(base_dir, "base directory"):
+        return _pretrain(config, base_dir)
+
+
+def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     data = load_world(config)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.config import FedShopConfig, to_toml
 from shared.errors import UserError
-from shared.files import write_text_atomic
+from shared.files import reading, write_text_atomic
 
 if TYPE_CHECKING:
     from shared.privacy import History
@@ -120,14 +120,18 @@ class RunDirectory:
     def _ledger_header(self) -> None:
         """Write the ledger's header into a new (or empty) ledger; refuse to append to one with other columns."""
         if self.privacy_file.is_file() and self.privacy_file.stat().st_size:
-            with self.privacy_file.open(newline="", encoding="utf-8") as handle:
+            with reading(self.privacy_file, "a fedshop ledger (UTF-8 CSV)"), \
+                    self.privacy_file.open(newline="", encoding="utf-8") as handle:
                 header = tuple(next(csv.reader(handle), []))
-            if header != PRIVACY_COLUMNS:
-                raise UserError(f"{self.privacy_file}: header {','.join(header)!r} is not a fedshop ledger's "
-                                f"({','.join(PRIVACY_COLUMNS)}); refusing to append to it")
+            self._check_header(header)
             return
         with self.privacy_file.open("a", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerow(PRIVACY_COLUMNS)
+
+    def _check_header(self, header: tuple[str, ...]) -> None:
+        if header != PRIVACY_COLUMNS:
+            raise UserError(f"{self.privacy_file}: header {','.join(header)!r} is not a fedshop ledger's "
+                            f"({','.join(PRIVACY_COLUMNS)}); refusing to read or append to it")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         _append_line(self.metrics_file, json.dumps(_jsonable(record), sort_keys=False) + "\n")
@@ -142,26 +146,63 @@ class RunDirectory:
         if not self.metrics_file.is_file():
             return []
         records = []
-        for number, line in enumerate(self.metrics_file.read_text(encoding="utf-8").splitlines(), 1):
+        with reading(self.metrics_file, "one JSON object per line (UTF-8)"):
+            lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, 1):
             if line:
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     log.warning("%s:%d: an unfinished record (a run stopped mid-write?), skipped", self.metrics_file,
                                 number)
+                    continue
+                if not (isinstance(record, dict) and isinstance(record.get("round"), int)
+                        and isinstance(record.get("scope"), str) and isinstance(record.get("metrics", {}), dict)):
+                    raise UserError(f"{self.metrics_file}:{number}: not a fedshop metrics record (expected a JSON "
+                                    "object with an integer \"round\", a \"scope\" and \"metrics\"): "
+                                    f"{line[:80]!r}")
+                records.append(record)
         return records
 
     def read_privacy(self) -> list[dict[str, str]]:
         """Every complete ledger row (a row a killed run left unfinished is skipped, with a warning)."""
         if not self.privacy_file.is_file():
             return []
-        with self.privacy_file.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-        complete = [r for r in rows if None not in r and None not in r.values()]
+        with reading(self.privacy_file, f"a fedshop ledger (UTF-8 CSV with columns {','.join(PRIVACY_COLUMNS)})"):
+            text = self.privacy_file.read_text(encoding="utf-8")
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            self._check_header(tuple(reader.fieldnames or ()))
+            rows = [(reader.line_num, row) for row in reader]
+        if rows and not text.endswith("\n"):  # the last row was cut short, even if all its columns are there
+            rows[-1] = (rows[-1][0], {**rows[-1][1], None: None})
+        complete = [(line, r) for line, r in rows if None not in r and None not in r.values()]
         if len(complete) < len(rows):
             log.warning("%s: %d unfinished row(s) (a run stopped mid-write?) skipped", self.privacy_file,
                         len(rows) - len(complete))
-        return complete
+        for line, row in complete:
+            _check_ledger_row(self.privacy_file, line, row)
+        return [row for _, row in complete]
+
+
+LEDGER_STATUSES = (STATUS_TRAINED, STATUS_DECLINED, STATUS_FAILED, STATUS_RELEASED)
+
+
+def _check_ledger_row(path: Path, line: int, row: dict[str, str]) -> None:
+    """UserError naming the file, line and column unless every cell of a complete ledger row parses."""
+    def refuse(column: str, expected: str) -> UserError:
+        return UserError(f"{path}:{line}: column {column} = {row[column]!r} is not {expected}; the ledger is "
+                         "damaged (restore it from a copy: fedshop never rewrites it)")
+
+    for column in ("round", "steps"):
+        if not row[column].isdigit():
+            raise refuse(column, "a whole number")
+    for column in ("noise_multiplier", "sample_rate", "epsilon", "delta"):
+        try:
+            number(row[column])
+        except ValueError:
+            raise refuse(column, "a number") from None
+    if row["status"] not in LEDGER_STATUSES:
+        raise refuse("status", f"one of {', '.join(LEDGER_STATUSES)}")
 
 
 def history_from_ledger(run_dir: str | Path, merchant: str, before_round: int | None = None
@@ -178,16 +219,15 @@ def history_from_ledger(run_dir: str | Path, merchant: str, before_round: int | 
     if not path.is_file():
         raise UserError(f"{path} does not exist; expected a finished fedshop run directory or a fedshop export")
     noise, history = carried_history(run_dir, merchant)
-    with path.open(newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            if row["merchant"] != merchant or row["status"] not in STEP_STATUSES:
-                continue
-            if before_round is not None and int(row["round"]) >= before_round:
-                continue
-            if row["unit"] == "none":  # trained without DP: nothing to compose
-                continue
-            noise = float(row["noise_multiplier"])
-            history.append((noise, float(row["sample_rate"]), int(row["steps"])))
+    for row in RunDirectory(run_dir).read_privacy():
+        if row["merchant"] != merchant or row["status"] not in STEP_STATUSES:
+            continue
+        if before_round is not None and int(row["round"]) >= before_round:
+            continue
+        if row["unit"] == "none":  # trained without DP: nothing to compose
+            continue
+        noise = float(row["noise_multiplier"])
+        history.append((noise, float(row["sample_rate"]), int(row["steps"])))
     return noise, history
 
 
@@ -196,10 +236,11 @@ def carried_history(run_dir: str | Path, merchant: str) -> tuple[float | None, H
     path = Path(run_dir) / CONTINUED_FROM
     if not path.is_file():
         return None, []
-    entry = json.loads(path.read_text(encoding="utf-8")).get("histories", {}).get(merchant)
-    if not entry:
-        return None, []
-    return entry["noise-multiplier"], [(float(n), float(q), int(s)) for n, q, s in entry["history"]]
+    with reading(path, "the histories a continued run carried over (JSON, written by fedshop)"):
+        entry = json.loads(path.read_text(encoding="utf-8")).get("histories", {}).get(merchant)
+        if not entry:
+            return None, []
+        return entry["noise-multiplier"], [(float(n), float(q), int(s)) for n, q, s in entry["history"]]
 
 
 def ledger_merchants(run_dir: str | Path) -> list[str]:
@@ -208,9 +249,9 @@ def ledger_merchants(run_dir: str | Path) -> list[str]:
     names: set[str] = set()
     path = Path(run_dir) / CONTINUED_FROM
     if path.is_file():
-        names |= set(json.loads(path.read_text(encoding="utf-8")).get("histories", {}))
-    with (Path(run_dir) / "privacy.csv").open(newline="", encoding="utf-8") as handle:
-        names |= {row["merchant"] for row in csv.DictReader(handle)}
+        with reading(path, "the histories a continued run carried over (JSON, written by fedshop)"):
+            names |= set(json.loads(path.read_text(encoding="utf-8")).get("histories", {}))
+    names |= {row["merchant"] for row in RunDirectory(run_dir).read_privacy()}
     return sorted(names)
 
 

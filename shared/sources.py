@@ -102,11 +102,44 @@ def load_options(config: FedShopConfig) -> LoadOptions:
                        purchase_rating=config.purchase_rating)
 
 
-def cleaning_options(config: FedShopConfig) -> CleaningOptions:
+# min-shopper-events = 0 (by task): one-event shoppers kept for these, else the k-core below, which stops a run
+# rather than drop more than this share of the shoppers unasked
+ONE_EVENT_FORMATS = ("transactions",)
+DEFAULT_MIN_SHOPPER_EVENTS = 5
+DEFAULT_KCORE_MAX_DROPPED = 0.5
+
+
+def min_shopper_events(config: FedShopConfig, data_format: str) -> int:
+    """The k-core's shopper threshold: the key when set, else 1 for a transactions log or a churn-only run (a
+    customer who bought once is what churn is about), else DEFAULT_MIN_SHOPPER_EVENTS."""
+    if config.min_shopper_events:
+        return config.min_shopper_events
+    if data_format in ONE_EVENT_FORMATS or config.task_list == ["churn"]:
+        return 1
+    return DEFAULT_MIN_SHOPPER_EVENTS
+
+
+def cleaning_options(config: FedShopConfig, data_format: str) -> CleaningOptions:
     return CleaningOptions(window_start_ms=parse_time_bound("time-window-start", config.time_window_start),
                            window_end_ms=parse_time_bound("time-window-end", config.time_window_end),
                            max_events_per_shopper_per_day=config.max_events_per_shopper_per_day,
-                           min_shopper_events=config.min_shopper_events, min_item_events=config.min_item_events)
+                           min_shopper_events=min_shopper_events(config, data_format),
+                           min_item_events=config.min_item_events)
+
+
+def refuse_silent_kcore(config: FedShopConfig, raw: RawEvents, steps: list[CleaningStep]) -> None:
+    """Stop when the by-task default k-core dropped more than DEFAULT_KCORE_MAX_DROPPED of the shoppers it saw: the
+    user decides, with the key that keeps them or the one that drops them."""
+    threshold = min_shopper_events(config, raw.stats.data_format)
+    if config.min_shopper_events or threshold == 1:
+        return
+    kcore = steps[-1]
+    seen = len(np.unique(raw.user)) - sum(step.shoppers_dropped for step in steps[:-1])
+    if seen and kcore.shoppers_dropped > DEFAULT_KCORE_MAX_DROPPED * seen:
+        raise DataError(f"{raw.stats.path}: the default k-core (at least {threshold} events per shopper) would drop "
+                        f"{kcore.shoppers_dropped} of {seen} shoppers ({kcore.shoppers_dropped / seen:.0%}); set "
+                        "min-shopper-events = 1 to keep shoppers with few events (e.g. one-time customers for churn), "
+                        f"or min-shopper-events = {threshold} to drop them")
 
 
 def partition_options(config: FedShopConfig) -> PartitionOptions:
@@ -118,7 +151,8 @@ def partition_options(config: FedShopConfig) -> PartitionOptions:
 def load_real(config: FedShopConfig, path: str | None = None) -> tuple[SyntheticData, SourceReport]:
     raw = load_events(path or config.data_path, load_options(config))
     before = len(raw)
-    cleaned, steps = clean(raw, cleaning_options(config))
+    cleaned, steps = clean(raw, cleaning_options(config, raw.stats.data_format))
+    refuse_silent_kcore(config, raw, steps)
     if not len(cleaned):
         raise DataError(f"{path or config.data_path}: cleaning left no events ("
                         + "; ".join(f"{s.name}: {s.events_dropped}" for s in steps if s.events_dropped)

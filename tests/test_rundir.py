@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from server.cli import _claim_run_dir, main
 from shared.config import FedShopConfig, to_toml
@@ -22,7 +24,7 @@ LEDGER = HEADER + ("m0,1,1.1,0.25,4,0.5,1e-05,event,rdp,trained\n"
 def _finished_run(path: Path, config: FedShopConfig) -> Path:
     """A directory shaped like a finished 2-round run (ledger, metrics, report, adapter, config, references)."""
     (path / "adapter").mkdir(parents=True)
-    (path / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    save_file({"lora_A": torch.zeros(2, 2)}, path / "adapter" / "adapter_model.safetensors")  # resume reads it
     (path / "privacy.csv").write_text(LEDGER)
     (path / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "scope": "evaluate", "metrics": {}}) + "\n"
                                                 for r in (0, 1, 2)))

@@ -250,3 +250,47 @@ def test_the_world_is_built_once_per_process_and_again_when_its_data_changes(tmp
     path.write_text("\n".join(rows[:-6]) + "\n", encoding="utf-8")
     os.utime(path, ns=(1, 1))
     assert load_world(real) is not loaded and len(load_world(real).events) < len(loaded.events)
+
+
+def _few_event_shoppers_log(path: Path, fmt: str) -> Path:
+    """30 regular shoppers with 8 purchases each and 70 one-time customers (one purchase), items bought often."""
+    start = 1_700_000_000_000
+    visits = [(f"u{u}", k) for u in range(30) for k in range(8)] + [(f"u{u}", 0) for u in range(30, 100)]
+    if fmt == "transactions":
+        rows = ["customer_id,date,amount,sku"] + [
+            f"{user},2023-11-{1 + k:02d} 10:00:00,9.50,i{(int(user[1:]) + k) % 5}" for user, k in visits]
+    else:
+        rows = ["merchant_id,user_id,item_id,event,timestamp"] + [
+            f"m0,{user},i{(int(user[1:]) + k) % 5},purchase,{start + 86_400_000 * k}" for user, k in visits]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def _kept_shoppers(config: FedShopConfig) -> int:
+    return len(np.unique(load_real(config)[0].events.user_id))
+
+
+def test_default_cleaning_keeps_one_time_customers_of_a_transactions_log(tmp_path):
+    # Prepare: a CRM export where most customers bought once (a view is added beside each purchase: 2 events)
+    path = _few_event_shoppers_log(tmp_path / "sales.csv", "transactions")
+    config = FedShopConfig(**SMALL, data_path=str(path), partition="iid", public_fraction=0.1)
+    # Execute / Assert: the by-task default keeps every customer; an explicit 5 still drops the one-time ones
+    assert config.min_shopper_events == 0
+    assert _kept_shoppers(config) == 100
+    assert _kept_shoppers(config.replace(min_shopper_events=5)) == 30
+
+
+def test_default_cleaning_stops_before_dropping_most_shoppers_and_names_the_key(tmp_path):
+    # Prepare: the same shoppers in an event log (not transactions), every task on
+    path = _few_event_shoppers_log(tmp_path / "events.csv", "canonical")
+    config = FedShopConfig(**SMALL, data_path=str(path), partition="iid", public_fraction=0.1)
+    # Execute / Assert: the default 5-event k-core would drop 70 of 100 shoppers: refused with the counts and keys
+    with pytest.raises(DataError) as refused:
+        load_real(config)
+    message = str(refused.value)
+    assert str(path) in message and "70 of 100 shoppers (70%)" in message
+    assert "min-shopper-events = 1" in message and "min-shopper-events = 5" in message
+    # either key decides; a churn-only run keeps one-event shoppers by default
+    assert _kept_shoppers(config.replace(min_shopper_events=1)) == 100
+    assert _kept_shoppers(config.replace(min_shopper_events=5)) == 30
+    assert _kept_shoppers(config.replace(tasks="churn")) == 100
