@@ -481,10 +481,14 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    nested = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
-    if nested is not None:
+    nested: Any = data
+    for section in ("tool", "flwr", "app", "config"):  # a pyproject.toml's [tool.flwr.app.config]
+        nested = nested.get(section) if isinstance(nested, dict) else None
+    if isinstance(nested, dict):
         data = nested
     for key, value in data.items():
         if isinstance(value, dict):

@@ -137,3 +137,14 @@ def test_a_run_config_is_parsed_once_and_still_refuses_a_bad_value():
     assert first is again and first == FedShopConfig()
     with pytest.raises(ConfigError, match="lora-r"):
         from_run_config({**flat, "lora-r": 0})
+
+
+def test_a_config_file_that_is_not_utf8_or_has_a_scalar_tool_key_is_refused_naming_the_file(tmp_path):
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"num-rounds = 3\n\xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"binary\.toml: not UTF-8 text"):
+        load_config(binary)
+    scalar = tmp_path / "scalar.toml"
+    scalar.write_text("tool = 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"'tool'"):
+        load_config(scalar)
