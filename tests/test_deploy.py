@@ -28,6 +28,13 @@ TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "noise-multip
 EVALUATE_METRIC = re.compile(r"^(num-examples|partition-id|(intent|next|churn|price)-[a-z0-9@.\-]+)$")
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _deploy(args: list[str], log: Path, timeout_s: float, interrupt=None) -> int:
     """`fedshop deploy ARGS` as a user runs it; returns its exit code (-1: still running after `timeout_s`).
 
@@ -261,10 +268,11 @@ def test_ctrl_c_during_the_run_stops_every_process_it_started(tmp_path, tiny_bas
     seen: dict[int, int | None] = {}
 
     def ctrl_c_once_merchants_work(process):
-        seen.update({pid: start_time(pid) for pid in descendants(process.pid)})
-        log = run_dir / ".deploy" / "logs" / "flwr-run.log"
-        # the first messages are out: ClientApp processes run under the SuperNodes
-        return signal.SIGINT if log.is_file() and "configure_evaluate: Sampled" in log.read_text() else None
+        tree = descendants(process.pid)
+        seen.update({pid: start_time(pid) for pid in tree})
+        # the first messages are out: ClientApp processes run under the SuperNodes (the flwr run log is
+        # block-buffered, so its lines may come too late to wait for)
+        return signal.SIGINT if any("flwr-clientapp" in _cmdline(pid) for pid in tree) else None
 
     code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--set",
                     f"base-dir={tiny_base.base_dir}", "--run-dir", str(run_dir), "--no-progress"],
