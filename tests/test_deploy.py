@@ -42,8 +42,11 @@ def _deploy(args: list[str], log: Path, timeout_s: float, interrupt=None) -> int
     (a user's Ctrl-C). On a timeout or a failing test, SIGTERM (which the command turns into stopping everything it
     started), then SIGKILL by PID whatever of its tree is still running."""
     with log.open("w") as out:
+        # SIGINT back to its default first: a suite started in the background (`make test &`) ignores it, the
+        # ignoring is inherited, and Python then leaves it ignored, so the Ctrl-C test's signal would do nothing
         process = subprocess.Popen([sys.executable, "-m", "server.cli", "deploy", *args], cwd=ROOT, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tree: dict[int, int | None] = {}
     try:
         deadline = time.monotonic() + timeout_s
@@ -270,8 +273,7 @@ def test_ctrl_c_during_the_run_stops_every_process_it_started(tmp_path, tiny_bas
     def ctrl_c_once_merchants_work(process):
         tree = descendants(process.pid)
         seen.update({pid: start_time(pid) for pid in tree})
-        # the first messages are out: ClientApp processes run under the SuperNodes (the flwr run log is
-        # block-buffered, so its lines may come too late to wait for)
+        # the first messages are out: ClientApp processes run under the SuperNodes
         return signal.SIGINT if any("flwr-clientapp" in _cmdline(pid) for pid in tree) else None
 
     code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--set",
