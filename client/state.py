@@ -18,7 +18,7 @@ from pathlib import Path
 from shared.config import FedShopConfig
 from shared.dptrain import PrivacyState
 from shared.errors import UserError
-from shared.files import write_text_atomic
+from shared.files import reading, write_text_atomic
 from shared.privacy import load_history, save_history
 
 STATE_FILE = "privacy-state.json"
@@ -33,13 +33,11 @@ def load_own_state(path: Path, merchant: str, accountant: str) -> PrivacyState:
     """The merchant's history from its state file (a fresh state if the file does not exist yet)."""
     if not path.is_file():
         return PrivacyState()
-    try:
+    with reading(path, "a merchant privacy state (merchant, noise-multiplier, accountant-state): this merchant's "
+                 "record of its spent budget; restore it from a backup rather than deleting it"):
         saved = json.loads(path.read_text(encoding="utf-8"))
         owner, noise, state = saved["merchant"], saved["noise-multiplier"], saved["accountant-state"]
         history = load_history(json.dumps(state), accountant)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path}: not a readable merchant privacy state ({error}); it is this merchant's record of "
-                        "its spent budget, restore it from a backup rather than deleting it") from error
     if owner != merchant:
         raise UserError(f"{path} holds the privacy state of {owner}, not of {merchant}")
     return PrivacyState(noise_multiplier=noise, history=history)

@@ -106,7 +106,7 @@ def test_a_merchant_keeps_its_own_state_and_budget(tmp_path, tiny_config):
     with pytest.raises(UserError, match="privacy state of m1"):
         load_own_state(path, "m2", "rdp")
     path.write_text('{"merchant": "m1", "noise-multiplier": 0.5', encoding="utf-8")  # cut short by a crash
-    with pytest.raises(UserError, match="not a readable merchant privacy state"):
+    with pytest.raises(UserError, match="unreadable or corrupted .*expected a merchant privacy state"):
         load_own_state(path, "m1", "rdp")
 
     generous = tiny_config.replace(target_epsilon=50.0)
