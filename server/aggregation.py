@@ -1,6 +1,6 @@
 """Aggregation arithmetic for LoRA adapters, one `dict[str, np.ndarray]` per merchant (PEFT state-dict keys).
 
-Everything here is plain numpy on dicts: no Flower messages, no torch. The only Flower import is the pair of
+Everything here is plain numpy on dicts: no Flower messages, no torch arithmetic. The only Flower import is the pair of
 legacy numpy helpers `aggregate_median` and `aggregate_trimmed_avg` (`flwr.server.strategy.aggregate`), which
 `coordinate_median` and `trimmed_mean` wrap: they compute the per-coordinate median / trimmed mean over a list of
 ndarray lists, which is exactly what is needed once each dict is flattened in a fixed key order.
@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
+
+from shared.model import is_frozen_key
 
 Adapter = Mapping[str, np.ndarray]
 Arrays = dict[str, np.ndarray]
@@ -56,20 +58,28 @@ def weighted_mean(updates: Sequence[Adapter], weights: Sequence[float]) -> dict[
     return out
 
 
+FACTORS = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))  # PEFT's names: linear, embedding
+
+
 def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:
-    """(A key, B key) for every adapted layer, sorted by A key; ValueError naming any key without its partner."""
+    """(A key, B key) for every adapted layer, sorted by A key; ValueError naming any key without its partner.
+
+    A linear layer's delta is B·A (out x r, r x in); an embedding's is B·A as well (d x r, r x vocabulary: PEFT
+    names them lora_embedding_B and lora_embedding_A)."""
     keys = set(keys)
     pairs = []
-    for key in sorted(k for k in keys if "lora_A" in k):
-        partner = key.replace("lora_A", "lora_B")
-        if partner not in keys:
-            raise ValueError(f"{key} has no partner {partner}")
-        pairs.append((key, partner))
-    paired_b = {b for _, b in pairs}
-    orphans = sorted(k for k in keys if "lora_B" in k and k not in paired_b)
-    if orphans:
-        raise ValueError(f"{orphans[0]} has no partner {orphans[0].replace('lora_B', 'lora_A')}")
-    return pairs
+    for a_name, b_name in FACTORS:
+        for key in sorted(k for k in keys if a_name in k):
+            partner = key.replace(a_name, b_name)
+            if partner not in keys:
+                raise ValueError(f"{key} has no partner {partner}")
+            pairs.append((key, partner))
+    paired = {k for pair in pairs for k in pair}
+    for a_name, b_name in FACTORS:
+        orphans = sorted(k for k in keys if b_name in k and k not in paired)
+        if orphans:
+            raise ValueError(f"{orphans[0]} has no partner {orphans[0].replace(b_name, a_name)}")
+    return sorted(pairs)
 
 
 def svd_aggregate(adapters: Sequence[Adapter], weights: Sequence[float], scale: float, rank: int
@@ -118,13 +128,14 @@ def max_dropped_energy(dropped: Mapping[str, float]) -> float:
 
 
 def ffa_mean(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, np.ndarray]:
-    """FFA-LoRA: A is frozen and shared, so only the other keys (the B matrices) are weighted-averaged.
+    """FFA-LoRA: one factor of each layer is frozen and shared (`shared.model.is_frozen_key`: a linear layer's A, an
+    embedding's B), so only the other keys are weighted-averaged, and the mean of the products is exact.
 
-    Every lora_A tensor must be bit-identical (dtype, shape and bytes) to merchant 0's; it is returned as a copy of
+    Every frozen tensor must be bit-identical (dtype, shape and bytes) to merchant 0's; it is returned as a copy of
     that tensor. A ValueError names the key and merchant index of the first mismatch.
     """
     keys = _check_same_keys(adapters)
-    a_keys = [k for k in keys if "lora_A" in k]
+    a_keys = [k for k in keys if is_frozen_key(k, "ffa")]
     for key in a_keys:
         ref = np.asarray(adapters[0][key])
         for index, adapter in enumerate(adapters[1:], start=1):

@@ -49,10 +49,12 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, round:
     adapter_dir = run_dir / "adapter" if round is None else round_checkpoint(run_dir, round)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose a new directory")
-    if merge and "lm_head" in config.lora_target_list:
-        raise UserError(f"--merge: {run_dir} adapts lm_head, which T5 ties to its input embedding; folding that LoRA "
-                        "into the shared weight would change the input embeddings too. Export without --merge and "
-                        "load the adapter with PEFT on the base (`PeftModel.from_pretrained`)")
+    tied = [t for t in config.lora_target_list if t in ("lm_head", "embed")]
+    if merge and tied:
+        raise UserError(f"--merge: {run_dir} adapts {tied[0]}, which T5 ties to its other embeddings (input, output "
+                        "and decoder share one weight); folding that LoRA into the shared weight would change them "
+                        "all. Export without --merge and load the adapter with PEFT on the base "
+                        "(`PeftModel.from_pretrained`)")
     base_dir = Path(config.base_dir)
     if not (base_dir / "model.safetensors").is_file():
         raise UserError(f"the run's base directory {base_dir} is missing; the export needs it beside the adapter")

@@ -22,7 +22,7 @@ MODEL_SIZES = ("tiny", "small")
 ITEM_ID_CHOICES = ("token", "semantic")
 ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_UNITS = ("event", "shopper", "merchant")
-LORA_TARGET_CHOICES = ("q", "k", "v", "o", "wi", "wo", "lm_head")
+LORA_TARGET_CHOICES = ("q", "k", "v", "o", "wi", "wo", "lm_head", "embed")
 TASK_CHOICES = ("intent", "next-item", "churn", "price")
 AGGREGATIONS = ("fedavg", "ffa", "svd")
 ROBUST_CHOICES = ("none", "median", "trimmed-mean")
@@ -124,9 +124,12 @@ class FedShopConfig:
     lora_r: int = _spec(8, "LoRA rank", low=1, high=1024)
     lora_alpha: float = _spec(16.0, "LoRA alpha (update scale alpha / r)", low=0.0, low_open=True, high=1e4)
     lora_dropout: float = _spec(0.0, "dropout on the LoRA branch", low=0.0, high=1.0, high_open=True)
-    lora_targets: str = _spec("q,v", "comma-separated T5 linear layers LoRA adapts (lm_head: the output layer, which "
-                              "gives every item token r adaptable weights of its own; the input embeddings stay "
-                              "frozen)", choices=LORA_TARGET_CHOICES, multi=True)
+    lora_targets: str = _spec("q,v", "comma-separated T5 layers LoRA adapts: linear layers of the attention "
+                              "(q, k, v, o) and feed-forward (wi, wo); lm_head, the output layer, which gives every "
+                              "item token r "
+                              "adaptable output weights; embed, the encoder's input embedding, which gives every "
+                              "item token r adaptable input coordinates (how the model reads an item in a history or "
+                              "as an intent candidate)", choices=LORA_TARGET_CHOICES, multi=True)
     # --- federation ----------------------------------------------------------------------------------------
     num_rounds: int = _spec(3, "federated rounds", low=1, high=100_000)
     fraction_train: float = _spec(1.0, "fraction of merchants sampled for training each round", low=0.0,

@@ -13,9 +13,9 @@ Privacy bookkeeping, in order:
 4. Opacus's accountant starts from the stored history, so the epsilon reported after the round is the composition
    over every round this merchant took part in.
 
-The pieces are Opacus's own (`GradSampleModule` in hooks mode, `DPOptimizer`, an accountant hooked on the
-optimizer's step); only the batch sampler is fedshop's, because Opacus's Poisson loader samples examples, not
-shoppers.
+The pieces are Opacus's own (`GradSampleModule` in hooks mode, extended in `shared.lora_grad` to PEFT's LoRA
+embedding, `DPOptimizer`, an accountant hooked on the optimizer's step); only the batch sampler is fedshop's, because
+Opacus's Poisson loader samples examples, not shoppers.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from shared.config import FedShopConfig
+from shared.lora_grad import LoraGradSampleModule
 from shared.model import freeze_for, keep_item_rows
 from shared.modeling import Encoded, per_sample_loss
 from shared.privacy import History, PoissonSampler, PrivacyBudget, Uniform, accountant_for, history_of, records_of
@@ -163,7 +163,7 @@ def per_shopper_weight(owner: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.bincount(owner).to(torch.float32)[owner]
 
 
-def shopper_backward(private_model: GradSampleModule, trainable: list[torch.nn.Parameter], data: Encoded,
+def shopper_backward(private_model: LoraGradSampleModule, trainable: list[torch.nn.Parameter], data: Encoded,
                      idx: torch.Tensor, owner: torch.Tensor) -> float:
     """Leave in each trainable tensor's `grad_sample` one row per sampled shopper: the mean gradient of that
     shopper's examples in the batch (`owner[i]` is the shopper 0..G-1 of row `idx[i]`), which DP-SGD then clips as one
@@ -199,7 +199,7 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
     # With several examples per shopper, the loss is the sum over shoppers of their mean example loss, so the
     # per-row gradients Opacus computes ("sum" reduction) add up, per shopper, to that shopper's mean gradient.
     grouped = sampler.per_record > 1
-    private_model = GradSampleModule(model, batch_first=True, loss_reduction="sum" if grouped else "mean",
+    private_model = LoraGradSampleModule(model, batch_first=True, loss_reduction="sum" if grouped else "mean",
                                      strict=False)
     generator, reseed = _noise_generator(uniform)
     private_optimizer = DPOptimizer(optimizer, noise_multiplier=noise, max_grad_norm=config.max_grad_norm,

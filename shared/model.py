@@ -110,9 +110,13 @@ def check_adapter_dir(directory: Path) -> None:
     check_safetensors(directory / "adapter_model.safetensors", "the LoRA adapter's weights")
 
 
+EMBED_TARGET = "encoder.embed_tokens"  # `embed`: the encoder's input embedding (the decoder only reads its start token)
+
+
 def lora_config(config: FedShopConfig) -> LoraConfig:
+    targets = [EMBED_TARGET if t == "embed" else t for t in config.lora_target_list]
     return LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=config.lora_r, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout, target_modules=config.lora_target_list, bias="none")
+                      lora_dropout=config.lora_dropout, target_modules=targets, bias="none")
 
 
 def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int | None = None) -> PeftModel:
@@ -140,12 +144,16 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 
 
 def is_frozen_key(key: str, aggregation: str) -> bool:
-    """Whether the adapter tensor `key` stays at its shared initialisation under `aggregation` (FFA-LoRA: lora_A)."""
-    return aggregation == "ffa" and "lora_A" in key
+    """Whether the adapter tensor `key` stays at its shared initialisation under `aggregation`.
+
+    FFA-LoRA freezes the factor PEFT initialises at random and trains the one it initialises at zero: a linear
+    layer's lora_A (B starts at zero), and an embedding's lora_embedding_B (there A, the per-token coordinates,
+    starts at zero)."""
+    return aggregation == "ffa" and ("lora_A" in key or "lora_embedding_B" in key)
 
 
 def freeze_for(model: PeftModel, aggregation: str) -> None:
-    """Stop gradients on the tensors `aggregation` keeps frozen (ffa: every lora_A), so neither the optimizer nor
+    """Stop gradients on the tensors `aggregation` keeps frozen (`is_frozen_key`), so neither the optimizer nor
     Opacus sees them: DP-SGD then clips and noises B alone."""
     for name, parameter in model.named_parameters():
         if is_frozen_key(name, aggregation):
@@ -159,27 +167,33 @@ def uplink_state(model: PeftModel, aggregation: str) -> dict[str, torch.Tensor]:
 
 def item_rows(tokenizer, facts) -> list[int]:
     """Vocabulary rows of the items (their tokens, or with semantic ids the ids' code tokens): the only rows of an
-    `lm_head` LoRA that train (`keep_item_rows`)."""
+    `lm_head` or `embed` LoRA that train (`keep_item_rows`)."""
     tokens = list(facts.code_tokens) if facts.semantic else list(facts.item_ids)
     return sorted(set(tokenizer.convert_tokens_to_ids(tokens)))
 
 
 def keep_item_rows(model: PeftModel, rows: list[int] | None) -> None:
-    """Hold every row of the output layer's LoRA B except `rows` at zero (no-op without an lm_head LoRA or rows).
+    """Hold the LoRA weights of every vocabulary token except `rows` at zero: the rows of the output layer's
+    lora_B and the columns of the input embedding's lora_embedding_A (no-op without such a LoRA, or rows None).
 
-    The output layer's LoRA gives each vocabulary token its own weights; only the items' should move. The answer
-    tokens (yes/no) are shared by intent and churn, and under DP the noise on their rows shifts both tasks'
-    calibration without teaching either. Applied after every optimizer step: zeroing coordinates of a released
+    These two give each vocabulary token its own weights; only the items' should move. The other tokens (yes/no,
+    task words, categories, bands) are shared by every example, and under DP the noise on their weights shifts every
+    task's calibration without teaching any. Applied after every optimizer step: zeroing coordinates of a released
     (noised) update is post-processing, so it costs no privacy.
     """
     if rows is None:
         return
     for name, parameter in model.named_parameters():
         if "lm_head" in name and "lora_B" in name:
-            with torch.no_grad():
-                mask = torch.ones(parameter.shape[0], dtype=torch.bool)
-                mask[rows] = False
-                parameter[mask] = 0.0
+            token_dim = 0
+        elif "lora_embedding_A" in name:
+            token_dim = 1
+        else:
+            continue
+        with torch.no_grad():
+            mask = torch.ones(parameter.shape[token_dim], dtype=torch.bool)
+            mask[rows] = False
+            parameter.index_fill_(token_dim, torch.nonzero(mask).flatten(), 0.0)
 
 
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:

@@ -30,11 +30,10 @@ def lora_parameters(model) -> dict[str, torch.Tensor]:
 
 def assert_opacus_per_sample_gradients_exact(model, batch: Encoded) -> None:
     """Opacus' hooks-mode per-sample gradients of `batch` equal the gradients of one example at a time."""
-    from opacus import GradSampleModule
-
+    from shared.lora_grad import LoraGradSampleModule
     from shared.modeling import per_sample_loss
 
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    wrapped = LoraGradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     per_sample_loss(wrapped, batch.input_ids, batch.attention_mask, batch.target_ids).mean().backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     per_sample = {n: p.grad_sample.clone() for n, p in trainable}

@@ -79,6 +79,28 @@ def test_ffa_mean_of_b_equals_mean_of_products_and_keeps_a():
         ffa_mean(bad, weights)
 
 
+EMBED = "base_model.model.encoder.embed_tokens"
+
+
+def test_an_embedding_loras_factors_pair_and_ffa_averages_its_per_token_factor():
+    # PEFT names an embedding's factors lora_embedding_A (r x vocabulary, zero at init) and lora_embedding_B (d x r)
+    rng = np.random.default_rng(4)
+    a_key, b_key = f"{EMBED}.lora_embedding_A", f"{EMBED}.lora_embedding_B"
+    keys = [_a("q"), _b("q"), a_key, b_key]
+    assert lora_pairs(keys) == sorted([(_a("q"), _b("q")), (a_key, b_key)])
+    with pytest.raises(ValueError, match="lora_embedding_B has no partner"):
+        lora_pairs([b_key])
+    frozen_b = rng.normal(size=(12, 4))
+    adapters = [{a_key: rng.normal(size=(4, 30)), b_key: frozen_b} for _ in range(3)]
+    merged = ffa_mean(adapters, [1, 1, 2])
+    # ffa freezes the embedding's B: it comes back bit-identical, and B·mean(A) is the mean of the products
+    assert merged[b_key].tobytes() == frozen_b.tobytes()
+    expected = sum(w * frozen_b @ a[a_key] for w, a in zip([0.25, 0.25, 0.5], adapters))
+    np.testing.assert_allclose(merged[b_key] @ merged[a_key], expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="lora_embedding_B, merchant 1"):
+        ffa_mean([adapters[0], {**adapters[1], b_key: frozen_b + 1.0}], [1, 1])
+
+
 def test_svd_aggregate_is_exact_when_the_mean_has_rank_at_most_r():
     rng = np.random.default_rng(1)
     adapters = [_adapter(rng, b_rank=2) for _ in range(3)]  # mean of products: rank <= 6 <= r = 8

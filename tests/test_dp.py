@@ -174,3 +174,39 @@ def test_only_the_items_output_rows_move_under_dp():
     assert result.status == STATUS_TRAINED and others.any() and len(rows) == len(merchant.facts.item_ids)
     assert torch.count_nonzero(b[others]) == 0
     assert torch.count_nonzero(b[rows]) > 0
+
+
+def test_per_sample_gradients_are_exact_with_lora_on_the_input_embedding():
+    # PEFT keeps a LoRA embedding's tensors in ParameterDicts, which Opacus alone never hooks: shared.lora_grad does.
+    # A and B both non-zero and both trainable (fedavg), beside the linear layers' LoRA
+    model, tokenizer, merchant = tiny_lora_model(CONFIG.replace(lora_targets="q,v,lm_head,embed"), seed=3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:
+                p.normal_(0.0, 0.05)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"lora_embedding_A", "lora_embedding_B"} <= {n.split(".")[-2] for n in trainable}
+    assert_opacus_per_sample_gradients_exact(model, first(encode(merchant.train[:8], tokenizer), 4))
+
+
+def test_ffa_trains_only_the_items_input_coordinates_of_an_embedding_lora():
+    # Prepare: ffa freezes the embedding's random factor (lora_embedding_B) and trains its per-token one (A)
+    from shared.model import item_rows
+
+    config = CONFIG.replace(lora_targets="embed", aggregation="ffa", privacy_unit="shopper", examples_per_shopper=4,
+                            num_rounds=1, learning_rate=0.05)
+    model, tokenizer, merchant = tiny_lora_model(config, seed=5)
+    b_before = next(p for n, p in model.named_parameters() if "lora_embedding_B" in n).detach().clone()
+    rows = item_rows(tokenizer, merchant.facts)
+    # Execute
+    result = train_round(model, encode(merchant.train, tokenizer), config, PrivacyState(), seed=8,
+                         owners=[e.user_id for e in merchant.train], output_rows=rows)
+    # Assert: B is bit-identical, A's non-item columns are exactly zero and its item columns moved
+    named = dict(model.named_parameters())
+    a = next(p for n, p in named.items() if "lora_embedding_A" in n).detach()
+    b = next(p for n, p in named.items() if "lora_embedding_B" in n).detach()
+    others = torch.ones(a.shape[1], dtype=torch.bool)
+    others[rows] = False
+    assert result.status == STATUS_TRAINED and result.epsilon <= config.target_epsilon
+    assert torch.equal(b, b_before)
+    assert torch.count_nonzero(a[:, others]) == 0 and torch.count_nonzero(a[:, rows]) > 0

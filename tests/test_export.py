@@ -255,18 +255,19 @@ def test_predict_price_curve_and_churn_risk_agree_with_the_intent_and_churn_head
         predictor.predict_file(bad, "churn", 1, False)
 
 
-def test_merging_an_lm_head_adapter_into_the_tied_base_is_refused(tmp_path):
-    # Prepare: a run directory whose config adapts lm_head (tied to the input embedding in T5)
+@pytest.mark.parametrize("targets", ["lm_head", "q,v,embed"])
+def test_merging_an_adapter_of_a_tied_embedding_into_the_base_is_refused(tmp_path, targets):
+    # Prepare: a run directory whose config adapts lm_head or the encoder's embedding (one tied weight in T5)
     from server.export import export_run
     from shared.config import FedShopConfig, to_toml
     from shared.errors import UserError
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.toml").write_text(to_toml(FedShopConfig(lora_targets="lm_head")), encoding="utf-8")
+    (run / "config.toml").write_text(to_toml(FedShopConfig(lora_targets=targets)), encoding="utf-8")
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")  # never read: the refusal comes first
     # Execute / Assert: refused with the reason, before anything is written
-    with pytest.raises(UserError, match="ties to its input embedding"):
+    with pytest.raises(UserError, match=f"adapts {targets.split(',')[-1]}, which T5 ties to its other embeddings"):
         export_run(run, tmp_path / "out", merge=True)
     assert not (tmp_path / "out").exists()
