@@ -100,7 +100,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     config, partition_id, model, tokenizer, data = _setup(msg, context)
     metrics = evaluate(model, tokenizer, data.test, data.facts, batch_size=config.eval_batch_size,
-                       baselines=fit_baselines(data.train, data.facts, data.popularity), tasks=config.task_list)
+                       baselines=fit_baselines(data.train, data.facts, data.popularity), tasks=config.task_list,
+                       precision=config.precision)
     shoppers = len({e.user_id for e in data.test})
     record = MetricRecord({**metrics, "num-examples": shoppers, "partition-id": partition_id})
     return Message(content=RecordDict({"metrics": record}), reply_to=msg)

@@ -259,8 +259,11 @@ class Predictor:
         """(H, items) probabilities over the catalogue, items already in the history set to 0."""
         import torch
 
-        logits = self.scorer.score_sources(self.model, self.tokenizer,
-                                           [f"next: {self._history_text(h)}" for h in histories], self.batch_size)
+        from shared.modeling import autocast
+
+        with autocast(self.config.precision):
+            logits = self.scorer.score_sources(self.model, self.tokenizer,
+                                               [f"next: {self._history_text(h)}" for h in histories], self.batch_size)
         for row, history in enumerate(histories):
             logits[row, [self.index[i] for i in history]] = -math.inf
         return torch.softmax(logits, dim=1)
@@ -279,9 +282,10 @@ class Predictor:
         """p("yes") / (p("yes") + p("no")) of each source (the evaluation's own scoring, batched)."""
         import torch
 
-        from shared.modeling import binary_probability
+        from shared.modeling import autocast, binary_probability
 
-        return torch.from_numpy(binary_probability(self.model, self.tokenizer, sources, self.batch_size)).float()
+        with autocast(self.config.precision):
+            return torch.from_numpy(binary_probability(self.model, self.tokenizer, sources, self.batch_size)).float()
 
 
 def check_price_level(level: float, where: str) -> None:

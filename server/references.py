@@ -120,7 +120,8 @@ def _evaluate(model, tokenizer, d: MerchantData, config: FedShopConfig, tasks: l
               baselines: bool = False) -> tuple[dict[str, float], Outputs]:
     fitted = fit_baselines(d.train, d.facts, d.popularity) if baselines else None
     metrics, outputs = evaluate_with_outputs(model, tokenizer, d.test, d.facts, batch_size=config.eval_batch_size,
-                                             tasks=tasks or config.task_list, baselines=fitted)
+                                             tasks=tasks or config.task_list, baselines=fitted,
+                                             precision=config.precision)
     metrics["num-examples"] = float(len({e.user_id for e in d.test}))
     return metrics, outputs
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from shared.errors import UserError
 
-MODEL_SIZES = ("tiny", "small")
+MODEL_SIZES = ("tiny", "small", "t5-small")  # shared.model.PRESETS
 ITEM_ID_CHOICES = ("token", "semantic")
 ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_UNITS = ("event", "shopper", "merchant")
@@ -205,6 +205,10 @@ class FedShopConfig:
                                 "it, not by the partition-id they report (empty = the reported partition-id)")
     progress: bool = _spec(True, "show a progress line per round")
     torch_threads: int = _spec(1, "torch intra-op threads per merchant process", low=1, high=256)
+    precision: str = _spec("fp32", "arithmetic of the model's forward passes in training and evaluation (merchants, "
+                           "pretraining, reference runs, predict): fp32, or bf16 (autocast: matmuls in bfloat16, "
+                           "weights, losses and the clipped, noised DP gradients stay float32)",
+                           choices=("fp32", "bf16"))
 
     def __post_init__(self) -> None:
         """Combinations of keys that fedshop refuses (each key on its own was checked by `from_mapping`)."""

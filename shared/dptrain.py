@@ -116,7 +116,7 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     if not config.local_dp:
-        loss = _train_plain(model, data, optimizer, sampler, steps, output_rows)
+        loss = _train_plain(model, data, optimizer, sampler, steps, output_rows, config.precision)
         return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, 0.0, math.inf, config.target_delta, loss)
     admitted = admit(state, len(records), config)
     noise = state.noise_multiplier
@@ -138,7 +138,7 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
 
 
 def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.Optimizer, sampler: PoissonSampler,
-                 steps: int, output_rows: list[int] | None) -> float:
+                 steps: int, output_rows: list[int] | None, precision: str) -> float:
     """The non-private comparison: the same sampler and number of steps, no clipping, no noise."""
     model.train()
     losses = []
@@ -148,8 +148,9 @@ def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.O
             continue
         idx, owner_t = torch.from_numpy(rows), torch.from_numpy(owner)
         weight = per_shopper_weight(owner_t) / (int(owner_t.max()) + 1)
-        loss = (per_sample_loss(model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx])
-                * weight).sum()  # the mean over records of their mean example loss (one example each: the mean)
+        # the mean over records of their mean example loss (one example each: the mean)
+        loss = (per_sample_loss(model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx],
+                                precision) * weight).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -164,17 +165,18 @@ def per_shopper_weight(owner: torch.Tensor) -> torch.Tensor:
 
 
 def shopper_backward(private_model: LoraGradSampleModule, trainable: list[torch.nn.Parameter], data: Encoded,
-                     idx: torch.Tensor, owner: torch.Tensor) -> float:
+                     idx: torch.Tensor, owner: torch.Tensor, precision: str = "fp32") -> float:
     """Leave in each trainable tensor's `grad_sample` one row per sampled shopper: the mean gradient of that
     shopper's examples in the batch (`owner[i]` is the shopper 0..G-1 of row `idx[i]`), which DP-SGD then clips as one
     vector. `private_model` must use the "sum" loss reduction. Returns the batch's mean example loss."""
     shoppers = int(owner.max()) + 1
     weight = per_shopper_weight(owner)
-    loss = per_sample_loss(private_model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx])
+    loss = per_sample_loss(private_model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx],
+                           precision)
     (loss * weight).sum().backward()  # per-row gradients, each already divided by its shopper's count
-    for p in trainable:
-        p.grad_sample = torch.zeros((shoppers, *p.shape), dtype=p.grad_sample.dtype).index_add_(0, owner,
-                                                                                               p.grad_sample)
+    for p in trainable:  # summed in float32 (the grad samples of a bf16 forward are bfloat16)
+        p.grad_sample = torch.zeros((shoppers, *p.shape), dtype=p.dtype).index_add_(0, owner,
+                                                                                    p.grad_sample.to(p.dtype))
     return float(loss.detach().mean())
 
 
@@ -219,11 +221,14 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
                 for p in trainable:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
             elif grouped:
-                losses.append(shopper_backward(private_model, trainable, data, idx, torch.from_numpy(owner)))
+                losses.append(shopper_backward(private_model, trainable, data, idx, torch.from_numpy(owner),
+                                               config.precision))
             else:
                 loss = per_sample_loss(private_model, data.input_ids[idx], data.attention_mask[idx],
-                                       data.target_ids[idx]).mean()
+                                       data.target_ids[idx], config.precision).mean()
                 loss.backward()
+                for p in trainable:  # Opacus clips in the grad samples' dtype: clip and noise in float32
+                    p.grad_sample = p.grad_sample.to(p.dtype)
                 losses.append(float(loss.detach()))
             if reseed:
                 generator.manual_seed(uniform.seed())

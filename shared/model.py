@@ -24,6 +24,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=1),
     # the demo: sized so that pretraining and a DP federation fit in minutes on 2 CPU cores
     "small": dict(d_model=128, d_ff=384, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=2),
+    # the shape of Google's t5-small (about 35 M weights besides the embeddings): for machines that can afford it
+    "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, num_decoder_layers=6),
 }
 BASE_META = "fedshop_base.json"
 

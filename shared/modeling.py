@@ -53,6 +53,14 @@ def encode(examples: list[Example], tokenizer: PreTrainedTokenizerFast) -> Encod
     return Encoded(batch["input_ids"], batch["attention_mask"], targets)
 
 
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    """The context of a forward pass at `precision` (config key `precision`): bf16 is torch's autocast (matmuls in
+    bfloat16, weights and the float32 results kept), fp32 does nothing. Backward passes run outside it."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def first_step_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits of the first decoder step, (B, vocab): all a one-token target (yes/no, an item token) needs."""
     start = torch.full((input_ids.shape[0], 1), model_start_token(model), dtype=torch.long)
@@ -73,16 +81,20 @@ def model_start_token(model: nn.Module) -> int:
 
 
 def per_sample_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    target_ids: torch.Tensor) -> torch.Tensor:
+                    target_ids: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Negative log-likelihood of each example's target, shape (B,): the cross-entropy of its one token, or the sum
-    over the tokens of a longer target (a semantic item id: -log P(item), on the scale of a one-token item)."""
+    over the tokens of a longer target (a semantic item id: -log P(item), on the scale of a one-token item).
+    The forward pass runs at `precision` (`autocast`); the loss is float32."""
     if target_ids.shape[1] == 1:
-        logits = first_step_logits(model, input_ids, attention_mask)
-        return nn.functional.cross_entropy(logits, target_ids[:, 0], reduction="none")
+        with autocast(precision, input_ids.device):
+            logits = first_step_logits(model, input_ids, attention_mask)
+        return nn.functional.cross_entropy(logits.float(), target_ids[:, 0], reduction="none")
     start = torch.full((input_ids.shape[0], 1), model_start_token(model), dtype=torch.long)
     previous = target_ids[:, :-1].masked_fill(target_ids[:, :-1] == IGNORE, int(model_config(model).pad_token_id))
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   decoder_input_ids=torch.cat([start, previous], dim=1)).logits  # (B, T, V), causal decoder
+    with autocast(precision, input_ids.device):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       decoder_input_ids=torch.cat([start, previous], dim=1)).logits  # (B, T, V), causal decoder
+    logits = logits.float()
     token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), target_ids, ignore_index=IGNORE,
                                              reduction="none")
     return token_loss.sum(1)
@@ -150,7 +162,7 @@ class ItemScorer:
     @torch.no_grad()
     def scores(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if not self.semantic:
-            return first_step_logits(model, input_ids, attention_mask)[:, self.items]
+            return first_step_logits(model, input_ids, attention_mask)[:, self.items].float()
         from transformers.modeling_outputs import BaseModelOutput
 
         hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -182,7 +194,7 @@ def binary_probability(model: nn.Module, tokenizer: PreTrainedTokenizerFast, sou
     out = []
     for start in range(0, len(sources), batch_size):
         batch = tokenizer(sources[start:start + batch_size], padding=True, return_tensors="pt")
-        logits = first_step_logits(model, batch["input_ids"], batch["attention_mask"])
+        logits = first_step_logits(model, batch["input_ids"], batch["attention_mask"]).float()
         out.append(torch.sigmoid(logits[:, yes] - logits[:, no]).double().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
@@ -194,7 +206,8 @@ def with_level(source: str, level: float) -> str:
 
 def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: list[Example], facts: CatalogueFacts,
              *, batch_size: int = 256, baselines: Baselines | None = None,
-             tasks: list[str] | tuple[str, ...] = ("intent", "next-item", "churn", "price")) -> dict[str, float]:
+             tasks: list[str] | tuple[str, ...] = ("intent", "next-item", "churn", "price"), precision: str = "fp32"
+             ) -> dict[str, float]:
     """Task metrics of the model on `examples`, with the baselines and the Bayes oracle beside them.
 
     intent and churn: AUC, log-loss and expected calibration error of p(yes)/(p(yes)+p(no)); next-item: rank of the
@@ -204,15 +217,23 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: lis
     given. `evaluate_with_outputs` also returns the per-example outputs behind these figures.
     """
     return evaluate_with_outputs(model, tokenizer, examples, facts, batch_size=batch_size, baselines=baselines,
-                                 tasks=tasks)[0]
+                                 tasks=tasks, precision=precision)[0]
 
 
 @torch.no_grad()
 def evaluate_with_outputs(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: list[Example],
                           facts: CatalogueFacts, *, batch_size: int = 256, baselines: Baselines | None = None,
                           tasks: list[str] | tuple[str, ...] = ("intent", "next-item", "churn", "price"),
-                          ) -> tuple[dict[str, float], Outputs]:
-    """`evaluate`'s metrics and the per-example outputs they are computed from (model and baselines)."""
+                          precision: str = "fp32") -> tuple[dict[str, float], Outputs]:
+    """`evaluate`'s metrics and the per-example outputs they are computed from (model and baselines); the model's
+    forward passes run at `precision` (`autocast`), its scores are read as float32."""
+    with autocast(precision):
+        return _evaluate_with_outputs(model, tokenizer, examples, facts, batch_size, baselines, tasks)
+
+
+def _evaluate_with_outputs(model: nn.Module, tokenizer: PreTrainedTokenizerFast, examples: list[Example],
+                           facts: CatalogueFacts, batch_size: int, baselines: Baselines | None,
+                           tasks: list[str] | tuple[str, ...]) -> tuple[dict[str, float], Outputs]:
     model.eval()
     out: dict[str, float] = {}
     outputs = Outputs()

@@ -113,7 +113,7 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
             idx = order[step * config.pretrain_batch_size:(step + 1) * config.pretrain_batch_size]
             width = int(train.attention_mask[idx].sum(1).max())  # drop columns that are padding in the whole batch
             losses = per_sample_loss(model, train.input_ids[idx, :width], train.attention_mask[idx, :width],
-                                     train.target_ids[idx])
+                                     train.target_ids[idx], config.precision)
             loss = (weight[idx] * losses).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -123,7 +123,7 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
             total += float(loss.detach())
         log.info("pretrain epoch %d/%d: loss %.4f", epoch + 1, config.pretrain_epochs, total / steps_per_epoch)
     metrics = evaluate(model, tokenizer, public.valid, public.facts, batch_size=config.eval_batch_size,
-                       tasks=config.task_list)
+                       tasks=config.task_list, precision=config.precision)
     metrics["pretrain-seconds"] = time.perf_counter() - started
     meta = {
         "model-size": config.model_size, "seed": config.seed, "trained-on": "public platform split (no DP)",

@@ -210,3 +210,49 @@ def test_ffa_trains_only_the_items_input_coordinates_of_an_embedding_lora():
     assert result.status == STATUS_TRAINED and result.epsilon <= config.target_epsilon
     assert torch.equal(b, b_before)
     assert torch.count_nonzero(a[:, others]) == 0 and torch.count_nonzero(a[:, rows]) > 0
+
+
+def test_a_bf16_forward_gives_float32_shopper_gradients_close_to_the_fp32_ones(setup):
+    # Prepare: the same 7 rows of 3 shoppers, LoRA B non-zero, once at fp32 and once with the bf16 forward
+    from shared.dptrain import shopper_backward
+    from shared.lora_grad import LoraGradSampleModule
+
+    model, _, _, data = setup
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    idx, owner = torch.tensor([0, 5, 1, 2, 9, 7, 3]), torch.tensor([0, 1, 0, 1, 2, 1, 1])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        wrapped = LoraGradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+        # Execute
+        shopper_backward(wrapped, trainable, data, idx, owner, precision)
+        rows[precision] = [p.grad_sample.clone() for p in trainable]
+        for p in trainable:
+            p.grad_sample, p.grad = None, None
+        wrapped._close()
+    # Assert: Opacus clips and noises float32 rows (bf16 norms would let a clipped row exceed C by ~0.4 %), and
+    # each shopper's whole gradient (what clipping sees) points where the fp32 one does: bfloat16's 8-bit mantissa
+    # through the layers gave 3-7 % relative error per tensor, cosine >= 0.997 (a tensor whose exact gradient is 0,
+    # the decoder's one-position self-attention q, gets bf16 rounding noise of norm 1e-6)
+    assert all(b.dtype == torch.float32 and b.shape == a.shape for a, b in zip(rows["fp32"], rows["bf16"]))
+    fp32, bf16 = (torch.cat([g.reshape(3, -1) for g in rows[p]], dim=1) for p in ("fp32", "bf16"))
+    assert ((bf16 - fp32).norm(dim=1) <= 0.1 * fp32.norm(dim=1)).all()
+    assert (torch.nn.functional.cosine_similarity(bf16, fp32, dim=1) >= 0.99).all()
+    assert not all(torch.equal(a, b) for a, b in zip(rows["fp32"], rows["bf16"], strict=True))  # bf16 really ran
+    model.zero_grad(set_to_none=True)
+
+
+def test_evaluation_in_bf16_keeps_the_fp32_metrics():
+    from shared.modeling import evaluate
+
+    model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=2)
+    kept = {}
+    for precision in ("fp32", "bf16"):
+        kept[precision] = evaluate(model, tokenizer, merchant.test, merchant.facts, precision=precision,
+                                   tasks=("intent", "next-item"))
+    assert abs(kept["bf16"]["intent-auc"] - kept["fp32"]["intent-auc"]) <= 0.03
+    assert abs(kept["bf16"]["next-mrr"] - kept["fp32"]["next-mrr"]) <= 0.03
+    assert kept["bf16"]["intent-logloss"] != kept["fp32"]["intent-logloss"]  # the bf16 forward really ran
