@@ -7,6 +7,8 @@ the server's initialisation, loaded from the message every round). The accountan
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -75,6 +77,7 @@ def _save_state(context: Context, config: FedShopConfig, merchant_id: str, state
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     config, partition_id, model, tokenizer, data = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     state = _load_state(context, config, merchant_name(context), server_round)
@@ -83,17 +86,17 @@ def train(msg: Message, context: Context) -> Message:
                          owners=[e.user_id for e in data.train], output_rows=item_rows(tokenizer, data.facts))
     _save_state(context, config, merchant_name(context), state)
     declined = result.status == STATUS_DECLINED
+    # declined: nothing trained, only the metrics travel (no update to clip, average or count)
+    arrays = {} if declined else {"arrays": ArrayRecord(uplink_state(model, config.aggregation))}
     metrics = MetricRecord({
         "num-examples": result.num_examples, "train-loss": 0.0 if declined else result.train_loss,
         "epsilon": result.epsilon, "delta": result.delta, "noise-multiplier": result.noise_multiplier,
         "sample-rate": result.sample_rate, "steps": result.steps, "declined": int(declined),
-        "partition-id": partition_id,
+        "partition-id": partition_id, "train-seconds": result.train_seconds,
+        "message-seconds": time.perf_counter() - started,  # the handler from entry to the reply's contents
     })
     privacy = ConfigRecord(PrivacyBudget.for_merchants(config).reply_fields())  # what the ledger row names
-    if declined:  # nothing trained: only the metrics travel (no update to clip, average or count)
-        return Message(content=RecordDict({"metrics": metrics, PRIVACY_RECORD: privacy}), reply_to=msg)
-    arrays = ArrayRecord(uplink_state(model, config.aggregation))
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics, PRIVACY_RECORD: privacy}), reply_to=msg)
+    return Message(content=RecordDict({**arrays, "metrics": metrics, PRIVACY_RECORD: privacy}), reply_to=msg)
 
 
 @app.evaluate()

@@ -93,6 +93,31 @@ def aggregation_lines(config: FedShopConfig, trains: list[dict]) -> list[str]:
     return lines
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def timing_lines(trains: list[dict]) -> list[str]:
+    """Where a train round's wall time goes, from `round-seconds` and each trained merchant's `train-seconds` /
+    `message-seconds` ([] for a run recorded before these existed)."""
+    rounds = [t for t in trains if math.isfinite(number(t["metrics"].get("round-seconds")))]
+    if not rounds:
+        return []
+    merchants = [[m for m in t.get("merchants", {}).values() if not m.get("declined") and "train-seconds" in m]
+                 for t in rounds]
+    seconds = [number(t["metrics"]["round-seconds"]) for t in rounds]
+    trained = [m for ms in merchants for m in ms]
+    train = [number(m["train-seconds"]) for m in trained]
+    message = [number(m["message-seconds"]) for m in trained]
+    slowest = [max((number(m["train-seconds"]) for m in ms), default=0.0) for ms in merchants]
+    share = sum(slowest) / sum(seconds) if sum(seconds) > 0 else math.nan
+    return [f"- time per train round: {figure(_mean(seconds), 1)} s at the server (train messages sent to updates "
+            f"aggregated); per merchant that trained, {figure(_mean(message), 1)} s in its train handler, of which "
+            f"{figure(_mean(train), 1)} s in the training steps; training share {figure(100 * share, 0)}% = the "
+            f"slowest merchant's train-seconds / round-seconds, summed over {len(rounds)} round(s) (the rest: model "
+            "loading, encoding, messaging, scheduling and aggregation)"]
+
+
 # (key prefix, task title, explanation, [(column label, key suffix)])
 TASK_TABLES = (
     ("intent", "Purchase intent", "Does the shopper buy the viewed candidate at the offered price? The baseline is a "
@@ -304,6 +329,7 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
                      f"{figure(metrics.get('next-hr@10'))} | {figure(metrics.get('churn-auc'))} |")
     lines += ["", "## Aggregation", ""]
     lines += aggregation_lines(config, [trains[r] for r in sorted(trains)])
+    lines += timing_lines([trains[r] for r in sorted(trains)])
     lines += ["", "## Privacy", ""]
     lines += privacy_lines(config, ledger)
     lines += continuation_lines(run_dir.path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -54,6 +55,10 @@ from shared.rundir import STATUS_DECLINED, STATUS_RELEASED, RunDirectory
 log = logging.getLogger("fedshop")
 
 
+# train-reply metrics kept per merchant only: a mean weighted by num-examples means nothing for these
+PER_MERCHANT_ONLY = ("partition-id", "declined", "train-seconds", "message-seconds")
+
+
 class TooFewValidUpdates(RuntimeError):
     """A round whose rejected updates left fewer than `min-valid-merchants` valid ones: the run stops."""
 
@@ -79,8 +84,17 @@ class LedgerFedAvg(FedAvg):
         # which the ledger, the metrics and the merchants' seeds ("server-round") see
         self.round_offset = 0
         self.merchant_names = merchant_names(config)  # deployment with authentication: node id -> merchant
+        self._train_sent: float | None = None  # perf_counter when this round's train messages left (round-seconds)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        # Flower's start loop sends what this returns at once and hands the replies to aggregate_train: the round's
+        # wall time runs from here (the nodes already sampled) to the end of the aggregation
+        messages = list(self._train_messages(server_round, arrays, config, grid))
+        self._train_sent = time.perf_counter()
+        return messages
+
+    def _train_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         server_round += self.round_offset
         self._current = arrays
@@ -197,6 +211,7 @@ class LedgerFedAvg(FedAvg):
         summary: dict = {}
         arrays = metrics = None
         if rejected and len(valid) < self.config.min_valid_merchants:
+            self._stamp_round_seconds(summary)
             self.recorder.train_record(server_round, summary, merchants, trained, valid, rejected)
             reasons = "; ".join(f"{r['merchant']}: {r['reason']}" for r in rejected)
             raise TooFewValidUpdates(
@@ -214,10 +229,18 @@ class LedgerFedAvg(FedAvg):
                 merged, extra = self.merge(updates, weights)
             arrays = self._complete(merged)
             metrics = self.train_metrics_aggr_fn([msg.content for _, msg in valid], self.weighted_by_key)
-            summary.update({k: v for k, v in metrics.items() if k not in ("partition-id", "declined")})
+            summary.update({k: v for k, v in metrics.items() if k not in PER_MERCHANT_ONLY})
             summary.update(extra)
+        self._stamp_round_seconds(summary)
         self.recorder.train_record(server_round, summary, merchants, trained, valid, rejected)
         return arrays, metrics
+
+    def _stamp_round_seconds(self, summary: dict) -> None:
+        """`round-seconds`: wall time from sending this round's train messages to the aggregate (left out when
+        aggregate_train is called without configure_train)."""
+        if self._train_sent is not None:
+            summary["round-seconds"] = time.perf_counter() - self._train_sent
+            self._train_sent = None
 
     def _fixed_denominator(self, updates: list[Arrays]) -> Arrays:
         """current + (sum of the clipped updates) / m, m the expected number of merchants: every merchant weighs

@@ -21,6 +21,7 @@ Opacus's Poisson loader samples examples, not shoppers.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ class RoundResult:
     epsilon: float  # composed over all rounds so far (inf without DP)
     delta: float
     train_loss: float
+    # wall time of the step loop (under DP-SGD with Opacus wrapping the model for it), not of loading or encoding;
+    # 0.0 for a declined round
+    train_seconds: float = 0.0
 
 
 def schedule(num_records: int, config: FedShopConfig) -> tuple[float, int]:
@@ -116,8 +120,10 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     if not config.local_dp:
+        started = time.perf_counter()
         loss = _train_plain(model, data, optimizer, sampler, steps, output_rows, config.precision)
-        return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, 0.0, math.inf, config.target_delta, loss)
+        return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, 0.0, math.inf, config.target_delta, loss,
+                           train_seconds=time.perf_counter() - started)
     admitted = admit(state, len(records), config)
     noise = state.noise_multiplier
     assert noise is not None  # admit() calibrates it
@@ -126,15 +132,17 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
         return RoundResult(STATUS_DECLINED, 0, 0, sample_rate, noise, spent, config.target_delta, math.nan)
 
     model.train()
+    started = time.perf_counter()
     with warnings.catch_warnings():
         # Expected with a frozen base under Opacus hooks, and not actionable by a user: the hooks fire on module
         # outputs because the base's inputs need no gradient.
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         losses = _private_loop(model, trainable, optimizer, data, sampler, steps, len(records), config, state,
                                noise, uniform, output_rows)
+    train_seconds = time.perf_counter() - started
     epsilon = PrivacyBudget.for_merchants(config).spent(state.history)
     return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, noise, epsilon, config.target_delta,
-                       float(sum(losses) / max(1, len(losses))))
+                       float(sum(losses) / max(1, len(losses))), train_seconds=train_seconds)
 
 
 def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.Optimizer, sampler: PoissonSampler,

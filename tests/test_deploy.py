@@ -24,7 +24,7 @@ from shared.privacy import epsilon_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps",
-                 "declined", "partition-id"}
+                 "declined", "partition-id", "train-seconds", "message-seconds"}
 EVALUATE_METRIC = re.compile(r"^(num-examples|partition-id|(intent|next|churn|price)-[a-z0-9@.\-]+)$")
 
 

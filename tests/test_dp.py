@@ -80,6 +80,9 @@ def test_a_round_past_the_budget_is_declined_and_nothing_trains(setup):
     assert trained.status == STATUS_TRAINED and declined.status == STATUS_DECLINED
     assert state.history == history and declined.epsilon == trained.epsilon <= config.target_epsilon
     assert all(torch.equal(before[n], p) for n, p in lora_parameters(model).items())
+    # the step loop is timed when it runs (DP-SGD here, plain training below) and never for a declined round
+    plain = train_round(model, first(data, 16), config.replace(dp=False), PrivacyState(), seed=5)
+    assert trained.train_seconds > 0 and plain.train_seconds > 0 and declined.train_seconds == 0.0
 
 
 def test_empty_poisson_batches_still_take_a_noised_counted_step(setup):

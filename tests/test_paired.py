@@ -23,6 +23,7 @@ from shared.metrics import (
     weighted_auc,
 )
 from shared.outputs import Outputs, paired_comparison, paired_results, pool
+from shared.rundir import RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,6 +178,15 @@ def test_simulation_with_references_writes_paired_comparisons_and_the_report_use
     merchants = final["merchants"].values()
     hits = sum(m["next-hr@10"] * m["next-examples"] for m in merchants) / sum(m["next-examples"] for m in merchants)
     assert row["a"] == pytest.approx(hits, abs=1e-9)
+    # Assert: every train record is timed, and a merchant's training steps fit in its handler, which fits in the round
+    trains = [r for r in RunDirectory(run_dir).read_metrics() if r["scope"] == "train"]
+    assert len(trains) == 2
+    for record in trains:
+        round_seconds = record["metrics"]["round-seconds"]
+        assert round_seconds > 0 and set(record["merchants"]) == {"m0", "m1", "m2"}
+        for merchant in record["merchants"].values():
+            assert 0 < merchant["train-seconds"] <= merchant["message-seconds"] <= round_seconds
     report = (run_dir / "report.md").read_text()
+    assert "- time per train round: " in report and "slowest merchant's train-seconds / round-seconds" in report
     assert "local-only (each merchant alone, same DP budget)" in report
     assert f"(paired bootstrap over {row['shoppers']} test shoppers: on all {row['examples']} test examples" in report

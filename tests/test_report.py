@@ -2,7 +2,7 @@
 
 import json
 
-from server.report import REFERENCES_FILE, read_references, write_report
+from server.report import REFERENCES_FILE, read_references, timing_lines, write_report
 from shared.config import FedShopConfig
 from shared.metrics import binomial_se, compare, hanley_mcneil_se
 from shared.rundir import RunDirectory
@@ -69,3 +69,21 @@ def test_paired_results_decide_the_verdicts_they_cover_and_the_rest_stay_unpaire
     assert "  - level with local-only (each merchant alone, same DP budget) 0.790 ± " in report  # intent: unpaired
     assert "not the shopper-weighted mean" in report
     assert "| paired |" not in report and "paired" not in read_references(tmp_path)  # not a reference run
+
+
+def test_timing_line_gives_means_and_the_slowest_trainers_share_of_the_round():
+    # Prepare: two rounds of 10 s and 30 s; a declined merchant (no training) counts in neither mean nor share
+    def train(rnd: int, seconds: float, merchants: dict) -> dict:
+        return {"round": rnd, "scope": "train", "metrics": {"round-seconds": seconds}, "merchants": merchants}
+
+    trains = [train(1, 10.0, {"m0": {"declined": 0, "train-seconds": 2.0, "message-seconds": 4.0},
+                              "m1": {"declined": 0, "train-seconds": 6.0, "message-seconds": 8.0}}),
+              train(2, 30.0, {"m0": {"declined": 0, "train-seconds": 4.0, "message-seconds": 6.0},
+                              "m1": {"declined": 1, "train-seconds": 0.0, "message-seconds": 1.0}})]
+    # Execute
+    [line] = timing_lines(trains)
+    # Assert: means over rounds (20 s) and over trained merchant-rounds (6 s, 4 s); share (6 + 4) / (10 + 30)
+    assert line.startswith("- time per train round: 20.0 s at the server")
+    assert "6.0 s in its train handler, of which 4.0 s in the training steps" in line
+    assert "training share 25% = the slowest merchant's train-seconds / round-seconds, summed over 2 round(s)" in line
+    assert timing_lines([{"round": 1, "scope": "train", "metrics": {}, "merchants": {}}]) == []  # an older run
