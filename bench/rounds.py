@@ -1,6 +1,6 @@
 """Where a merchant's round goes: the message's parts, the cost of a DP step, bf16 against fp32, and the CPU's peak.
 
-    python bench/rounds.py --config configs/default.toml [--sizes small,t5-small] [--threads 2] [--write]
+    python bench/rounds.py --config configs/default.toml [--sizes t5-small] [--threads 2] [--simulate 4] [--write]
 
 Everything is measured in this one process, one after the other, on the config's first merchant:
 1. this machine's matmul peak (torch.mm of two 2048 x 2048 matrices, median of 5), fp32 and bf16;
@@ -13,6 +13,8 @@ Everything is measured in this one process, one after the other, on the config's
    the achieved FLOP/s as a share of the matmul peak.
 For each extra `--sizes` preset without a pretrained base (e.g. t5-small), step times use a randomly initialised
 base of that shape (speed does not depend on the weights) with `--small-batch` shoppers a step and one example each.
+With `--simulate N`, a real N-merchant simulation of the config (2 rounds, fp32 then bf16) gives the share of the
+round spent in training steps, from its own `metrics.jsonl`.
 The table goes to stdout and, with --write, to BENCHMARKS.md.
 """
 
@@ -107,7 +109,8 @@ def step_costs(config, data, tokenizer, encoded, base_factory, valid: bool) -> l
             result = train_round(model, encoded, run, state, seed=3, owners=owners,
                                  output_rows=item_rows(tokenizer, data.facts))
             seconds = time.perf_counter() - started
-            row = {"dp": dp, "precision": precision, "steps": result.steps, "ms": 1000 * seconds / result.steps,
+            row = {"dp": dp, "precision": precision, "steps": result.steps,
+                   "ms": 1000 * result.train_seconds / result.steps, "other": seconds - result.train_seconds,
                    "loss": result.train_loss}
             if valid:
                 metrics = evaluate(model, tokenizer, data.valid, data.facts, batch_size=run.eval_batch_size,
@@ -131,13 +134,29 @@ def step_flops(config, encoded, base_factory) -> float:
     return float(counter.get_total_flops()) * rows / len(idx)
 
 
+def simulated_rounds(config_path: str, merchants: int, precision: str) -> list[str]:
+    """The report's timing line of a real `fedshop simulate` of `merchants` x 2 rounds (no references)."""
+    import tempfile
+
+    from server.report import timing_lines
+    from shared.rundir import RunDirectory
+
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "server.cli", "simulate", "--config", config_path, "--run-dir", tmp,
+                   "--force", "--set", f"num-merchants={merchants}", "--set", "num-rounds=2", "--set",
+                   "references=none", "--set", f"precision={precision}", "--set", "torch-threads=1"]
+        subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+        return timing_lines([r for r in RunDirectory(tmp).read_metrics() if r.get("scope") == "train"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/default.toml")
     parser.add_argument("--sizes", default="", help="extra model-size presets for step times (e.g. t5-small)")
     parser.add_argument("--epochs", type=int, default=2, help="local epochs of the timed rounds")
-    parser.add_argument("--small-batch", type=int, default=8, help="shoppers a step for the extra presets")
+    parser.add_argument("--small-batch", type=int, default=32, help="shoppers a step for the extra presets")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--simulate", type=int, default=0, help="also time a real simulation of this many merchants")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -161,8 +180,9 @@ def main() -> None:
         "## Rounds: where a merchant's message goes (issue 14)",
         "",
         f"`python bench/rounds.py --config {args.config} --sizes {sizes} --epochs {args.epochs} "
-        f"--threads {args.threads} --write` ({time.strftime('%Y-%m-%d')}, {args.threads} threads, one process, "
-        f"the config's first merchant: {len(data.train)} training examples, {config.privacy_unit} unit).",
+        f"--threads {args.threads} --simulate {args.simulate} --write` ({time.strftime('%Y-%m-%d')}, "
+        f"{args.threads} threads, one process, the config's first merchant: {len(data.train)} training examples, "
+        f"{config.privacy_unit} unit).",
         "",
         f"Matmul peak (torch.mm 2048², median of 5): **fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s** "
         f"({peak16 / peak32:.1f}×).",
@@ -177,12 +197,15 @@ def main() -> None:
               f"Training steps on `{config.model_size}` ({args.epochs} local epochs, the config's batch: "
               f"{config.batch_size} shoppers × {config.examples_per_shopper} examples expected), each row from the "
               "same fresh LoRA and seed; metrics on the merchant's valid split after that one round:", "",
-              "| model | DP | precision | steps | ms / step | vs plain fp32 | train loss | intent AUC | next HR@10 | "
-              "churn AUC |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | DP | precision | steps | ms / step | vs plain fp32 | rest of the round, s | train loss | "
+              "intent AUC | next HR@10 | churn AUC |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in steps:
         lines.append(f"| {config.model_size} | {'yes' if r['dp'] else 'no'} | {r['precision']} | {r['steps']} | "
-                     f"{r['ms']:.0f} | {r['ms'] / plain32['ms']:.2f}× | {r['loss']:.3f} | {r['intent-auc']:.3f} | "
-                     f"{r['next-hr@10']:.3f} | {r['churn-auc']:.3f} |")
+                     f"{r['ms']:.0f} | {r['ms'] / plain32['ms']:.2f}× | {r['other']:.2f} | {r['loss']:.3f} | "
+                     f"{r['intent-auc']:.3f} | {r['next-hr@10']:.3f} | {r['churn-auc']:.3f} |")
+    lines += ["", "ms / step is the step loop's own time (`train-seconds` / steps; under DP it includes Opacus "
+              "wrapping the model once); \"rest of the round\" is the rest of `train_round`: under DP the "
+              "accountant's budget check before the round and its ε after it."]
     achieved = flops / (plain32["ms"] / 1000) / 1e9
     lines += ["", f"Plain fp32 step on `{config.model_size}`: {flops / 1e9:.2f} GFLOP (forward + backward of an "
               f"expected batch, FlopCounterMode) in {plain32['ms']:.0f} ms = **{achieved:.1f} GFLOP/s, "
@@ -191,15 +214,19 @@ def main() -> None:
         base32 = next(r for r in rows if not r["dp"] and r["precision"] == "fp32")
         lines += ["", f"`{size}` shape, randomly initialised (speed only), {small.batch_size} shoppers × 1 example "
                   f"a step expected, LoRA `{small.lora_targets}` r {small.lora_r}:", "",
-                  "| model | DP | precision | steps | ms / step | vs plain fp32 | train loss |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | DP | precision | steps | ms / step | vs plain fp32 | rest of the round, s | train loss |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {size} | {'yes' if r['dp'] else 'no'} | {r['precision']} | {r['steps']} | "
-                         f"{r['ms']:.0f} | {r['ms'] / base32['ms']:.2f}× | {r['loss']:.3f} |")
+                         f"{r['ms']:.0f} | {r['ms'] / base32['ms']:.2f}× | {r['other']:.2f} | {r['loss']:.3f} |")
         got = f / (base32["ms"] / 1000) / 1e9
         lines.append("")
         lines.append(f"Plain fp32 step: {f / 1e9:.2f} GFLOP in {base32['ms']:.0f} ms = {got:.1f} GFLOP/s, "
                      f"{100 * got / peak32:.0f} % of the fp32 peak.")
+    for precision in ("fp32", "bf16") if args.simulate else ():
+        lines += ["", f"`fedshop simulate --config {args.config}` with {args.simulate} merchants × 2 rounds, no "
+                  f"references, precision {precision}, one thread per merchant actor; the report's line:", "",
+                  *simulated_rounds(args.config, args.simulate, precision)]
     table = "\n".join(lines)
     print(table)
     if args.write:

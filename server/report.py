@@ -109,13 +109,14 @@ def timing_lines(trains: list[dict]) -> list[str]:
     trained = [m for ms in merchants for m in ms]
     train = [number(m["train-seconds"]) for m in trained]
     message = [number(m["message-seconds"]) for m in trained]
-    slowest = [max((number(m["train-seconds"]) for m in ms), default=0.0) for ms in merchants]
-    share = sum(slowest) / sum(seconds) if sum(seconds) > 0 else math.nan
+    share = sum(train) / sum(message) if sum(message) > 0 else math.nan
+    busy = sum(message) / sum(seconds) if sum(seconds) > 0 else math.nan
     return [f"- time per train round: {figure(_mean(seconds), 1)} s at the server (train messages sent to updates "
             f"aggregated); per merchant that trained, {figure(_mean(message), 1)} s in its train handler, of which "
-            f"{figure(_mean(train), 1)} s in the training steps; training share {figure(100 * share, 0)}% = the "
-            f"slowest merchant's train-seconds / round-seconds, summed over {len(rounds)} round(s) (the rest: model "
-            "loading, encoding, messaging, scheduling and aggregation)"]
+            f"{figure(_mean(train), 1)} s in the training steps: **training share {figure(100 * share, 0)}%** of "
+            f"the handlers' time (the rest: loading the base and the data, encoding, packing the reply), over "
+            f"{len(rounds)} round(s); handlers' seconds / round seconds = {figure(busy, 1)} (how many merchants "
+            "trained at once on average; what is left of the round is messaging, scheduling and aggregation)"]
 
 
 # (key prefix, task title, explanation, [(column label, key suffix)])

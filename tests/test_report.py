@@ -71,7 +71,7 @@ def test_paired_results_decide_the_verdicts_they_cover_and_the_rest_stay_unpaire
     assert "| paired |" not in report and "paired" not in read_references(tmp_path)  # not a reference run
 
 
-def test_timing_line_gives_means_and_the_slowest_trainers_share_of_the_round():
+def test_timing_line_gives_means_the_training_share_and_the_concurrency():
     # Prepare: two rounds of 10 s and 30 s; a declined merchant (no training) counts in neither mean nor share
     def train(rnd: int, seconds: float, merchants: dict) -> dict:
         return {"round": rnd, "scope": "train", "metrics": {"round-seconds": seconds}, "merchants": merchants}
@@ -82,8 +82,10 @@ def test_timing_line_gives_means_and_the_slowest_trainers_share_of_the_round():
                               "m1": {"declined": 1, "train-seconds": 0.0, "message-seconds": 1.0}})]
     # Execute
     [line] = timing_lines(trains)
-    # Assert: means over rounds (20 s) and over trained merchant-rounds (6 s, 4 s); share (6 + 4) / (10 + 30)
+    # Assert: means over rounds (20 s) and over trained merchant-rounds (6 s, 4 s); share (2 + 6 + 4) / (4 + 8 + 6);
+    # handlers' 18 s in 40 s of rounds
     assert line.startswith("- time per train round: 20.0 s at the server")
     assert "6.0 s in its train handler, of which 4.0 s in the training steps" in line
-    assert "training share 25% = the slowest merchant's train-seconds / round-seconds, summed over 2 round(s)" in line
+    assert "**training share 67%** of the handlers' time" in line and "over 2 round(s)" in line
+    assert "handlers' seconds / round seconds = 0.5" in line
     assert timing_lines([{"round": 1, "scope": "train", "metrics": {}, "merchants": {}}]) == []  # an older run
