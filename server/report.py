@@ -288,13 +288,17 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
                   "metrics, ledger and checkpoints run on over every part, each merchant's epsilon composes all of "
                   "them; the config above is the last part's, each earlier part's is `config-before-round-<N>.toml`.",
                   ""]
-    verdict = verdict_lines(final, start if last_round else {}, references, paired)
+    sampled = config.fraction_evaluate < 1  # round 0 and the last round scored different merchants
+    verdict = verdict_lines(final, start if last_round and not sampled else {}, references, paired)
     if verdict:
         lines += ["## In one look", ""] + verdict + ["", SE_WORDS, ""] + ([PAIRED_WORDS, ""] if paired else [])
     lines += [
         "## Test metrics (leave-last-out in time per shopper, weighted over merchants by test shoppers)", "",
         "Every scorer is evaluated on the same test examples; baselines are fitted on each merchant's training "
-        "examples only. Round 0 is the pretrained base before any federated training. ± is one standard error"
+        "examples only. Round 0 is the pretrained base before any federated training. "
+        + (f"With fraction-evaluate {config.fraction_evaluate:g} each round's evaluation is a fresh sample of "
+           "merchants: the model rows are the last round's sample, round 0 another one (no verdict compares them). "
+           if sampled else "") + "± is one standard error"
         + (" (see above). " if verdict else ". ")
         + ("Reference runs: " + ", ".join(REFERENCE_LABELS[k] for k in references) + "; see `references.json`."
            if references else "No reference runs (set references = \"local-only,centralised\")."), "",

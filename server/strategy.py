@@ -371,7 +371,8 @@ def build_strategy(run_dir: RunDirectory, config: FedShopConfig, initial: ArrayR
     latter wraps the former in Flower's server-side fixed clipping (`server.central_dp.MerchantLevelDP`), with noise
     calibrated to the merchant-level budget. `initial` is the adapter of round 1 (ffa keeps its A)."""
     ledger = STRATEGIES[config.aggregation](
-        run_dir, config, initial, fraction_train=config.fraction_train, fraction_evaluate=1.0, min_train_nodes=1,
+        run_dir, config, initial, fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=1,
         min_evaluate_nodes=1, min_available_nodes=config.num_merchants)
     if ledger.central is None:
         return ledger, ledger

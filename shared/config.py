@@ -134,6 +134,10 @@ class FedShopConfig:
     num_rounds: int = _spec(3, "federated rounds", low=1, high=100_000)
     fraction_train: float = _spec(1.0, "fraction of merchants sampled for training each round", low=0.0,
                                   low_open=True, high=1.0)
+    fraction_evaluate: float = _spec(1.0, "fraction of merchants sampled for each round's federated evaluation (round "
+                                     "0 included): below 1 every round scores a fresh sample, so the report gives no "
+                                     "verdict against round 0 (for runs of many merchants)", low=0.0, low_open=True,
+                                     high=1.0)
     local_epochs: int = _spec(1, "local epochs per round (in expected Poisson batches)", low=1, high=1000)
     batch_size: int = _spec(64, "expected batch size of Poisson sampling", low=1, high=65536)
     learning_rate: float = _spec(2e-3, "merchant learning rate (AdamW on LoRA tensors)", low=0.0, low_open=True,

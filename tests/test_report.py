@@ -89,3 +89,20 @@ def test_timing_line_gives_means_the_training_share_and_the_concurrency():
     assert "**training share 67%** of the handlers' time" in line and "over 2 round(s)" in line
     assert "handlers' seconds / round seconds = 0.5" in line
     assert timing_lines([{"round": 1, "scope": "train", "metrics": {}, "merchants": {}}]) == []  # an older run
+
+
+def test_with_sampled_evaluation_no_verdict_compares_round_0_with_the_last_round(tmp_path):
+    # Prepare: the same records as a full evaluation would give, but each round scored a sample of merchants
+    run_dir = RunDirectory(tmp_path)
+    config = FedShopConfig(fraction_evaluate=0.5)
+    run_dir.start(config)
+    run_dir.append_metrics(_record(0, **{"intent-auc": 0.6, "next-hr@10": 0.1}))
+    run_dir.append_metrics(_record(2, **{"intent-auc": 0.8, "next-hr@10": 0.4, "next-popularity-hr@10": 0.2}))
+    # Execute
+    write_report(run_dir, config, {})
+    report = (tmp_path / "report.md").read_text()
+    # Assert: the round-0 row is still in the table, but says what it is and no verdict uses it
+    assert "With fraction-evaluate 0.5 each round's evaluation is a fresh sample of merchants" in report
+    assert "| base alone (round 0) | 0.600 ± " in report
+    assert "the base alone (round 0)" not in report.split("## Test metrics")[0]
+    assert "  - beats popularity 0.200 ± " in report  # the other verdicts stay
