@@ -54,8 +54,9 @@ def encode(examples: list[Example], tokenizer: PreTrainedTokenizerFast) -> Encod
 
 
 def autocast(precision: str, device: torch.device | str = "cpu"):
-    """The context of a forward pass at `precision` (config key `precision`): bf16 is torch's autocast (matmuls in
-    bfloat16, weights and the float32 results kept), fp32 does nothing. Backward passes run outside it."""
+    """The context of a forward pass at `precision` (config key `precision`): bf16 is torch's autocast (matmuls run
+    in bfloat16 on bfloat16 copies, the weights stay float32; callers read the logits as float32), fp32 does
+    nothing. Backward passes run outside it."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
