@@ -37,7 +37,7 @@ from shared.data import merchant_data  # noqa: E402
 from shared.dptrain import PrivacyState, calibrate, records_for, train_round  # noqa: E402
 from shared.model import add_lora, build_base, item_rows, load_base  # noqa: E402
 from shared.modeling import encode, evaluate, per_sample_loss  # noqa: E402
-from shared.sources import _WORLDS, load_world  # noqa: E402
+from shared.sources import clear_world_cache, load_world  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def import_seconds() -> float:
 def message_parts(config) -> tuple[list[tuple[str, float]], object, object, object]:
     """Seconds of each part of one train message (and evaluation), as the ClientApp runs them."""
     parts = [("import the ClientApp (fresh interpreter, once per actor)", import_seconds())]
-    _WORLDS.clear()
+    clear_world_cache()
     world, seconds = timed(lambda: load_world(config))
     merchant = world.merchant_ids[0]
     data, more = timed(lambda: merchant_data(config, merchant, world))

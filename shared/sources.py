@@ -94,6 +94,11 @@ WORLDS_KEPT = 2
 _WORLDS: dict[tuple, SyntheticData] = {}
 
 
+def clear_world_cache() -> None:
+    """Forget the worlds `load_world` kept in this process (the next call builds its world again)."""
+    _WORLDS.clear()
+
+
 def load_options(config: FedShopConfig) -> LoadOptions:
     kind, column = parse_partition(config.partition)
     return LoadOptions(data_format=config.data_format, item_properties_path=config.item_properties_path,
