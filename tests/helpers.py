@@ -20,6 +20,16 @@ def tiny_lora_model(config: FedShopConfig, seed: int = 0):
     return model, tokenizer, merchant
 
 
+def nonzero_lora(model, *factors: str) -> None:
+    """Draw the LoRA tensors whose names hold any of `factors` (default: every lora_B, zero at PEFT's init) from
+    N(0, 0.05), so that every LoRA tensor has a non-zero gradient."""
+    factors = factors or ("lora_B",)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(f in name for f in factors):
+                p.normal_(0.0, 0.05)
+
+
 def first(encoded: Encoded, n: int) -> Encoded:
     return Encoded(encoded.input_ids[:n], encoded.attention_mask[:n], encoded.target_ids[:n])
 

@@ -12,11 +12,19 @@ from shared.config import FedShopConfig
 from shared.dptrain import STATUS_DECLINED, STATUS_TRAINED, PrivacyState, schedule, train_round
 from shared.modeling import encode, per_sample_loss
 from shared.privacy import epsilon_of
-from tests.helpers import assert_opacus_per_sample_gradients_exact, first, lora_parameters, tiny_lora_model
+from tests.helpers import (
+    assert_opacus_per_sample_gradients_exact,
+    first,
+    lora_parameters,
+    nonzero_lora,
+    tiny_lora_model,
+)
 
 CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,
                        num_items=40, num_categories=4, history_length=6, batch_size=16, num_rounds=2,
                        lora_targets="q,v,o,wi", target_epsilon=4.0)
+# 7 training rows (idx) of 3 sampled shoppers (owner: 2, 4 and 1 rows), as a grouped DP step sees them
+SHOPPER_ROWS = (torch.tensor([0, 5, 1, 2, 9, 7, 3]), torch.tensor([0, 1, 0, 1, 2, 1, 1]))
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +112,8 @@ def test_a_shoppers_examples_give_one_row_their_mean_gradient(setup):
     from shared.dptrain import shopper_backward
 
     model, _, _, data = setup
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    idx = torch.tensor([0, 5, 1, 2, 9, 7, 3])
-    owner = torch.tensor([0, 1, 0, 1, 2, 1, 1])
+    nonzero_lora(model)
+    idx, owner = SHOPPER_ROWS
     trainable = [p for p in model.parameters() if p.requires_grad]
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
     # Execute
@@ -151,10 +155,7 @@ def test_several_examples_per_shopper_keep_the_shopper_epsilon(setup):
 def test_hooks_per_sample_gradients_are_exact_with_lora_on_the_output_layer():
     # lm_head (tied to the input embedding) as a LoRA target, B non-zero: Opacus hooks must still be exact
     model, tokenizer, merchant = tiny_lora_model(CONFIG.replace(lora_targets="q,v,lm_head"), seed=2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
+    nonzero_lora(model)
     assert any("lm_head.lora_B" in n for n, p in model.named_parameters() if p.requires_grad)
     assert_opacus_per_sample_gradients_exact(model, first(encode(merchant.train[:8], tokenizer), 4))
 
@@ -183,10 +184,7 @@ def test_per_sample_gradients_are_exact_with_lora_on_the_input_embedding():
     # PEFT keeps a LoRA embedding's tensors in ParameterDicts, which Opacus alone never hooks: shared.lora_grad does.
     # A and B both non-zero and both trainable (fedavg), beside the linear layers' LoRA
     model, tokenizer, merchant = tiny_lora_model(CONFIG.replace(lora_targets="q,v,lm_head,embed"), seed=3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_A" in name:
-                p.normal_(0.0, 0.05)
+    nonzero_lora(model, "lora_B", "lora_embedding_A")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"lora_embedding_A", "lora_embedding_B"} <= {n.split(".")[-2] for n in trainable}
     assert_opacus_per_sample_gradients_exact(model, first(encode(merchant.train[:8], tokenizer), 4))
@@ -221,11 +219,8 @@ def test_a_bf16_forward_gives_float32_shopper_gradients_close_to_the_fp32_ones(s
     from shared.lora_grad import LoraGradSampleModule
 
     model, _, _, data = setup
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    idx, owner = torch.tensor([0, 5, 1, 2, 9, 7, 3]), torch.tensor([0, 1, 0, 1, 2, 1, 1])
+    nonzero_lora(model)
+    idx, owner = SHOPPER_ROWS
     trainable = [p for p in model.parameters() if p.requires_grad]
     rows = {}
     for precision in ("fp32", "bf16"):
