@@ -26,6 +26,7 @@ LORA_TARGET_CHOICES = ("q", "k", "v", "o", "wi", "wo", "lm_head", "embed")
 TASK_CHOICES = ("intent", "next-item", "churn", "price")
 AGGREGATIONS = ("fedavg", "ffa", "svd")
 ROBUST_CHOICES = ("none", "median", "trimmed-mean")
+PRECISIONS = ("fp32", "bf16")  # shared.modeling.autocast
 REFERENCE_CHOICES = ("none", "local-only", "centralised")
 DATA_FORMATS = ("auto", "canonical", "parquet", "retailrocket", "taobao", "rees46", "recbole", "transactions")
 ON_BAD_ROWS = ("error", "skip")
@@ -126,10 +127,9 @@ class FedShopConfig:
     lora_dropout: float = _spec(0.0, "dropout on the LoRA branch", low=0.0, high=1.0, high_open=True)
     lora_targets: str = _spec("q,v", "comma-separated T5 layers LoRA adapts: linear layers of the attention "
                               "(q, k, v, o) and feed-forward (wi, wo); lm_head, the output layer, which gives every "
-                              "item token r "
-                              "adaptable output weights; embed, the encoder's input embedding, which gives every "
-                              "item token r adaptable input coordinates (how the model reads an item in a history or "
-                              "as an intent candidate)", choices=LORA_TARGET_CHOICES, multi=True)
+                              "item token r adaptable output weights; embed, the encoder's input embedding, which "
+                              "gives every item token r adaptable input coordinates (how the model reads an item in a "
+                              "history or as an intent candidate)", choices=LORA_TARGET_CHOICES, multi=True)
     # --- federation ----------------------------------------------------------------------------------------
     num_rounds: int = _spec(3, "federated rounds", low=1, high=100_000)
     fraction_train: float = _spec(1.0, "fraction of merchants sampled for training each round", low=0.0,
@@ -212,7 +212,7 @@ class FedShopConfig:
     precision: str = _spec("fp32", "arithmetic of the model's forward passes in training and evaluation (merchants, "
                            "pretraining, reference runs, predict): fp32, or bf16 (autocast: matmuls in bfloat16, "
                            "weights, losses and the clipped, noised DP gradients stay float32)",
-                           choices=("fp32", "bf16"))
+                           choices=PRECISIONS)
 
     def __post_init__(self) -> None:
         """Combinations of keys that fedshop refuses (each key on its own was checked by `from_mapping`)."""
