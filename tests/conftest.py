@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,6 +33,33 @@ def tiny_base(tiny_config) -> FedShopConfig:
 
     pretrain(tiny_config)
     return tiny_config
+
+
+def ray_processes() -> int:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if "raylet" in line or "gcs_server" in line)
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    path: Path  # the run directory: tests read it, and copy it before changing anything in it
+    stderr: str
+    ray_processes_before: int
+    ray_processes_after: int
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_base, tmp_path_factory) -> FinishedRun:
+    """`fedshop simulate --config configs/tiny.toml` once for the session, on the session's base, with the
+    local-only and centralised references: 3 merchants x 2 rounds through Flower's simulation engine. The tests of
+    a finished run (its files, export, paired comparisons, resume) all read this one."""
+    from helpers import simulate
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    before = ray_processes()
+    done = simulate(run, f"base-dir={tiny_base.base_dir}", "references=local-only,centralised", timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return FinishedRun(run, done.stderr, before, ray_processes())
 
 
 @pytest.fixture

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from shared.config import FedShopConfig
@@ -10,6 +14,16 @@ from shared.model import add_lora, build_base
 from shared.modeling import Encoded
 from shared.synthetic import generate
 from shared.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def simulate(run_dir: Path, *sets: str, config: Path = ROOT / "configs/tiny.toml", timeout: float = 900,
+             options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`fedshop simulate --config CONFIG --set S... --run-dir RUN_DIR --no-progress` as a user runs it."""
+    command = [sys.executable, "-m", "server.cli", "simulate", "--config", str(config), "--run-dir", str(run_dir),
+               "--no-progress", *options, *(a for s in sets for a in ("--set", s))]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def tiny_lora_model(config: FedShopConfig, seed: int = 0):

@@ -55,9 +55,10 @@ def _independent_epsilon(steps: list[tuple[float, float, int]], delta: float) ->
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    """A finished 2-round tiny run at a small budget (3 merchants, DP on)."""
+def first_run(tiny_base, tmp_path_factory):
+    """A finished 2-round tiny run at a small budget (3 merchants, DP on), on a copy of the session's base."""
     tmp = tmp_path_factory.mktemp("continue")
+    shutil.copytree(tiny_base.base_dir, tmp / "base")
     _simulate(tmp / "run", tmp / "base", f"target-epsilon={FIRST_BUDGET}")
     return tmp / "run"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import simulate
 from safetensors.torch import load_file
 
 from shared.config import load_config
@@ -19,21 +20,9 @@ pytestmark = pytest.mark.slow  # whole simulations through Flower: `pytest -m "n
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _ray_processes() -> int:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return sum(1 for line in out.splitlines() if "raylet" in line or "gcs_server" in line)
-
-
-def test_simulate_tiny_writes_a_complete_run_directory(tmp_path):
-    run_dir, base_dir = tmp_path / "run", tmp_path / "base"
-    ray_before = _ray_processes()
-    done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "simulate", "--config", str(ROOT / "configs/tiny.toml"),
-         "--set", f"base-dir={base_dir}", "--run-dir", str(run_dir), "--no-progress"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "does not exist yet: pretraining it" in done.stderr  # one command runs end to end
+def test_simulate_tiny_writes_a_complete_run_directory(tiny_run, tiny_base, tmp_path):
+    run_dir = tiny_run.path
+    base_dir = Path(tiny_base.base_dir)
 
     config = load_config(run_dir / "config.toml")
     assert config.num_merchants == 3 and config.num_rounds == 2 and config.base_dir == str(base_dir)
@@ -66,15 +55,11 @@ def test_simulate_tiny_writes_a_complete_run_directory(tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "Bayes oracle" in report and "popularity" in report
     assert f"delta = {config.target_delta:g}" in report and "unit" in report and "rdp accountant" in report
-    assert _ray_processes() <= ray_before  # the simulation left no Ray process behind
+    assert tiny_run.ray_processes_after <= tiny_run.ray_processes_before  # it left no Ray process behind
 
     # A resumed run carries every merchant's ledger on: the budget is spent, so every merchant declines
     resumed = tmp_path / "resumed"
-    done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "simulate", "--config", str(ROOT / "configs/tiny.toml"),
-         "--set", f"base-dir={base_dir}", "--set", f"resume-from={run_dir}", "--run-dir", str(resumed),
-         "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )
+    done = simulate(resumed, f"base-dir={base_dir}", f"resume-from={run_dir}")
     assert done.returncode == 0, done.stderr[-3000:]
     again = list(csv.DictReader((resumed / "privacy.csv").open()))
     assert len(again) == 6 and {r["status"] for r in again} == {"declined"}

@@ -16,20 +16,15 @@ from server.manifest import verify
 from shared.errors import UserError
 from shared.model import add_lora, load_adapter_state, load_base, read_adapter
 
+pytestmark = pytest.mark.slow  # every test here reads the session's simulated run (conftest.tiny_run)
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "next: i1 c1 i2 c2 i3 c0"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export")
-    run = tmp / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "simulate", "--config", str(ROOT / "configs/tiny.toml"),
-         "--set", f"base-dir={tmp / 'base'}", "--run-dir", str(run), "--no-progress"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run
+def run_dir(tiny_run):
+    return tiny_run.path  # read only: exports are written beside it, never into it
 
 
 def _run_logits(run: Path) -> torch.Tensor:

@@ -75,6 +75,7 @@ def test_merchants_that_differ_on_purpose_complete_a_run_with_pooled_metrics(tmp
          "--run-dir", str(run_dir), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     # Assert: the run completes and every merchant is in the final evaluation and in the ledger of every round
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "does not exist yet: pretraining it" in done.stderr  # one command pretrains its base, then runs
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]
     merchants = final["merchants"]

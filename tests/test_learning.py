@@ -12,7 +12,7 @@ from shared.modeling import encode, evaluate
 from shared.synthetic import generate
 from shared.tokenizer import build_tokenizer
 
-CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=400, public_shoppers=10,
+CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=200, public_shoppers=10,
                        num_items=60, num_categories=6, history_length=6, tasks="intent", batch_size=32,
                        num_rounds=1, local_epochs=4, lora_targets="q,k,v,o,wi,wo", learning_rate=3e-3,
                        target_epsilon=50.0, target_delta=1e-5)

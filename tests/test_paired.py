@@ -3,9 +3,6 @@ tiny simulation whose references carry them into `references.json` and the repor
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +21,6 @@ from shared.metrics import (
 )
 from shared.outputs import Outputs, paired_comparison, paired_results, pool
 from shared.rundir import RunDirectory
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_weighted_auc_equals_the_auc_of_the_examples_repeated_by_their_weights():
@@ -159,14 +154,10 @@ def test_evaluate_keeps_its_metrics_and_its_outputs_reproduce_them(tiny_config):
     for scorer in ("next", "next-markov", "next-popularity"):
         assert ranking_metrics(outputs.ranks[scorer])["hr@10"] == pytest.approx(metrics[f"{scorer}-hr@10"])
 
-def test_simulation_with_references_writes_paired_comparisons_and_the_report_uses_them(tmp_path):
-    # Execute: the tiny federation, then local-only and centralised with the paired comparisons
-    run_dir = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "simulate", "--config", str(ROOT / "configs/tiny.toml"),
-         "--set", f"base-dir={tmp_path / 'base'}", "--set", "references=local-only,centralised",
-         "--run-dir", str(run_dir), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
+@pytest.mark.slow
+def test_simulation_with_references_writes_paired_comparisons_and_the_report_uses_them(tiny_run):
+    # Execute (the session's run): the tiny federation, then local-only and centralised with the paired comparisons
+    run_dir = tiny_run.path
     # Assert: every comparison in references.json, on the pooled test shoppers of all merchants
     paired = json.loads((run_dir / "references.json").read_text())["paired"]
     assert {"federated vs round 0", "federated vs local-only", "federated vs centralised",
