@@ -22,10 +22,11 @@ from pathlib import Path
 
 from server.audit import read_audit, run_config
 from server.continuation import continuation_lines
-from server.manifest import sha256, write_manifest
+from server.manifest import write_manifest
 from server.report import ITEM_ID_WORDS, figure, privacy_lines, read_references, task_tables
 from shared.config import FedShopConfig
 from shared.errors import UserError
+from shared.files import sha256
 from shared.model import check_adapter_dir, read_json_object
 from shared.rundir import (
     CHECKPOINTS,
