@@ -107,8 +107,14 @@ class FedShopConfig:
     time_window_start: str = _spec("", "cleaning: keep events at or after this ISO date/time (UTC; empty = no bound)")
     time_window_end: str = _spec("", "cleaning: keep events before this ISO date/time (UTC; empty = no bound)")
     # --- model -------------------------------------------------------------------------------------------
-    model_size: str = _spec("small", "T5 size preset of the base model", choices=MODEL_SIZES)
+    model_size: str = _spec("small", "T5 size preset of a fresh base model (unused when base-model names a "
+                            "checkpoint)", choices=MODEL_SIZES)
     base_dir: str = _spec("bases/small", "base directory (config, safetensors, tokenizer) every merchant loads")
+    base_model: str = _spec("", "a local Hugging Face T5 checkpoint directory (config.json with model_type t5, "
+                            "model.safetensors, tokenizer.json) that `fedshop pretrain` starts from instead of a fresh "
+                            "model-size preset: its tokenizer gains fedshop's domain tokens, its embeddings grow to "
+                            "match, and it trains on the public split like a preset; never downloaded (empty = a "
+                            "fresh T5 of model-size)")
     item_ids: str = _spec("token", "how the model writes an item: token (one token per catalogue item, ranked in one "
                           "decoder step) or semantic (category, co-view cluster, price band and a slot, built from "
                           "public facts when the base is pretrained; ranking decodes only valid items; items new to "
