@@ -27,6 +27,7 @@ TASK_CHOICES = ("intent", "next-item", "churn", "price")
 AGGREGATIONS = ("fedavg", "ffa", "svd")
 ROBUST_CHOICES = ("none", "median", "trimmed-mean")
 PRECISIONS = ("fp32", "bf16")  # shared.modeling.autocast
+DEVICES = ("auto", "cpu", "cuda")  # shared.modeling.resolve_device
 REFERENCE_CHOICES = ("none", "local-only", "centralised")
 DATA_FORMATS = ("auto", "canonical", "parquet", "retailrocket", "taobao", "rees46", "recbole", "transactions")
 ON_BAD_ROWS = ("error", "skip")
@@ -219,6 +220,9 @@ class FedShopConfig:
                            "pretraining, reference runs, predict): fp32, or bf16 (autocast: matmuls in bfloat16, "
                            "weights, losses and the clipped, noised DP gradients stay float32)",
                            choices=PRECISIONS)
+    device: str = _spec("auto", "where models train and evaluate (pretraining, merchants, reference runs, predict): "
+                        "cuda, cpu, or auto (cuda when torch sees a CUDA device, else cpu); cuda on a machine without "
+                        "one is refused when a model is placed", choices=DEVICES)
 
     def __post_init__(self) -> None:
         """Combinations of keys that fedshop refuses (each key on its own was checked by `from_mapping`)."""

@@ -245,7 +245,7 @@ def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The tensors that travel: exactly `get_peft_model_state_dict`, without the frozen base embedding that PEFT
     would otherwise add when `lm_head` (tied to it) is a target (`save_embedding_layers`)."""
-    return {k: v.detach().clone().contiguous()
+    return {k: v.detach().cpu().clone().contiguous()  # on the CPU, whatever the model's device: they travel
             for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
 
 
@@ -297,7 +297,7 @@ def keep_item_rows(model: PeftModel, rows: list[int] | None) -> None:
         else:
             continue
         with torch.no_grad():
-            mask = torch.ones(parameter.shape[token_dim], dtype=torch.bool)
+            mask = torch.ones(parameter.shape[token_dim], dtype=torch.bool, device=parameter.device)
             mask[rows] = False
             parameter.index_fill_(token_dim, torch.nonzero(mask).flatten(), 0.0)
 
