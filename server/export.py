@@ -141,8 +141,8 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
     audit = read_audit(run_dir) if round is None else None  # the audit attacked the final adapter
     meta_file = out / "base" / BASE_META
     base_meta = read_json_object(meta_file, "the base's metadata") if meta_file.is_file() else {}
-    origin = (f" pretrained on the public split (the checkpoint's sha256 in `base/{BASE_META}`)"
-              if base_meta.get("base-model") else "")
+    origin = (f", pretrained on the public split (the checkpoint's sha256 in `base/{BASE_META}`, the base's in "
+              "`manifest.json`)" if base_meta.get("base-model") else " (base-model sha256 in `manifest.json`)")
     front = ["---", "library_name: peft", f"base_model: {(out / 'base').resolve()}",
              "tags:", *(f"- {t}" for t in ("lora", "t5", "federated-learning", "differential-privacy", "dp-sgd")),
              "---", ""]
@@ -170,8 +170,7 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
               f"{config.local_epochs} local epoch(s) per round, batch {config.batch_size}, learning rate "
               f"{config.learning_rate:g} (AdamW).",
               f"- LoRA r = {config.lora_r}, alpha = {config.lora_alpha:g}, dropout {config.lora_dropout:g}, targets "
-              f"{config.lora_targets}; base {base_words(base_meta, config)}{origin} (base-model sha256 in "
-              "`manifest.json`); "
+              f"{config.lora_targets}; base {base_words(base_meta, config)}{origin}; "
               f"{ITEM_ID_WORDS[config.item_ids]}."
               + (" `merged/` holds the base with the adapter folded in." if merged else ""), "",
               "## Privacy", ""]

@@ -219,7 +219,8 @@ def test_a_federation_on_the_checkpoint_base_exports_an_adapter_plain_peft_loads
     assert "pretraining it" not in done.stderr  # the checkpoint base was used as it is
     assert f"T5 checkpoint `{checkpoint.resolve()}` base" in (run / "report.md").read_text()
     out = export_run(run, tmp_path / "export")
-    assert f"base T5 checkpoint `{checkpoint.resolve()}` pretrained" in (out / "README.md").read_text()
+    assert f"base T5 checkpoint `{checkpoint.resolve()}`, pretrained on the public split" in (
+        out / "README.md").read_text()
     source = sources[0]
     fresh = subprocess.run([sys.executable, "-c", FRESH, str(out), source], cwd=tmp_path, capture_output=True,
                            text=True, timeout=300)  # a fresh interpreter, no fedshop import
