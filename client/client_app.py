@@ -20,7 +20,7 @@ from shared.config import FedShopConfig, from_run_config
 from shared.data import merchant_data, merchant_id_for_partition
 from shared.dptrain import STATUS_DECLINED, PrivacyState, train_round
 from shared.model import add_lora, item_rows, load_adapter_state, load_base, uplink_state
-from shared.modeling import encode, evaluate
+from shared.modeling import encode, evaluate, resolve_device
 from shared.privacy import PRIVACY_RECORD, PrivacyBudget, load_history, save_history
 from shared.rundir import history_from_ledger
 
@@ -38,6 +38,7 @@ def _setup(msg: Message, context: Context):
     base, tokenizer, _ = load_base(config.base_dir)
     model = add_lora(base, config)
     load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
+    model.to(resolve_device(config.device))  # the reply's tensors come back to the CPU (adapter_state)
     data = merchant_data(config, merchant_id)
     return config, partition_id, model, tokenizer, data
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.config import DATA_FORMATS, FedShopConfig, load_config
+from shared.config import DATA_FORMATS, DEVICES, FedShopConfig, load_config
 from shared.errors import UserError
 
 log = logging.getLogger("fedshop")
@@ -204,7 +204,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError("--candidates goes with --history; with --input give each shopper's candidates in the CSV's "
                         "candidates column")
     check_top_k(args.top_k)
-    predictor = Predictor(args.adapter)
+    predictor = Predictor(args.adapter, device=args.device)
     if args.input is not None:
         result = predictor.predict_file(args.input, args.task, args.top_k, args.explain)
     else:
@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", type=Path, metavar="FILE.csv", help="a batch: CSV with header "
                          "shopper_id,history[,candidates] (space-separated item ids, history oldest first)")
     predict.add_argument("--task", default="next-item", choices=tuple(TASKS))
+    predict.add_argument("--device", choices=DEVICES, help="where the model runs (default: the run's config key "
+                         "device; auto = cuda when torch sees one, else cpu)")
     predict.add_argument("--candidates", help="intent with --history: comma-separated candidate items")
     predict.add_argument("--top-k", type=int, default=10, help="next-item: how many items (default 10)")
     predict.add_argument("--price-level", type=float, default=1.0, help="intent: offered price / list price "

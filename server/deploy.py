@@ -226,5 +226,5 @@ def _stream_run(deployment: Deployment, app_dir: Path) -> None:
 
 def absolute_paths(config: FedShopConfig) -> FedShopConfig:
     """The config with every path made absolute: the ServerApp and ClientApps run in other working directories."""
-    keys = ("run_dir", "base_dir", "data_path", "item_properties_path", "resume_from", "init_adapter")
+    keys = ("run_dir", "base_dir", "base_model", "data_path", "item_properties_path", "resume_from", "init_adapter")
     return config.replace(**{k: str(Path(getattr(config, k)).resolve()) for k in keys if getattr(config, k)})

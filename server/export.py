@@ -22,11 +22,12 @@ from pathlib import Path
 
 from server.audit import read_audit, run_config
 from server.continuation import continuation_lines
-from server.manifest import sha256, write_manifest
-from server.report import ITEM_ID_WORDS, figure, privacy_lines, read_references, task_tables
+from server.manifest import write_manifest
+from server.report import ITEM_ID_WORDS, base_words, figure, privacy_lines, read_references, task_tables
 from shared.config import FedShopConfig
 from shared.errors import UserError
-from shared.model import check_adapter_dir, read_json_object
+from shared.files import sha256
+from shared.model import BASE_META, check_adapter_dir, read_json_object
 from shared.rundir import (
     CHECKPOINTS,
     CONTINUED_FROM,
@@ -38,7 +39,7 @@ from shared.rundir import (
 )
 from shared.semantic import SEMANTIC_FILE
 
-BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", "fedshop_base.json", SEMANTIC_FILE)
+BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", BASE_META, SEMANTIC_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -138,6 +139,10 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
     rounds = config.num_rounds if round is None else round
     local = [r for r in ledger if r["merchant"] != MERCHANT_LEVEL and r["status"] == STATUS_TRAINED]
     audit = read_audit(run_dir) if round is None else None  # the audit attacked the final adapter
+    meta_file = out / "base" / BASE_META
+    base_meta = read_json_object(meta_file, "the base's metadata") if meta_file.is_file() else {}
+    origin = (f", pretrained on the public split (the checkpoint's sha256 in `base/{BASE_META}`, the base's in "
+              "`manifest.json`)" if base_meta.get("base-model") else " (base-model sha256 in `manifest.json`)")
     front = ["---", "library_name: peft", f"base_model: {(out / 'base').resolve()}",
              "tags:", *(f"- {t}" for t in ("lora", "t5", "federated-learning", "differential-privacy", "dp-sgd")),
              "---", ""]
@@ -165,7 +170,7 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
               f"{config.local_epochs} local epoch(s) per round, batch {config.batch_size}, learning rate "
               f"{config.learning_rate:g} (AdamW).",
               f"- LoRA r = {config.lora_r}, alpha = {config.lora_alpha:g}, dropout {config.lora_dropout:g}, targets "
-              f"{config.lora_targets}; base T5 `{config.model_size}` (base-model sha256 in `manifest.json`); "
+              f"{config.lora_targets}; base {base_words(base_meta, config)}{origin}; "
               f"{ITEM_ID_WORDS[config.item_ids]}."
               + (" `merged/` holds the base with the adapter folded in." if merged else ""), "",
               "## Privacy", ""]

@@ -6,22 +6,13 @@ check an export against it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from shared.errors import UserError
-from shared.files import reading
+from shared.files import reading, sha256
 
 MANIFEST = "manifest.json"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(out: Path, base_sha256: str, extra: dict | None = None) -> None:

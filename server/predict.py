@@ -84,7 +84,9 @@ class Request:
 
 
 class Predictor:
-    def __init__(self, adapter: str | Path, history_length: int | None = None, batch_size: int | None = None):
+    def __init__(self, adapter: str | Path, history_length: int | None = None, batch_size: int | None = None,
+                 device: str | None = None):
+        """`device`: auto, cpu or cuda (default: the run's config key `device`)."""
         adapter = Path(adapter)
         if not (adapter / "manifest.json").is_file() or not (adapter / "run-config.toml").is_file():
             raise UserError(f"{adapter} is not a fedshop export (run `fedshop export RUN_DIR --out DIR` first)")
@@ -100,7 +102,7 @@ class Predictor:
 
         from shared.config import load_config
         from shared.data import catalogue_facts, semantic_ids_for
-        from shared.modeling import ItemScorer
+        from shared.modeling import ItemScorer, resolve_device
         from shared.sources import load_world
 
         hf_logging.disable_progress_bar()
@@ -113,7 +115,7 @@ class Predictor:
                                     category=FutureWarning)
             self.model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(adapter / "base"),
                                                    str(adapter))
-        self.model.eval()
+        self.model.to(resolve_device(device or self.config.device)).eval()
         self.history_length = history_length or self.config.history_length
         self.batch_size = batch_size or self.config.eval_batch_size
         self.scorer = ItemScorer(self.tokenizer, self.facts)
@@ -259,9 +261,9 @@ class Predictor:
         """(H, items) probabilities over the catalogue, items already in the history set to 0."""
         import torch
 
-        from shared.modeling import autocast
+        from shared.modeling import autocast, model_device
 
-        with autocast(self.config.precision):
+        with autocast(self.config.precision, model_device(self.model)):
             logits = self.scorer.score_sources(self.model, self.tokenizer,
                                                [f"next: {self._history_text(h)}" for h in histories], self.batch_size)
         for row, history in enumerate(histories):
@@ -282,9 +284,9 @@ class Predictor:
         """p("yes") / (p("yes") + p("no")) of each source (the evaluation's own scoring, batched)."""
         import torch
 
-        from shared.modeling import autocast, binary_probability
+        from shared.modeling import autocast, binary_probability, model_device
 
-        with autocast(self.config.precision):
+        with autocast(self.config.precision, model_device(self.model)):
             return torch.from_numpy(binary_probability(self.model, self.tokenizer, sources, self.batch_size)).float()
 
 

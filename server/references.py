@@ -32,7 +32,7 @@ from shared.dptrain import PrivacyState, train_round
 from shared.files import write_text_atomic
 from shared.metrics import pool_metrics
 from shared.model import add_lora, item_rows, load_adapter_state, load_base, read_adapter
-from shared.modeling import encode, evaluate_with_outputs
+from shared.modeling import encode, evaluate_with_outputs, resolve_device
 from shared.outputs import Outputs, paired_results, pool
 from shared.sources import load_world
 
@@ -54,6 +54,7 @@ def weighted(merchants: dict[str, dict[str, float]]) -> dict[str, float]:
 def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
     """Train and evaluate each reference; returns {kind: {"metrics": ..., "merchants": ..., ...}, "paired": ...}
     (the federated model of `config.run_dir` against round 0, each reference and each baseline)."""
+    device = resolve_device(config.device)
     world = load_world(config)
     base_dir = config.base_dir
     data = {m: merchant_data(config, m, world) for m in world.merchant_ids}
@@ -67,7 +68,7 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
         if kind == "local-only":
             for index, (merchant, d) in enumerate(data.items()):
                 base, tokenizer, _ = load_base(base_dir)
-                model = add_lora(base, config, seed=config.seed)
+                model = add_lora(base, config, seed=config.seed).to(device)
                 state, encoded = PrivacyState(), encode(d.train, tokenizer)
                 for server_round in range(1, config.num_rounds + 1):
                     result = train_round(model, encoded, config, state, seed=_seed(config, server_round, index),
@@ -78,7 +79,7 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
         elif kind == "centralised":
             plain = config.replace(dp=False)
             base, tokenizer, _ = load_base(base_dir)
-            model = add_lora(base, plain, seed=config.seed)
+            model = add_lora(base, plain, seed=config.seed).to(device)
             pooled = [e for d in data.values() for e in d.train]
             encoded, state = encode(pooled, tokenizer), PrivacyState()
             for server_round in range(1, config.num_rounds + 1):
@@ -103,7 +104,8 @@ def paired(config: FedShopConfig, data: dict[str, MerchantData], references: dic
     """The federated final adapter of `config.run_dir` against round 0, the `references`' outputs and the baselines,
     on every merchant's test examples pooled (see `shared.outputs.paired_results`)."""
     base, tokenizer, _ = load_base(config.base_dir)
-    model = add_lora(base, config, seed=config.seed)  # B = 0: the base alone, as the federation's round 0
+    # B = 0: the base alone, as the federation's round 0
+    model = add_lora(base, config, seed=config.seed).to(resolve_device(config.device))
     if config.continued_from:  # a continued run's round 0 is the adapter it started from
         from server.continuation import starting_adapter
 

@@ -262,6 +262,14 @@ PAIRED_WORDS = (
     "MRR and the analytic paired SE of each ranking metric.")
 
 
+def base_words(meta: dict, config: FedShopConfig) -> str:
+    """How a report names the base a run loaded: its preset (T5 `small`) or the checkpoint it was pretrained from
+    (config key base-model), from the base's metadata."""
+    if meta.get("base-model"):
+        return f"T5 checkpoint `{meta['base-model']}`"
+    return f"T5 `{meta.get('model-size', config.model_size)}`"
+
+
 def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) -> None:
     records = run_dir.read_metrics()
     evaluations = {r["round"]: r for r in records if r["scope"] == "evaluate"}
@@ -277,7 +285,7 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
                      f"({config.accountant} accountant)" if config.dp else "no DP (non-private comparison run)")
     lines = [
         f"# fedshop run report — `{run_dir.path}`", "",
-        f"{config.num_merchants} merchants x {config.num_rounds} rounds, T5 `{config.model_size}` base from "
+        f"{config.num_merchants} merchants x {config.num_rounds} rounds, {base_words(base_meta, config)} base from "
         f"`{config.base_dir}` (pretrained without DP on the public split), LoRA r={config.lora_r} "
         f"alpha={config.lora_alpha:g} on {config.lora_targets}; {privacy_words}; tasks {config.tasks} (churn horizon "
         f"{config.churn_horizon_days:g} days); {ITEM_ID_WORDS[config.item_ids]}.", "",

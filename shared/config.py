@@ -27,6 +27,7 @@ TASK_CHOICES = ("intent", "next-item", "churn", "price")
 AGGREGATIONS = ("fedavg", "ffa", "svd")
 ROBUST_CHOICES = ("none", "median", "trimmed-mean")
 PRECISIONS = ("fp32", "bf16")  # shared.modeling.autocast
+DEVICES = ("auto", "cpu", "cuda")  # shared.modeling.resolve_device
 REFERENCE_CHOICES = ("none", "local-only", "centralised")
 DATA_FORMATS = ("auto", "canonical", "parquet", "retailrocket", "taobao", "rees46", "recbole", "transactions")
 ON_BAD_ROWS = ("error", "skip")
@@ -107,8 +108,14 @@ class FedShopConfig:
     time_window_start: str = _spec("", "cleaning: keep events at or after this ISO date/time (UTC; empty = no bound)")
     time_window_end: str = _spec("", "cleaning: keep events before this ISO date/time (UTC; empty = no bound)")
     # --- model -------------------------------------------------------------------------------------------
-    model_size: str = _spec("small", "T5 size preset of the base model", choices=MODEL_SIZES)
+    model_size: str = _spec("small", "T5 size preset of a fresh base model (unused when base-model names a "
+                            "checkpoint)", choices=MODEL_SIZES)
     base_dir: str = _spec("bases/small", "base directory (config, safetensors, tokenizer) every merchant loads")
+    base_model: str = _spec("", "a local Hugging Face T5 checkpoint directory (config.json with model_type t5, "
+                            "model.safetensors, tokenizer.json) that `fedshop pretrain` starts from instead of a fresh "
+                            "model-size preset: its tokenizer gains fedshop's domain tokens, its embeddings grow to "
+                            "match, and it trains on the public split like a preset; never downloaded (empty = a "
+                            "fresh T5 of model-size)")
     item_ids: str = _spec("token", "how the model writes an item: token (one token per catalogue item, ranked in one "
                           "decoder step) or semantic (category, co-view cluster, price band and a slot, built from "
                           "public facts when the base is pretrained; ranking decodes only valid items; items new to "
@@ -213,6 +220,9 @@ class FedShopConfig:
                            "pretraining, reference runs, predict): fp32, or bf16 (autocast: matmuls in bfloat16, "
                            "weights, losses and the clipped, noised DP gradients stay float32)",
                            choices=PRECISIONS)
+    device: str = _spec("auto", "where models train and evaluate (pretraining, merchants, reference runs, predict): "
+                        "cuda, cpu, or auto (cuda when torch sees a CUDA device, else cpu); cuda on a machine without "
+                        "one is refused when a model is placed", choices=DEVICES)
 
     def __post_init__(self) -> None:
         """Combinations of keys that fedshop refuses (each key on its own was checked by `from_mapping`)."""

@@ -139,6 +139,12 @@ def check_base_matches(meta: dict, config: FedShopConfig, data: SyntheticData | 
         raise UserError(f"base directory {config.base_dir} writes items as item-ids = {written!r}, the config asks for "
                         f"item-ids = {config.item_ids!r}: pretrain a base with this config (`fedshop pretrain`) or "
                         "set base-dir to one made for it")
+    if config.base_model and meta.get("base-model") != str(Path(config.base_model).expanduser().resolve()):
+        origin = (f"from the checkpoint {meta['base-model']}" if meta.get("base-model") else
+                  f"as a fresh T5 `{meta.get('model-size')}`")
+        raise UserError(f"base directory {config.base_dir} was pretrained {origin}, the config asks for base-model = "
+                        f"{config.base_model!r}: pretrain a base from it (`fedshop pretrain`) or set base-dir to a new "
+                        "directory")
     # a real log's catalogue comes from the file, not from the generator's knobs: its fingerprint alone decides
     knobs = ("seed", "num-items", "num-categories") if not config.data_path else ()
     different = [f"{key} = {meta.get(key)!r} in the base, {flat[key]!r} in the config"

@@ -32,7 +32,7 @@ from opacus.optimizers import DPOptimizer
 from shared.config import FedShopConfig
 from shared.lora_grad import LoraGradSampleModule
 from shared.model import freeze_for, keep_item_rows
-from shared.modeling import Encoded, per_sample_loss
+from shared.modeling import Encoded, model_device, per_sample_loss
 from shared.privacy import History, PoissonSampler, PrivacyBudget, Uniform, accountant_for, history_of, records_of
 from shared.privacy import schedule as _schedule
 from shared.rundir import STATUS_DECLINED, STATUS_TRAINED
@@ -109,7 +109,8 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
 
     `owners[i]` is the shopper of example i (needed for the shopper unit). With aggregation = ffa the lora_A tensors
     are frozen first, so only B trains and DP-SGD clips and noises B alone (the trainable tensors are exactly those
-    with `requires_grad`).
+    with `requires_grad`). Training runs on the model's device (config key `device`): `data` stays on the CPU and
+    each sampled batch moves there.
     """
     freeze_for(model, config.aggregation)
     torch.manual_seed(seed)
@@ -154,17 +155,21 @@ def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.O
         rows, owner = sampler.groups()
         if len(rows) == 0:
             continue
-        idx, owner_t = torch.from_numpy(rows), torch.from_numpy(owner)
+        idx, owner_t = torch.from_numpy(rows), torch.from_numpy(owner).to(model_device(model))
         weight = per_shopper_weight(owner_t) / (int(owner_t.max()) + 1)
         # the mean over records of their mean example loss (one example each: the mean)
-        loss = (per_sample_loss(model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx],
-                                precision) * weight).sum()
+        loss = (per_sample_loss(model, *batch_of(data, idx, model_device(model)), precision) * weight).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         keep_item_rows(model, output_rows)
         losses.append(float(loss.detach()))
     return float(sum(losses) / max(1, len(losses)))
+
+
+def batch_of(data: Encoded, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Input ids, attention mask and target ids of the rows `idx`, on `device`."""
+    return tuple(t[idx].to(device) for t in (data.input_ids, data.attention_mask, data.target_ids))
 
 
 def per_shopper_weight(owner: torch.Tensor) -> torch.Tensor:
@@ -177,28 +182,30 @@ def shopper_backward(private_model: LoraGradSampleModule, trainable: list[torch.
     """Leave in each trainable tensor's `grad_sample` one row per sampled shopper: the mean gradient of that
     shopper's examples in the batch (`owner[i]` is the shopper 0..G-1 of row `idx[i]`), which DP-SGD then clips as one
     vector. `private_model` must use the "sum" loss reduction. Returns the batch's mean example loss."""
+    device = model_device(private_model)
+    owner = owner.to(device)
     shoppers = int(owner.max()) + 1
     weight = per_shopper_weight(owner)
-    loss = per_sample_loss(private_model, data.input_ids[idx], data.attention_mask[idx], data.target_ids[idx],
-                           precision)
+    loss = per_sample_loss(private_model, *batch_of(data, idx, device), precision)
     (loss * weight).sum().backward()  # per-row gradients, each already divided by its shopper's count
     for p in trainable:  # summed in float32 (the grad samples of a bf16 forward are bfloat16)
-        p.grad_sample = torch.zeros((shoppers, *p.shape), dtype=p.dtype).index_add_(0, owner,
-                                                                                    p.grad_sample.to(p.dtype))
+        p.grad_sample = torch.zeros((shoppers, *p.shape), dtype=p.dtype, device=p.device).index_add_(
+            0, owner, p.grad_sample.to(p.dtype))
     return float(loss.detach().mean())
 
 
-def _noise_generator(uniform: Uniform) -> tuple[torch.Generator, bool]:
-    """(generator, reseed before every step?): torchcsprng's OS-backed generator when installed; otherwise in secure
-    mode a torch generator re-seeded from the OS CSPRNG before every step."""
-    if uniform.secure:
+def _noise_generator(uniform: Uniform, device: torch.device) -> tuple[torch.Generator, bool]:
+    """(generator, reseed before every step?) on the trainable tensors' `device` (Opacus draws the noise there):
+    torchcsprng's OS-backed generator when installed (CPU only); otherwise in secure mode a torch generator
+    re-seeded from the OS CSPRNG before every step."""
+    if uniform.secure and device.type == "cpu":
         try:
             import torchcsprng  # type: ignore[import-not-found]
 
             return torchcsprng.create_random_device_generator("/dev/urandom"), False
         except ImportError:
             pass
-    generator = torch.Generator().manual_seed(uniform.seed())
+    generator = torch.Generator(device=device).manual_seed(uniform.seed())
     return generator, uniform.secure
 
 
@@ -211,7 +218,8 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
     grouped = sampler.per_record > 1
     private_model = LoraGradSampleModule(model, batch_first=True, loss_reduction="sum" if grouped else "mean",
                                      strict=False)
-    generator, reseed = _noise_generator(uniform)
+    device = model_device(model)
+    generator, reseed = _noise_generator(uniform, device)
     private_optimizer = DPOptimizer(optimizer, noise_multiplier=noise, max_grad_norm=config.max_grad_norm,
                                     expected_batch_size=sampler.sample_rate * num_records, loss_reduction="mean",
                                     generator=generator, secure_mode=config.secure_mode)
@@ -227,13 +235,12 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
                 # Poisson sampling drew nobody. T5 cannot run on an empty batch, but the step must still happen:
                 # zero per-sample gradients, then Opacus adds the noise and the accountant counts the step.
                 for p in trainable:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             elif grouped:
                 losses.append(shopper_backward(private_model, trainable, data, idx, torch.from_numpy(owner),
                                                config.precision))
             else:
-                loss = per_sample_loss(private_model, data.input_ids[idx], data.attention_mask[idx],
-                                       data.target_ids[idx], config.precision).mean()
+                loss = per_sample_loss(private_model, *batch_of(data, idx, device), config.precision).mean()
                 loss.backward()
                 for p in trainable:  # Opacus clips in the grad samples' dtype: clip and noise in float32
                     p.grad_sample = p.grad_sample.to(p.dtype)

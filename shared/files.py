@@ -1,10 +1,12 @@
 """Files written whole or not at all: a reader (or a run killed mid-write) never sees half a report, config or
 adapter. Each file goes to a temporary name beside its target, is flushed to disk, then renamed over the target
 (`os.replace`, atomic on POSIX within one file system). And files read back that a disk, a copy or a hand broke
-anyway: `reading` turns whatever parsing one file raises into a UserError naming that file."""
+anyway: `reading` turns whatever parsing one file raises into a UserError naming that file. `sha256` is the digest
+both sides name files by (export manifests, a base's origin checkpoint)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -66,6 +68,15 @@ def save_pretrained_atomic(model: Any, directory: str | Path) -> Path:
     temporary.rmdir()
     _fsync_dir(directory)
     return directory
+
+
+def sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextmanager

@@ -1,13 +1,17 @@
-"""T5 size presets, the base directory, and LoRA adapters through PEFT.
+"""T5 size presets, a user's T5 checkpoint, the base directory, and LoRA adapters through PEFT.
 
 A base directory holds `config.json`, `model.safetensors`, the tokenizer and `fedshop_base.json`; every merchant
-and the server load the same files, so nobody relies on seeded random init to agree on the base.
+and the server load the same files, so nobody relies on seeded random init to agree on the base. Pretraining starts
+from a fresh preset (`build_base`) or from a local Hugging Face T5 checkpoint (`from_checkpoint`, config key
+`base-model`), which is never downloaded.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,7 +21,8 @@ from transformers.utils import logging as hf_logging
 
 from shared.config import FedShopConfig
 from shared.errors import UserError
-from shared.files import reading
+from shared.files import reading, sha256
+from shared.tokenizer import add_domain_tokens, load_checkpoint_tokenizer
 
 PRESETS: dict[str, dict[str, int]] = {
     # tests and CI: ~0.1 M parameters besides the embeddings
@@ -28,6 +33,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, num_decoder_layers=6),
 }
 BASE_META = "fedshop_base.json"
+CHECKPOINT_SIZE = "checkpoint"  # `model-size` in a base's metadata when it was pretrained from base-model
+CHECKPOINT_FILES = 'config.json (model_type "t5"), model.safetensors and tokenizer.json'
 
 
 def build_base(size: str, tokenizer: PreTrainedTokenizerFast, seed: int) -> T5ForConditionalGeneration:
@@ -38,6 +45,103 @@ def build_base(size: str, tokenizer: PreTrainedTokenizerFast, seed: int) -> T5Fo
         relative_attention_num_buckets=16, relative_attention_max_distance=64, **PRESETS[size],
     )
     return T5ForConditionalGeneration(config)
+
+
+def check_checkpoint(directory: str | Path) -> Path:
+    """The resolved directory of config key base-model, or a UserError naming the file that is missing or wrong."""
+    path = Path(directory).expanduser().resolve()
+    where = f"config key 'base-model' = {str(directory)!r}"
+    if not path.is_dir():
+        raise UserError(f"{where}: {path} is not a directory; expected a local Hugging Face T5 checkpoint directory "
+                        f"holding {CHECKPOINT_FILES} (fedshop never downloads models)")
+    config = path / "config.json"
+    if not config.is_file():
+        raise UserError(f"{where}: {config} does not exist; expected the checkpoint's model config "
+                        '(config.json with model_type "t5")')
+    with naming(where):
+        model_type = read_json_object(config, 'a Hugging Face model config with model_type "t5"').get("model_type")
+    if model_type != "t5":
+        raise UserError(f"{where}: {config} has model_type {model_type!r}; fedshop trains T5 "
+                        '(T5ForConditionalGeneration, model_type "t5")')
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        other = [p.name for p in (path / "pytorch_model.bin", path / "model.safetensors.index.json") if p.is_file()]
+        hint = (f" ({other[0]} is not read: save the model once with save_pretrained(DIR, max_shard_size=\"100GB\") "
+                "to get one safetensors file)") if other else ""
+        raise UserError(f"{where}: {weights} does not exist; expected the checkpoint's weights as one safetensors "
+                        f"file{hint}")
+    with naming(where):
+        check_safetensors(weights, "the checkpoint's T5 weights")
+    if not (path / "tokenizer.json").is_file():
+        raise UserError(f"{where}: {path / 'tokenizer.json'} does not exist; expected the checkpoint's fast "
+                        "tokenizer (a checkpoint with only spiece.model: load it once with AutoTokenizer and "
+                        "save_pretrained it to write tokenizer.json)")
+    return path
+
+
+@contextmanager
+def naming(where: str) -> Iterator[None]:
+    """A UserError raised inside (a file named as unreadable) says first which config key led to the file."""
+    try:
+        yield
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def from_checkpoint(directory: str | Path, tokens: list[str], seed: int
+                    ) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast, dict]:
+    """A local T5 checkpoint and its tokenizer, grown by fedshop's domain `tokens`, and its origin for the base's
+    metadata (`base-model`, `base-model-sha256` of its weights, `model-size` "checkpoint").
+
+    Each domain token is a whole-word added token (`add_domain_tokens`); the embeddings grow to the tokenizer (never
+    shrink: T5 checkpoints carry unused rows past their vocabulary), and each new token's row is drawn like the
+    checkpoint's own rows: their per-dimension mean plus Gaussian noise of their per-dimension spread, so new tokens
+    start distinct, at the scale of known ones (pretraining then starts each item near its category)."""
+    path = check_checkpoint(directory)
+    where = f"config key 'base-model' = {str(directory)!r}"
+    hf_logging.disable_progress_bar()
+    with naming(where), reading(path / "model.safetensors", "T5 weights matching the checkpoint's config.json"):
+        model, info = T5ForConditionalGeneration.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"{where}: {path / 'model.safetensors'} lacks {len(missing)} weight(s) of the T5 its "
+                        f"config.json describes (e.g. {', '.join(missing[:3])}); expected a complete checkpoint")
+    tokenizer = load_checkpoint_tokenizer(path, where)
+    known = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])  # rows of the checkpoint's tokens
+    new_ids = add_domain_tokens(tokenizer, tokens)
+    model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().weight.shape[0]),
+                                  mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    with torch.no_grad():
+        for weight in weights.values():  # one tensor when lm_head is tied to the input embedding
+            rows = weight[:known]
+            noise = torch.randn((len(new_ids), weight.shape[1]), generator=generator, dtype=weight.dtype)
+            weight[new_ids] = rows.mean(0) + rows.std(0) * noise
+    check_special_ids(model, tokenizer, where)
+    origin = {"model-size": CHECKPOINT_SIZE, "base-model": str(path),
+              "base-model-sha256": sha256(path / "model.safetensors")}
+    return model, tokenizer, origin
+
+
+def check_special_ids(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, where: str) -> None:
+    """The ids shared/modeling.py relies on: the tokenizer's pad and end of sequence are the model config's, and
+    the decoder starts from a token of the vocabulary (T5: pad; set to pad when the config names none)."""
+    config = model.config
+    if getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = config.pad_token_id
+    differ = []
+    for role in ("pad", "eos"):
+        mine, theirs = getattr(tokenizer, f"{role}_token_id"), getattr(config, f"{role}_token_id", None)
+        if mine != theirs:
+            differ.append(f"{role} {getattr(tokenizer, f'{role}_token')!r} is id {mine} in the tokenizer, {theirs} in "
+                          "config.json")
+    start = config.decoder_start_token_id
+    if start is None or not 0 <= start < model.get_input_embeddings().weight.shape[0]:
+        differ.append(f"decoder_start_token_id {start} is not a token id")
+    if differ:
+        raise UserError(f"{where}: the checkpoint's tokenizer and model disagree ({'; '.join(differ)}); expected "
+                        "the tokenizer saved with this model")
 
 
 def save_base(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, directory: str | Path,
@@ -141,7 +245,7 @@ def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The tensors that travel: exactly `get_peft_model_state_dict`, without the frozen base embedding that PEFT
     would otherwise add when `lm_head` (tied to it) is a target (`save_embedding_layers`)."""
-    return {k: v.detach().clone().contiguous()
+    return {k: v.detach().cpu().clone().contiguous()  # on the CPU, whatever the model's device: they travel
             for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
 
 
@@ -193,7 +297,7 @@ def keep_item_rows(model: PeftModel, rows: list[int] | None) -> None:
         else:
             continue
         with torch.no_grad():
-            mask = torch.ones(parameter.shape[token_dim], dtype=torch.bool)
+            mask = torch.ones(parameter.shape[token_dim], dtype=torch.bool, device=parameter.device)
             mask[rows] = False
             parameter.index_fill_(token_dim, torch.nonzero(mask).flatten(), 0.0)
 

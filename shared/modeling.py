@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from shared.baselines import Baselines
-from shared.config import PRECISIONS
+from shared.config import DEVICES, PRECISIONS, ConfigError
 from shared.metrics import binary_metrics, elasticity, ranking_metrics, target_rank
 from shared.outputs import Outputs
 from shared.tasks import PRICE_LEVELS, CatalogueFacts, Example, level_token
@@ -63,9 +63,27 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def resolve_device(name: str) -> torch.device:
+    """Config key `device` as a torch device: auto is cuda when torch sees a CUDA device, else cpu; cuda without one
+    is a ConfigError."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device' = 'cuda': torch {torch.__version__} sees no CUDA device on this "
+                          "machine (torch.cuda.is_available() is false); use device = auto or cpu")
+    return torch.device(name)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's weights (its inputs go there; scores come back to the CPU)."""
+    return next(model.parameters()).device
+
+
 def first_step_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits of the first decoder step, (B, vocab): all a one-token target (yes/no, an item token) needs."""
-    start = torch.full((input_ids.shape[0], 1), model_start_token(model), dtype=torch.long)
+    start = torch.full((input_ids.shape[0], 1), model_start_token(model), dtype=torch.long, device=input_ids.device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=start)
     return out.logits[:, 0, :]
 
@@ -91,7 +109,7 @@ def per_sample_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         with autocast(precision, input_ids.device):
             logits = first_step_logits(model, input_ids, attention_mask)
         return nn.functional.cross_entropy(logits.float(), target_ids[:, 0], reduction="none")
-    start = torch.full((input_ids.shape[0], 1), model_start_token(model), dtype=torch.long)
+    start = torch.full((input_ids.shape[0], 1), model_start_token(model), dtype=torch.long, device=input_ids.device)
     previous = target_ids[:, :-1].masked_fill(target_ids[:, :-1] == IGNORE, int(model_config(model).pad_token_id))
     with autocast(precision, input_ids.device):
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
@@ -154,22 +172,25 @@ class ItemScorer:
     @torch.no_grad()
     def score_sources(self, model: nn.Module, tokenizer: PreTrainedTokenizerFast, sources: list[str],
                       batch_size: int) -> torch.Tensor:
-        """`scores` of every source, (len(sources), items), `batch_size` sources a forward pass."""
+        """`scores` of every source, (len(sources), items) on the CPU, `batch_size` sources a forward pass."""
         out = []
+        device = model_device(model)
         for start in range(0, len(sources), batch_size):
-            batch = tokenizer(sources[start:start + batch_size], padding=True, return_tensors="pt")
+            batch = tokenizer(sources[start:start + batch_size], padding=True, return_tensors="pt").to(device)
             out.append(self.scores(model, batch["input_ids"], batch["attention_mask"]))
         return torch.cat(out) if out else torch.zeros((0, len(self.codes if self.semantic else self.items)))
 
     @torch.no_grad()
     def scores(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if not self.semantic:
-            return first_step_logits(model, input_ids, attention_mask)[:, self.items].float()
+            logits = first_step_logits(model, input_ids, attention_mask)
+            return logits[:, self.items.to(logits.device)].float().cpu()
         from transformers.modeling_outputs import BaseModelOutput
 
         hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         count, depth = len(self.prefixes), self.codes.shape[1]
-        decoder = torch.cat([torch.full((count, 1), model_start_token(model), dtype=torch.long), self.prefixes], 1)
+        decoder = torch.cat([torch.full((count, 1), model_start_token(model), dtype=torch.long), self.prefixes],
+                            1).to(hidden.device)
         positions = torch.arange(depth)
         out = []
         per_pass = max(1, self.chunk // count)
@@ -178,7 +199,7 @@ class ItemScorer:
             b = len(h)
             logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=h.repeat_interleave(count, 0)),
                            attention_mask=m.repeat_interleave(count, 0),
-                           decoder_input_ids=decoder.repeat(b, 1)).logits.float()  # (b * P, D, V)
+                           decoder_input_ids=decoder.repeat(b, 1)).logits.float().cpu()  # (b * P, D, V)
             logits = logits.reshape(b, count, depth, -1).masked_fill(~self.allowed, -torch.inf)
             log_p = torch.log_softmax(logits, dim=-1)
             # item i: sum over steps j of log p(code_j | its prefix), read at its prefix's row
@@ -194,10 +215,11 @@ def binary_probability(model: nn.Module, tokenizer: PreTrainedTokenizerFast, sou
     """p("yes") / (p("yes") + p("no")) of the first decoder step for each source."""
     yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
     out = []
+    device = model_device(model)
     for start in range(0, len(sources), batch_size):
-        batch = tokenizer(sources[start:start + batch_size], padding=True, return_tensors="pt")
+        batch = tokenizer(sources[start:start + batch_size], padding=True, return_tensors="pt").to(device)
         logits = first_step_logits(model, batch["input_ids"], batch["attention_mask"]).float()
-        out.append(torch.sigmoid(logits[:, yes] - logits[:, no]).double().numpy())
+        out.append(torch.sigmoid(logits[:, yes] - logits[:, no]).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -228,8 +250,8 @@ def evaluate_with_outputs(model: nn.Module, tokenizer: PreTrainedTokenizerFast, 
                           tasks: list[str] | tuple[str, ...] = ("intent", "next-item", "churn", "price"),
                           precision: str = "fp32") -> tuple[dict[str, float], Outputs]:
     """`evaluate`'s metrics and the per-example outputs they are computed from (model and baselines); the model's
-    forward passes run at `precision` (`autocast`), its scores are read as float32."""
-    with autocast(precision):
+    forward passes run at `precision` (`autocast`) on the model's device, its scores are read as float32 on the CPU."""
+    with autocast(precision, model_device(model)):
         return _evaluate_with_outputs(model, tokenizer, examples, facts, batch_size, baselines, tasks)
 
 

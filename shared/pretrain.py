@@ -17,13 +17,13 @@ import torch
 from shared.config import FedShopConfig
 from shared.data import catalogue_facts, catalogue_fingerprint, merchant_data, public_shopper_count, vocabulary
 from shared.locks import directory_lock
-from shared.model import build_base, save_base
-from shared.modeling import encode, evaluate, per_sample_loss
+from shared.model import build_base, check_checkpoint, from_checkpoint, save_base
+from shared.modeling import encode, evaluate, per_sample_loss, resolve_device
 from shared.semantic import SemanticIds, build_semantic_ids
 from shared.sources import load_world
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, SyntheticData
 from shared.tasks import CatalogueFacts, Example
-from shared.tokenizer import build_tokenizer
+from shared.tokenizer import build_tokenizer, check_whole_words, domain_tokens
 
 log = logging.getLogger("fedshop")
 RELATIVE_BIAS_LR_SCALE = 30.0  # the relative attention bias learns this much faster than the other weights
@@ -70,9 +70,22 @@ def public_semantic_ids(config: FedShopConfig, data: SyntheticData) -> SemanticI
                               config.semantic_clusters, config.seed)
 
 
+def starting_model(config: FedShopConfig, facts: CatalogueFacts) -> tuple[torch.nn.Module, object, dict]:
+    """The model pretraining starts from, its tokenizer, and its origin for the base's metadata: a fresh T5 of the
+    model-size preset over fedshop's own tokenizer, or the base-model checkpoint with the domain tokens added."""
+    words = vocabulary(facts)
+    if config.base_model:
+        return from_checkpoint(config.base_model, domain_tokens(*words), seed=config.seed)
+    tokenizer = build_tokenizer(*words)
+    return build_base(config.model_size, tokenizer, seed=config.seed), tokenizer, {"model-size": config.model_size}
+
+
 def pretrain(config: FedShopConfig, base_dir: str | Path | None = None) -> dict[str, float]:
     """Pretrain a base on the public split and write it to `base_dir` (default: base-dir), holding its lock."""
     base_dir = Path(base_dir or config.base_dir)
+    resolve_device(config.device)  # a wrong device or checkpoint is named before the data is loaded
+    if config.base_model:
+        check_checkpoint(config.base_model)
     with directory_lock(base_dir, "base directory"):
         return _pretrain(config, base_dir)
 
@@ -83,12 +96,16 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
     data = load_world(config)
     semantic = public_semantic_ids(config, data) if config.item_ids == "semantic" else None
     public = merchant_data(config, PUBLIC_MERCHANT, data, semantic=semantic)
-    tokenizer = build_tokenizer(*vocabulary(public.facts))
-    model = build_base(config.model_size, tokenizer, seed=config.seed)
+    model, tokenizer, origin = starting_model(config, public.facts)
+    if config.base_model:  # a checkpoint's own tokenizer must still read every source word as one token
+        check_whole_words(tokenizer, [e.source for e in public.train + public.valid],
+                          f"config key 'base-model' = {config.base_model!r}")
     if not public.facts.semantic:  # semantic ids are made of category, band and code tokens: nothing per item
         init_items_from_categories(model, tokenizer, public.facts)
+    device = resolve_device(config.device)
+    model.to(device)
     train = encode(public.train, tokenizer)
-    weight = task_weights(public.train, config.pretrain_weights)
+    weight = task_weights(public.train, config.pretrain_weights).to(device)
     # T5 has no absolute positions and its cross-attention none at all: "which item came last" reaches the decoder
     # only through the relative attention bias, whose entries must grow to O(several) to attend sharply; at the
     # common lr they move ~lr per Adam step and stay near 0 for the whole of a short schedule.
@@ -103,8 +120,9 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
                                                     total_steps=max(1, total_steps), pct_start=0.1)
     generator = torch.Generator().manual_seed(config.seed)
     shoppers = public_shopper_count(data)  # on a real log the split's own size, not the synthetic knob
-    log.info("pretraining %s base on the public split: %d shoppers, %d examples, %d steps", config.model_size,
-             shoppers, len(train), total_steps)
+    log.info("pretraining %s on the public split (%s): %d shoppers, %d examples, %d steps",
+             f"from the checkpoint {origin['base-model']}" if config.base_model else f"a {config.model_size} base",
+             device, shoppers, len(train), total_steps)
     model.train()
     for epoch in range(config.pretrain_epochs):
         order = torch.randperm(len(train), generator=generator)
@@ -112,9 +130,10 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
         for step in range(steps_per_epoch):
             idx = order[step * config.pretrain_batch_size:(step + 1) * config.pretrain_batch_size]
             width = int(train.attention_mask[idx].sum(1).max())  # drop columns that are padding in the whole batch
-            losses = per_sample_loss(model, train.input_ids[idx, :width], train.attention_mask[idx, :width],
-                                     train.target_ids[idx], config.precision)
-            loss = (weight[idx] * losses).mean()
+            losses = per_sample_loss(model, train.input_ids[idx, :width].to(device),
+                                     train.attention_mask[idx, :width].to(device), train.target_ids[idx].to(device),
+                                     config.precision)
+            loss = (weight[idx.to(device)] * losses).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -124,9 +143,10 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
         log.info("pretrain epoch %d/%d: loss %.4f", epoch + 1, config.pretrain_epochs, total / steps_per_epoch)
     metrics = evaluate(model, tokenizer, public.valid, public.facts, batch_size=config.eval_batch_size,
                        tasks=config.task_list, precision=config.precision)
+    model.to("cpu")  # the base directory holds CPU tensors, whatever device trained it
     metrics["pretrain-seconds"] = time.perf_counter() - started
     meta = {
-        "model-size": config.model_size, "seed": config.seed, "trained-on": "public platform split (no DP)",
+        **origin, "seed": config.seed, "trained-on": "public platform split (no DP)",
         "public-shoppers": shoppers, "num-items": config.num_items,
         "num-categories": config.num_categories, "pretrain-epochs": config.pretrain_epochs,
         "pretrain-task-weights": config.pretrain_weights,

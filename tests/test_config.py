@@ -32,6 +32,7 @@ def test_pyproject_defaults_equal_the_config_defaults():
     ("trim-fraction", 0.5, "[0, 0.5)"),
     ("max-update-norm", -1.0, "[0, inf]"),
     ("min-valid-merchants", 0, "[1, 1000]"),
+    ("device", "gpu", "one of auto, cpu, cuda"),
 ])
 def test_bad_values_are_refused_naming_key_and_range(key, value, words):
     with pytest.raises(ConfigError) as error:
@@ -148,3 +149,22 @@ def test_a_config_file_that_is_not_utf8_or_has_a_scalar_tool_key_is_refused_nami
     scalar.write_text("tool = 3\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"'tool'"):
         load_config(scalar)
+
+
+def test_device_auto_is_cuda_only_where_torch_sees_one_and_cuda_without_one_is_refused(tmp_path):
+    import torch
+
+    from shared.modeling import resolve_device
+    from shared.pretrain import pretrain
+
+    has_cuda = torch.cuda.is_available()
+    assert resolve_device("auto") == torch.device("cuda" if has_cuda else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu") and FedShopConfig().device == "auto"
+    if has_cuda:
+        assert resolve_device("cuda") == torch.device("cuda")
+        return
+    with pytest.raises(ConfigError, match="config key 'device' = 'cuda': torch .* sees no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="config key 'device' = 'cuda'"):  # refused before any data or base work
+        pretrain(FedShopConfig(device="cuda", base_dir=str(tmp_path / "base")))
+    assert not (tmp_path / "base").exists()
