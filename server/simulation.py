@@ -50,6 +50,14 @@ def run_simulation(config: FedShopConfig, verbose: bool = False) -> None:
     _run_simulation(**simulation_arguments(config, app_dir, verbose))
 
 
+def gpu_share(config: FedShopConfig) -> float:
+    """The GPU share each merchant actor reserves: merchant-gpu-share when the config's device resolves to cuda
+    (Ray then gives every actor its GPU and runs 1 / share of them on it at once), else none."""
+    from shared.modeling import resolve_device
+
+    return config.merchant_gpu_share if resolve_device(config.device).type == "cuda" else 0.0
+
+
 def simulation_arguments(config: FedShopConfig, app_dir: Path, verbose: bool = False) -> dict[str, Any]:
     """The keyword arguments of flwr 1.42's private `_run_simulation` (the one private Flower name fedshop uses;
     tests/test_flower_api.py fails loudly when a Flower upgrade changes its parameters)."""
@@ -64,7 +72,7 @@ def simulation_arguments(config: FedShopConfig, app_dir: Path, verbose: bool = F
         "is_app": True,
         "backend_name": "ray",
         "backend_config": {
-            "client_resources": {"num_cpus": config.torch_threads, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": config.torch_threads, "num_gpus": gpu_share(config)},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                           "logging_level": logging.ERROR if not verbose else logging.INFO},
         },

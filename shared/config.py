@@ -216,6 +216,9 @@ class FedShopConfig:
                                 "it, not by the partition-id they report (empty = the reported partition-id)")
     progress: bool = _spec(True, "show a progress line per round")
     torch_threads: int = _spec(1, "torch intra-op threads per merchant process", low=1, high=256)
+    merchant_gpu_share: float = _spec(0.25, "simulation with device cuda: the share of one GPU each merchant actor "
+                                      "reserves (Ray's client_resources num_gpus; 0.25 = four merchants train on a "
+                                      "GPU at once); unused on the CPU", low=0.0, high=1.0, low_open=True)
     precision: str = _spec("fp32", "arithmetic of the model's forward passes in training and evaluation (merchants, "
                            "pretraining, reference runs, predict): fp32, or bf16 (autocast: matmuls in bfloat16, "
                            "weights, losses and the clipped, noised DP gradients stay float32)",

@@ -34,3 +34,16 @@ def test_the_flower_helpers_the_strategies_use_keep_their_parameters():
     assert list(replies)[:3] == ["replies", "num_sampled_clients", "strict"]
     assert list(nodes)[:3] == ["grid", "min_available_nodes", "sample_size"]
     assert {"strategy", "noise_multiplier", "clipping_norm", "num_sampled_clients", "accountant"} <= set(wrapper)
+
+
+def test_merchant_actors_reserve_a_gpu_share_only_when_the_device_is_cuda(tmp_path: Path, monkeypatch):
+    def share(config: FedShopConfig) -> float:
+        return simulation_arguments(config, tmp_path)["backend_config"]["client_resources"]["num_gpus"]
+
+    # Execute / Assert: device cpu never reserves a GPU
+    assert share(FedShopConfig(device="cpu", merchant_gpu_share=0.5)) == 0.0
+    # torch reports a CUDA device (only the detection is replaced: no tensor is placed)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert share(FedShopConfig(device="auto", merchant_gpu_share=0.5)) == 0.5
+    assert share(FedShopConfig(device="cuda")) == 0.25
+    assert share(FedShopConfig(device="cpu")) == 0.0
