@@ -254,3 +254,12 @@ def test_evaluation_in_bf16_keeps_the_fp32_metrics():
     assert abs(kept["bf16"]["intent-auc"] - kept["fp32"]["intent-auc"]) <= 0.03
     assert abs(kept["bf16"]["next-mrr"] - kept["fp32"]["next-mrr"]) <= 0.03
     assert kept["bf16"]["intent-logloss"] != kept["fp32"]["intent-logloss"]  # the bf16 forward really ran
+
+
+def test_per_sample_gradients_are_exact_on_the_t5_small_shape_with_every_lora_target():
+    # Google's t5-small shape (d_model 512, 6 + 6 layers): every target fedshop offers, A and B non-zero
+    config = CONFIG.replace(model_size="t5-small", lora_targets="q,k,v,o,wi,wo,lm_head,embed")
+    model, tokenizer, merchant = tiny_lora_model(config, seed=4)
+    nonzero_lora(model, "lora_B", "lora_embedding_A")
+    assert len(model.base_model.model.encoder.block) == 6 and model.base_model.model.config.d_model == 512
+    assert_opacus_per_sample_gradients_exact(model, first(encode(merchant.train[:8], tokenizer), 3))
