@@ -120,9 +120,9 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
                                                     total_steps=max(1, total_steps), pct_start=0.1)
     generator = torch.Generator().manual_seed(config.seed)
     shoppers = public_shopper_count(data)  # on a real log the split's own size, not the synthetic knob
-    log.info("pretraining %s on the public split (%s): %d shoppers, %d examples, %d steps",
+    log.info("pretraining %s on the public split: %d shoppers, %d examples, %d steps on %s",
              f"from the checkpoint {origin['base-model']}" if config.base_model else f"a {config.model_size} base",
-             device, shoppers, len(train), total_steps)
+             shoppers, len(train), total_steps, device)
     model.train()
     for epoch in range(config.pretrain_epochs):
         order = torch.randperm(len(train), generator=generator)
