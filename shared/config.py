@@ -418,6 +418,8 @@ def _coerce(key: str, f: dataclasses.Field, raw: Any, where: str) -> Any:
     else:
         if not isinstance(raw, str):
             raise refuse("not a string")
+        if "\x00" in raw or not _encodes(raw):
+            raise refuse("a NUL character or bytes that are not UTF-8 (from the command line)")
         value = raw.strip()
     meta = f.metadata
     if meta["choices"]:
@@ -443,6 +445,14 @@ def _shown(value: Any) -> str:
     except ValueError:  # an int of more digits than Python converts to text
         return f"<an integer of about {int(value.bit_length() * math.log10(2))} digits>"
     return text if len(text) <= 200 else f"{text[:180]}... ({len(text)} characters)"
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a byte of the command line that was not UTF-8
+        return False
+    return True
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> FedShopConfig:
