@@ -49,7 +49,7 @@ def _spec(default: Any, help: str, *, low: float | None = None, high: float | No
 @dataclass(frozen=True)
 class FedShopConfig:
     # --- data: the embedded synthetic generator -------------------------------------------------------------
-    seed: int = _spec(7, "seed of the synthetic data, the model init and the DP sampling", low=0)
+    seed: int = _spec(7, "seed of the synthetic data, the model init and the DP sampling", low=0, high=1_000_000_000)
     num_merchants: int = _spec(4, "number of merchants (federation clients)", low=1, high=1000)
     shoppers_per_merchant: int = _spec(200, "private shoppers per merchant", low=10, high=1_000_000)
     public_shoppers: int = _spec(1000, "shoppers of the public platform split used only for pretraining",
