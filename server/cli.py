@@ -69,6 +69,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from server.deploy import absolute_paths, check_options, run_deployment
 
     check_options(tls=args.tls, auth=args.auth)  # before any work
+    extra = parse_node_config(args.node_config)
     args.set = [*(args.set or []), f"num-merchants={args.merchants}"]
     config = absolute_paths(_config(args))
     if config.resume_from:
@@ -84,7 +85,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     check_base_matches(read_base_meta(config.base_dir), config)
     report = Path(config.run_dir) / "report.md"
     before = _stamp(report)
-    extra = dict(item.split("=", 1) for item in (args.node_config or "").split())
     try:
         timing = run_deployment(config, args.merchants, tls=args.tls, auth=args.auth,
                                 state_root=args.state_dir and args.state_dir.resolve(), extra_node_config=extra)
@@ -99,6 +99,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     log.info("done: start-up %.1f s, run %.1f s, total %.1f s; report: %s", timing["startup-seconds"],
              timing["run-seconds"], timing["total-seconds"], report)
     return 0
+
+
+def parse_node_config(text: str | None) -> dict[str, str]:
+    """`--node-config "KEY=VALUE ..."` as a mapping; UserError naming the entry without a '='."""
+    extra = {}
+    for item in (text or "").split():
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise UserError(f"--node-config entry {item!r}: expected KEY=VALUE (space-separated, e.g. "
+                            "\"target-epsilon=4 message-log=FILE\")")
+        extra[key] = value
+    return extra
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
