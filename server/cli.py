@@ -363,18 +363,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable escaped (a line break, a form feed, an undecodable byte
+    of a file name): the error stays one line, whatever name or value it quotes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for earlier in [h for h in log.handlers if getattr(h, "fedshop_cli", False)]:
+        log.removeHandler(earlier)  # main() called again in one process (tests): one handler, each line once
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s fedshop %(message)s", datefmt="%H:%M:%S"))
+    handler.fedshop_cli = True
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"fedshop: error: {exc}", file=sys.stderr)
+        print(f"fedshop: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
 
 
