@@ -442,8 +442,9 @@ def _shown(value: Any) -> str:
     """A value as a message shows it: its repr, at most 200 characters."""
     try:
         text = repr(value)
-    except ValueError:  # an int of more digits than Python converts to text
-        return f"<an integer of about {int(value.bit_length() * math.log10(2))} digits>"
+    except ValueError:  # an int (or a list holding one) of more digits than Python converts to text
+        size = f" of about {int(value.bit_length() * math.log10(2))} digits" if isinstance(value, int) else ""
+        return f"<{type(value).__name__}{size}, too long to show>"
     return text if len(text) <= 200 else f"{text[:180]}... ({len(text)} characters)"
 
 
