@@ -27,8 +27,11 @@ _GUARD = threading.Lock()
 
 
 def lock_file(directory: str | Path) -> Path:
-    """The lock file of `directory`: `.<name>.lock` beside it."""
+    """The lock file of `directory`: `.<name>.lock` beside it. The file system's root has no "beside": refused."""
     directory = Path(directory).resolve()
+    if not directory.name:
+        raise UserError(f"{directory} is the file system's root, which fedshop does not write into as a run or base "
+                        "directory; choose a folder below it")
     return directory.with_name(f".{directory.name}.lock")
 
 
