@@ -319,7 +319,7 @@ COMMANDS = _commands()
 PATH_DESTS = {"run_dir", "out", "state_dir", "init_adapter", "adapter", "input", "verify", "file"}
 # inside the example's temporary working folder (see _workspace); no absolute path, no '..'
 TMP_PATHS = ["missing", "missing/deeper/x", "junk.bin", "junk.bin/sub", "empty.csv", "dir", "dir/new", "events.csv",
-             "runlike", "runlike/adapter", "export", "junkbase", ".", "", "bad.toml", "big.csv"]
+             "runlike", "runlike/adapter", "validrun", "export", "junkbase", ".", "", "bad.toml", "big.csv"]
 SAFE_NAME = st.text(st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)), min_size=1,
                     max_size=10).filter(lambda s: s not in (".", ".."))
 TMP_PATH = _weighted((3, st.sampled_from(TMP_PATHS)), (1, SAFE_NAME))
@@ -367,8 +367,9 @@ def _set_value(kv: tuple) -> str:
 
 
 SET_TEXT = _weighted((4, KEY_VALUE.map(_set_value)), (1, st.sampled_from(
-    ["seed", "=", "lora-r=", "base-dir=junkbase", "resume-from=runlike", "init-adapter=export", "run-dir=junk.bin/sub",
-     "data-path=events.csv", "merchant-nodes=junk.bin", "item-properties-path=junk.bin,missing"])))
+    ["seed", "=", "lora-r=", "base-dir=junkbase", "resume-from=runlike", "resume-from=validrun", "init-adapter=export",
+     "run-dir=junk.bin/sub", "data-path=events.csv", "merchant-nodes=junk.bin",
+     "item-properties-path=junk.bin,missing"])))
 
 
 def _value_strategy(action: argparse.Action) -> st.SearchStrategy:
@@ -438,6 +439,11 @@ def _workspace(root: Path, config_bytes: bytes) -> Path:
         for name in files:
             (work / folder / name).parent.mkdir(parents=True, exist_ok=True)
             (work / folder / name).write_bytes(b"{\"files\": 3}" if name.endswith(".json") else b"\x00\x01junk")
+    # a run directory whose config reads (base: the broken one), the rest of it broken
+    for name in ("privacy.csv", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        (work / "validrun" / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / "validrun" / name).write_bytes(b"\x00\x01junk")
+    (work / "validrun" / "config.toml").write_text(to_toml(FedShopConfig(base_dir="junkbase")), encoding="utf-8")
     return work
 
 
@@ -481,6 +487,8 @@ def _run_cli(argv: list[str], work: Path) -> tuple[str, object, str, str]:
 @example(argv=["export", "runlike", "--out", "dir", "--round", "1"], config_bytes=b"")
 @example(argv=["predict", "--adapter", "export", "--history", "i1"], config_bytes=b"")
 @example(argv=["audit", "runlike"], config_bytes=b"")
+@example(argv=["audit", "validrun"], config_bytes=b"")
+@example(argv=["export", "validrun", "--out", "junk.bin"], config_bytes=b"")
 def test_fuzz_every_command_gives_exit_2_and_one_line_never_a_traceback(tripwires, argv, config_bytes):
     with tempfile.TemporaryDirectory() as root:
         work = _workspace(Path(root), config_bytes)
