@@ -69,6 +69,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from server.deploy import absolute_paths, check_options, run_deployment
 
     check_options(tls=args.tls, auth=args.auth)  # before any work
+    extra = parse_node_config(args.node_config)
     args.set = [*(args.set or []), f"num-merchants={args.merchants}"]
     config = absolute_paths(_config(args))
     if config.resume_from:
@@ -84,7 +85,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     check_base_matches(read_base_meta(config.base_dir), config)
     report = Path(config.run_dir) / "report.md"
     before = _stamp(report)
-    extra = dict(item.split("=", 1) for item in (args.node_config or "").split())
     try:
         timing = run_deployment(config, args.merchants, tls=args.tls, auth=args.auth,
                                 state_root=args.state_dir and args.state_dir.resolve(), extra_node_config=extra)
@@ -99,6 +99,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     log.info("done: start-up %.1f s, run %.1f s, total %.1f s; report: %s", timing["startup-seconds"],
              timing["run-seconds"], timing["total-seconds"], report)
     return 0
+
+
+def parse_node_config(text: str | None) -> dict[str, str]:
+    """`--node-config "KEY=VALUE ..."` as a mapping; UserError naming the entry without a '='."""
+    extra = {}
+    for item in (text or "").split():
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise UserError(f"--node-config entry {item!r}: expected KEY=VALUE (space-separated, e.g. "
+                            "\"target-epsilon=4 message-log=FILE\")")
+        extra[key] = value
+    return extra
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -353,18 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable escaped (a line break, a form feed, an undecodable byte
+    of a file name): the error stays one line, whatever name or value it quotes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for earlier in [h for h in log.handlers if getattr(h, "fedshop_cli", False)]:
+        log.removeHandler(earlier)  # main() called again in one process (tests): one handler, each line once
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s fedshop %(message)s", datefmt="%H:%M:%S"))
+    handler.fedshop_cli = True
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"fedshop: error: {exc}", file=sys.stderr)
+        print(f"fedshop: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.config import FedShopConfig
+from shared.files import make_dir
 from shared.sources import SourceReport, load_real
 from shared.synthetic import PUBLIC_MERCHANT, SyntheticData
 
@@ -21,8 +22,7 @@ def _utc(ms: int) -> str:
 
 def inspect_file(config: FedShopConfig, path: str, out_dir: str | Path) -> Path:
     """Load, clean and partition `path` as `config` says; write `data-report.md` and `data-report.png`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out_dir, "the data report's folder (--out)")
     data, report = load_real(config, path)
     mix = category_mix(data)
     merchants = [*data.merchant_ids, PUBLIC_MERCHANT]

@@ -226,5 +226,9 @@ def _stream_run(deployment: Deployment, app_dir: Path) -> None:
 
 def absolute_paths(config: FedShopConfig) -> FedShopConfig:
     """The config with every path made absolute: the ServerApp and ClientApps run in other working directories."""
-    keys = ("run_dir", "base_dir", "base_model", "data_path", "item_properties_path", "resume_from", "init_adapter")
-    return config.replace(**{k: str(Path(getattr(config, k)).resolve()) for k in keys if getattr(config, k)})
+    keys = ("run_dir", "base_dir", "base_model", "data_path", "resume_from", "init_adapter")
+    changes = {k: str(Path(getattr(config, k)).resolve()) for k in keys if getattr(config, k)}
+    if config.item_properties_path:  # comma-separated files: each made absolute
+        changes["item_properties_path"] = ",".join(str(Path(p.strip()).resolve())
+                                                   for p in config.item_properties_path.split(",") if p.strip())
+    return config.replace(**changes)

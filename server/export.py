@@ -26,7 +26,7 @@ from server.manifest import write_manifest
 from server.report import ITEM_ID_WORDS, base_words, figure, privacy_lines, read_references, task_tables
 from shared.config import FedShopConfig
 from shared.errors import UserError
-from shared.files import sha256
+from shared.files import make_dir, sha256
 from shared.model import BASE_META, check_adapter_dir, read_json_object
 from shared.rundir import (
     CHECKPOINTS,
@@ -48,8 +48,9 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, round:
     run_dir, out = Path(run_dir), Path(out)
     config = run_config(run_dir)
     adapter_dir = run_dir / "adapter" if round is None else round_checkpoint(run_dir, round)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; choose a new directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not " + ("empty" if out.is_dir() else "a directory")
+                        + "; choose a new directory")
     tied = [t for t in config.lora_target_list if t in ("lm_head", "embed")]
     if merge and tied:
         raise UserError(f"--merge: {run_dir} adapts {tied[0]}, which T5 ties to its other embeddings (input, output "
@@ -61,7 +62,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, round:
         raise UserError(f"the run's base directory {base_dir} is missing; the export needs it beside the adapter")
     check_adapter_dir(adapter_dir)
     ledger = [row for row in RunDirectory(run_dir).read_privacy() if round is None or int(row["round"]) <= round]
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out (the export folder)")
     (out / "base").mkdir()
     for name in BASE_FILES + TOKENIZER_FILES:
         if (base_dir / name).is_file():

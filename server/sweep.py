@@ -20,6 +20,7 @@ from server.audit import audit_run, read_audit
 from server.report import with_standard_errors
 from shared.config import FedShopConfig, load_config
 from shared.errors import UserError
+from shared.files import make_dir
 from shared.privacy import PrivacyBudget
 from shared.rundir import (
     MERCHANT_LEVEL,
@@ -63,7 +64,7 @@ def label(epsilon: float) -> str:
 
 def run_sweep(config_path: Path | None, overrides: list[str], epsilons: list[float], out: Path) -> list[dict]:
     config = load_config(config_path, overrides)  # refuse a bad config before the first run
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--run-dir (the sweep directory)")
     rows = []
     for i, epsilon in enumerate(epsilons, 1):
         run_dir = out / f"eps-{label(epsilon)}"

@@ -50,7 +50,7 @@ def _spec(default: Any, help: str, *, low: float | None = None, high: float | No
 @dataclass(frozen=True)
 class FedShopConfig:
     # --- data: the embedded synthetic generator -------------------------------------------------------------
-    seed: int = _spec(7, "seed of the synthetic data, the model init and the DP sampling", low=0)
+    seed: int = _spec(7, "seed of the synthetic data, the model init and the DP sampling", low=0, high=1_000_000_000)
     num_merchants: int = _spec(4, "number of merchants (federation clients)", low=1, high=1000)
     shoppers_per_merchant: int = _spec(200, "private shoppers per merchant", low=10, high=1_000_000)
     public_shoppers: int = _spec(1000, "shoppers of the public platform split used only for pretraining",
@@ -395,7 +395,7 @@ def _coerce(key: str, f: dataclasses.Field, raw: Any, where: str) -> Any:
     expected = describe_range(f)
 
     def refuse(why: str) -> ConfigError:
-        return ConfigError(f"{where}config key '{key}' = {raw!r}: {why}; expected {expected}")
+        return ConfigError(f"{where}config key '{key}' = {_shown(raw)}: {why}; expected {expected}")
 
     if kind in ("bool", bool):
         if isinstance(raw, bool):
@@ -424,18 +424,22 @@ def _coerce(key: str, f: dataclasses.Field, raw: Any, where: str) -> Any:
             value = float(raw)
         except (TypeError, ValueError):
             raise refuse("not a number") from None
+        except OverflowError:  # an integer beyond float's range
+            raise refuse("out of range") from None
         if math.isnan(value):
             raise refuse("not a number")
     else:
         if not isinstance(raw, str):
             raise refuse("not a string")
+        if "\x00" in raw or not _encodes(raw):
+            raise refuse("a NUL character or bytes that are not UTF-8 (from the command line)")
         value = raw.strip()
     meta = f.metadata
     if meta["choices"]:
         parts = _split(value) if meta["multi"] else [value]
         bad = [p for p in parts if p not in meta["choices"]]
         if bad or not parts:
-            raise refuse(f"{', '.join(bad) or 'empty'} not allowed")
+            raise refuse(f"{', '.join(_shown(b) for b in bad) or 'empty'} not allowed")
         if meta["multi"]:
             value = ",".join(dict.fromkeys(parts))
     if isinstance(value, (int, float)):
@@ -445,6 +449,24 @@ def _coerce(key: str, f: dataclasses.Field, raw: Any, where: str) -> Any:
         if high is not None and (value > high or (meta["high_open"] and value >= high)):
             raise refuse("out of range")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value as a message shows it: its repr, at most 200 characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int (or a list holding one) of more digits than Python converts to text
+        size = f" of about {int(value.bit_length() * math.log10(2))} digits" if isinstance(value, int) else ""
+        return f"<{type(value).__name__}{size}, too long to show>"
+    return text if len(text) <= 200 else f"{text[:180]}... ({len(text)} characters)"
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a byte of the command line that was not UTF-8
+        return False
+    return True
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> FedShopConfig:
@@ -477,8 +499,8 @@ def _coerce_all(values: dict[str, Any], where: str) -> dict[str, Any]:
         f = FIELDS.get(key)
         if f is None:
             hint = _closest(key)
-            raise ConfigError(f"{where}unknown config key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
-                              + "; known keys: " + ", ".join(FIELDS))
+            raise ConfigError(f"{where}unknown config key {_shown(key)}"
+                              + (f" (did you mean '{hint}'?)" if hint else "") + "; known keys: " + ", ".join(FIELDS))
         kwargs[f.name] = _coerce(key, f, raw, where)
     return kwargs
 
@@ -502,13 +524,19 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     """A config override file: flat keys at top level (or under [tool.flwr.app.config])."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} " + ("is a directory; expected a TOML file" if path.is_dir() else
+                                                    "does not exist"))
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits; arrays nested thousands deep
+        why = "arrays or tables nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+        raise ConfigError(f"{path}: not a TOML file fedshop can read ({why})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     nested: Any = data
     for section in ("tool", "flwr", "app", "config"):  # a pyproject.toml's [tool.flwr.app.config]
         nested = nested.get(section) if isinstance(nested, dict) else None
@@ -516,7 +544,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         data = nested
     for key, value in data.items():
         if isinstance(value, dict):
-            raise ConfigError(f"{path}: section [{key}] not allowed; fedshop configs are flat key = value pairs")
+            raise ConfigError(f"{path}: section [{_shown(key)[1:-1]}] not allowed; fedshop configs are flat key = "
+                              "value pairs")
     return data
 
 
@@ -550,5 +579,8 @@ def _toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+    return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c)
+                         for c in str(value)) + '"'
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}

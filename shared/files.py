@@ -17,6 +17,19 @@ from typing import Any
 from shared.errors import UserError
 
 
+def make_dir(path: str | Path, what: str) -> Path:
+    """`path` created with its parents if missing (mkdir -p), or a UserError naming `what` needs it, the folder and
+    why it cannot be created (a file in the way, no permission, a read-only disk ...)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{what}: cannot create folder {path}: a file of that name is in the way") from None
+    except OSError as exc:
+        raise UserError(f"{what}: cannot create folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` durable (best effort: some file systems refuse to open a directory)."""
     try:

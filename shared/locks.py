@@ -20,14 +20,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shared.errors import UserError
+from shared.files import make_dir
 
 _HELD: dict[Path, tuple[int, int]] = {}  # lock file -> (descriptor, times taken by this process)
 _GUARD = threading.Lock()
 
 
 def lock_file(directory: str | Path) -> Path:
-    """The lock file of `directory`: `.<name>.lock` beside it."""
+    """The lock file of `directory`: `.<name>.lock` beside it. The file system's root has no "beside": refused."""
     directory = Path(directory).resolve()
+    if not directory.name:
+        raise UserError(f"{directory} is the file system's root, which fedshop does not write into as a run or base "
+                        "directory; choose a folder below it")
     return directory.with_name(f".{directory.name}.lock")
 
 
@@ -55,8 +59,11 @@ def directory_lock(directory: str | Path, what: str) -> Iterator[Path]:
 
 
 def _acquire(path: Path, directory: Path, what: str) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    make_dir(path.parent, f"{what} {directory}")
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"{what} {directory}: cannot create its lock file {path}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -252,7 +252,7 @@ def _median_per_group(group: np.ndarray, value: np.ndarray, groups: int) -> np.n
     starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
     ends = np.r_[starts[1:], len(group)]
     lower, upper = value[starts + (ends - starts - 1) // 2], value[starts + (ends - starts) // 2]
-    out[group[starts]] = (lower + upper) / 2.0
+    out[group[starts]] = lower + (upper - lower) / 2.0  # not (lower + upper) / 2: that overflows near 1.8e308
     return out
 
 

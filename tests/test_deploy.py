@@ -285,3 +285,15 @@ def test_ctrl_c_during_the_run_stops_every_process_it_started(tmp_path, tiny_bas
     pids = json.loads((run_dir / ".deploy" / "pids.json").read_text())
     assert pids["left-running"] == [] and len(pids["seen"]) >= 8
     assert [pid for pid, started in seen.items() if alive(pid, started)] == []  # nothing of its tree outlived it
+
+
+def test_absolute_paths_resolves_each_of_several_item_property_files(tmp_path, monkeypatch):
+    """item-properties-path is comma-separated: each file is made absolute, not the whole string as one path."""
+    from server.deploy import absolute_paths
+    from shared.config import FedShopConfig
+
+    monkeypatch.chdir(tmp_path)
+    config = absolute_paths(FedShopConfig(data_path="events.csv", data_format="retailrocket",
+                                          item_properties_path="props1.csv, data/props2.csv"))
+    assert config.item_properties_path == f"{tmp_path / 'props1.csv'},{tmp_path / 'data' / 'props2.csv'}"
+    assert config.data_path == str(tmp_path / "events.csv") and config.run_dir == str(tmp_path / "runs" / "latest")
