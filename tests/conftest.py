@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,19 @@ TINY = dict(model_size="tiny", num_merchants=3, shoppers_per_merchant=40, public
             num_categories=6, history_length=8, pretrain_epochs=2, num_rounds=2, batch_size=16)
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Groups for pytest-xdist's `--dist loadgroup` (the README's test command): one worker takes each test file
+    whole (its module fixtures are built once), and one takes every test of the session's simulated run
+    (`tiny_run`), whatever file holds it."""
+    for item in items:
+        group = "tiny-run" if "tiny_run" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    # one thread per parallel worker (two 2-thread torch processes on 2 cores slow each other down many times)
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
@@ -35,17 +46,11 @@ def tiny_base(tiny_config) -> FedShopConfig:
     return tiny_config
 
 
-def ray_processes() -> int:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return sum(1 for line in out.splitlines() if "raylet" in line or "gcs_server" in line)
-
-
 @dataclass(frozen=True)
 class FinishedRun:
     path: Path  # the run directory: tests read it, and copy it before changing anything in it
     stderr: str
-    ray_processes_before: int
-    ray_processes_after: int
+    ray_left_running: list[str]  # Ray processes of the run's own session still alive after it exited
 
 
 @pytest.fixture(scope="session")
@@ -53,13 +58,15 @@ def tiny_run(tiny_base, tmp_path_factory) -> FinishedRun:
     """`fedshop simulate --config configs/tiny.toml` once for the session, on the session's base, with the
     local-only and centralised references: 3 merchants x 2 rounds through Flower's simulation engine. The tests of
     a finished run (its files, export, paired comparisons, resume) all read this one."""
-    from helpers import simulate
+    from helpers import ROOT, ray_processes_of, simulate_command
 
     run = tmp_path_factory.mktemp("tiny-run") / "run"
-    before = ray_processes()
-    done = simulate(run, f"base-dir={tiny_base.base_dir}", "references=local-only,centralised", timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return FinishedRun(run, done.stderr, before, ray_processes())
+    process = subprocess.Popen(simulate_command(run, f"base-dir={tiny_base.base_dir}",
+                                                "references=local-only,centralised"),
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = process.communicate(timeout=1200)
+    assert process.returncode == 0, stderr[-3000:]
+    return FinishedRun(run, stderr, ray_processes_of(process.pid))
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,28 @@ from shared.tokenizer import build_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def simulate_command(run_dir: Path, *sets: str, config: Path = ROOT / "configs/tiny.toml",
+                     options: tuple[str, ...] = ()) -> list[str]:
+    """`fedshop simulate --config CONFIG --run-dir RUN_DIR --no-progress OPTIONS --set S...`"""
+    return [sys.executable, "-m", "server.cli", "simulate", "--config", str(config), "--run-dir", str(run_dir),
+            "--no-progress", *options, *(a for s in sets for a in ("--set", s))]
+
+
 def simulate(run_dir: Path, *sets: str, config: Path = ROOT / "configs/tiny.toml", timeout: float = 900,
              options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """`fedshop simulate --config CONFIG --set S... --run-dir RUN_DIR --no-progress` as a user runs it."""
-    command = [sys.executable, "-m", "server.cli", "simulate", "--config", str(config), "--run-dir", str(run_dir),
-               "--no-progress", *options, *(a for s in sets for a in ("--set", s))]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    """`fedshop simulate` (`simulate_command`) run as a user runs it."""
+    return subprocess.run(simulate_command(run_dir, *sets, config=config, options=options), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ray_processes_of(pid: int) -> list[str]:
+    """The Ray processes (raylet, GCS server) still running of the Ray session that process `pid` started: Ray names
+    a session's directory `session_<date>_<time>_<pid of its driver>`, and both name that directory in their
+    arguments. Other processes' simulations (a parallel test worker's) never match."""
+    session = re.compile(rf"/session_[0-9_-]+_{pid}/")
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if ("raylet" in line or "gcs_server" in line) and session.search(line)]
 
 
 def tiny_lora_model(config: FedShopConfig, seed: int = 0):

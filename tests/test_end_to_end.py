@@ -55,7 +55,7 @@ def test_simulate_tiny_writes_a_complete_run_directory(tiny_run, tiny_base, tmp_
     report = (run_dir / "report.md").read_text()
     assert "Bayes oracle" in report and "popularity" in report
     assert f"delta = {config.target_delta:g}" in report and "unit" in report and "rdp accountant" in report
-    assert tiny_run.ray_processes_after <= tiny_run.ray_processes_before  # it left no Ray process behind
+    assert tiny_run.ray_left_running == []  # the simulation left no Ray process of its own behind
 
     # A resumed run carries every merchant's ledger on: the budget is spent, so every merchant declines
     resumed = tmp_path / "resumed"
