@@ -233,5 +233,5 @@ def absolute_paths(config: FedShopConfig) -> FedShopConfig:
         changes["item_properties_path"] = ",".join(str(Path(p.strip()).resolve())
                                                    for p in config.item_properties_path.split(",") if p.strip())
     cache = cache_dir(config.world_cache_dir)  # with FEDSHOP_WORLD_CACHE_DIR and ~ resolved here, once
-    changes["world_cache_dir"] = str(cache.resolve()) if cache is not None else ""
+    changes["world_cache_dir"] = os.path.abspath(cache) if cache is not None else ""
     return config.replace(**changes)

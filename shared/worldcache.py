@@ -65,7 +65,13 @@ def cache_dir(setting: str) -> Path | None:
     variable FEDSHOP_WORLD_CACHE_DIR replaces it when set. None (no disk cache) when empty."""
     if setting == WORLD_CACHE_DIR:
         setting = os.environ.get(ENVIRONMENT, setting)
-    return Path(setting).expanduser() if setting.strip() else None
+    if not setting.strip():
+        return None
+    try:
+        return Path(setting).expanduser()
+    except RuntimeError as exc:  # no home directory to put in place of ~ (no HOME, no passwd entry)
+        _warn_once(Path(setting), f"cannot use {setting} ({exc}); going on without the disk cache")
+        return None
 
 
 def entry_paths(directory: Path, key: tuple) -> tuple[Path, Path]:
@@ -118,12 +124,16 @@ def write_world(directory: Path, key: tuple, data: SyntheticData) -> bool:
         _write_table(catalogue_path, catalogue, header)
         _write_table(events_path, events, {**header, "merchant_ids": list(data.merchant_ids), "window_end_ms": end})
     except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: whatever fails, the run goes on
-        if directory not in _WARNED:
-            _WARNED.add(directory)
-            log.warning("world cache: cannot write into %s (%s: %s); going on without the disk cache", directory,
-                        type(exc).__name__, exc)
+        _warn_once(directory, f"cannot write into {directory} ({type(exc).__name__}: {exc}); going on without the "
+                   "disk cache")
         return False
     return True
+
+
+def _warn_once(directory: Path, message: str) -> None:
+    if directory not in _WARNED:
+        _WARNED.add(directory)
+        log.warning("world cache: %s", message)
 
 
 def read_world(directory: Path, key: tuple) -> SyntheticData | None:

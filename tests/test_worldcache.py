@@ -320,6 +320,12 @@ def test_the_environment_replaces_only_the_default(monkeypatch, tmp_path):
     assert "world-cache-dir" not in sources.DATA_KEYS
 
 
+def test_no_home_directory_for_the_default_means_no_disk_cache_not_a_failed_run(monkeypatch, caplog):
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # neither HOME nor a passwd entry: ~ stays ~
+    assert worldcache.cache_dir("~/no-home/worlds") is None
+    assert "~/no-home/worlds" in caplog.text and "without the disk cache" in caplog.text
+
+
 def test_a_new_process_reads_the_entry_without_loading(rees46, tmp_path):
     # Prepare: this process writes the entry
     cache = tmp_path / "worlds"
