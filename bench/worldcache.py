@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def child(data: str, cache: str, sets: list[str]) -> dict:
     """In this fresh process: `load_world` once (cold or from disk), then again (memory)."""
     sys.path.insert(0, str(ROOT))
+    import shared.worldcache  # noqa: F401 - imported by load_world on first use: imports are not timed
     from shared.config import load_config
     from shared.sources import load_world
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared import worldcache
 from shared.cleaning import CleaningOptions, CleaningStep, clean
 from shared.config import FedShopConfig, parse_time_bound
 from shared.events import DataError, EventLog
@@ -105,6 +104,8 @@ def _cached_world(key: tuple, config: FedShopConfig) -> SyntheticData:
 def _real_world(key: tuple, config: FedShopConfig) -> SyntheticData:
     """A real log's world from the disk cache, else built by `load_real` and written there (once, when several
     processes miss it together: the others wait for the entry and read it)."""
+    from shared import worldcache  # here: pyarrow adds 50-70 ms to every process's imports, synthetic runs included
+
     directory = worldcache.cache_dir(config.world_cache_dir)
     if directory is None:
         return load_real(config)[0]
