@@ -35,6 +35,7 @@ from shared.config import FedShopConfig
 from shared.data import merchant_id_for_partition
 from shared.errors import UserError
 from shared.files import write_text_atomic
+from shared.worldcache import cache_dir
 
 log = logging.getLogger("fedshop")
 HOST = "127.0.0.1"
@@ -231,4 +232,6 @@ def absolute_paths(config: FedShopConfig) -> FedShopConfig:
     if config.item_properties_path:  # comma-separated files: each made absolute
         changes["item_properties_path"] = ",".join(str(Path(p.strip()).resolve())
                                                    for p in config.item_properties_path.split(",") if p.strip())
+    cache = cache_dir(config.world_cache_dir)  # with FEDSHOP_WORLD_CACHE_DIR and ~ resolved here, once
+    changes["world_cache_dir"] = os.path.abspath(cache) if cache is not None else ""
     return config.replace(**changes)

@@ -32,6 +32,7 @@ REFERENCE_CHOICES = ("none", "local-only", "centralised")
 DATA_FORMATS = ("auto", "canonical", "parquet", "retailrocket", "taobao", "rees46", "recbole", "transactions")
 ON_BAD_ROWS = ("error", "skip")
 PARTITION_KINDS = ("iid", "dirichlet", "size-skew")
+WORLD_CACHE_DIR = "~/.cache/fedshop/worlds"  # world-cache-dir's default (shared.worldcache)
 
 
 class ConfigError(UserError):
@@ -107,6 +108,13 @@ class FedShopConfig:
                                                 "dropped (0 = no limit)", low=0)
     time_window_start: str = _spec("", "cleaning: keep events at or after this ISO date/time (UTC; empty = no bound)")
     time_window_end: str = _spec("", "cleaning: keep events before this ISO date/time (UTC; empty = no bound)")
+    world_cache_dir: str = _spec(WORLD_CACHE_DIR, "folder of the on-disk cache of a real log's parsed, cleaned and "
+                                 "partitioned world (shared/worldcache.py): the first process builds it from data-path "
+                                 "and writes it there, every later one (merchant messages, simulation actors, "
+                                 "pretraining, references, predict) reads it in milliseconds; keyed by every data key "
+                                 "and each file's path, size and modification time. Left at its default, the "
+                                 "environment variable FEDSHOP_WORLD_CACHE_DIR replaces it when set. Empty = no disk "
+                                 "cache (synthetic worlds are never written)")
     # --- model -------------------------------------------------------------------------------------------
     model_size: str = _spec("small", "T5 size preset of a fresh base model (unused when base-model names a "
                             "checkpoint)", choices=MODEL_SIZES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,23 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     os.replace(temporary, path)
     _fsync_dir(path.parent)
     return path
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write; when the block ends, the file is synced and renamed
+    over `path` (the old content or the new, never a mix). On an error it is removed and `path` left as it was.
+    Named by process and thread, so concurrent writers of the same `path` never share a temporary file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        yield temporary
+        _fsync_file(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def save_pretrained_atomic(model: Any, directory: str | Path) -> Path:

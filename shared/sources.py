@@ -16,8 +16,8 @@ into the same `SyntheticData` shape with a catalogue derived from the events:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -62,32 +62,61 @@ def load_world(config: FedShopConfig) -> SyntheticData:
     """The run's data: synthetic when `data-path` is empty, else the file (see the module doc).
 
     Kept per process for the last few configs (a merchant's actor serves many messages; building the world again
-    for each cost 1.5-2 s on the default config), keyed by every data key of the config and, for files, their size
-    and modification time, so a changed file is read again. Callers must not modify what it returns.
+    for each cost 1.5-2 s on the default config), keyed by every data key of the config and, for files, their
+    absolute path, size and modification time, so a changed file is read again. A real log's world is also kept on
+    disk in `world-cache-dir` (shared/worldcache.py), so that a new process reads it instead of loading, cleaning
+    and partitioning the file again: memory, then disk, then build (and write the disk cache). Callers must not
+    modify what it returns.
     """
     return _cached_world(_world_key(config), config)
 
 
 def _world_key(config: FedShopConfig) -> tuple:
+    """Everything that defines the world: every data key (its file paths made absolute: a key names files, not
+    spellings of them) and each file loading reads, with its size and modification time."""
     flat = config.to_flat()
-    files = [p for p in [config.data_path, *config.item_properties_path.split(",")] if p.strip()]
-    stats = []
-    for path in files:
-        try:
-            info = Path(path.strip()).stat()
-            stats.append((path, info.st_size, info.st_mtime_ns))
-        except OSError:
-            stats.append((path, None, None))  # loading will name the missing file
-    return tuple((key, flat[key]) for key in DATA_KEYS) + tuple(stats)
+    data_path = os.path.abspath(config.data_path) if config.data_path else ""
+    properties = [os.path.abspath(p.strip()) for p in config.item_properties_path.split(",") if p.strip()]
+    flat["data-path"], flat["item-properties-path"] = data_path, ",".join(properties)
+    files = [p for p in (data_path, *properties) if p]
+    if data_path and not properties and config.data_format in ("auto", "recbole"):
+        files.append(os.path.splitext(data_path)[0] + ".item")  # what a recbole .inter reads beside it
+    return tuple((key, flat[key]) for key in DATA_KEYS) + tuple(_file_stat(path) for path in files)
+
+
+def _file_stat(path: str) -> tuple:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return path, None, None  # loading will name the missing file
+    return path, info.st_size, info.st_mtime_ns
 
 
 def _cached_world(key: tuple, config: FedShopConfig) -> SyntheticData:
     hit = _WORLDS.get(key)
     if hit is None:
-        hit = _WORLDS[key] = generate(config) if not config.data_path else load_real(config)[0]
+        hit = _WORLDS[key] = generate(config) if not config.data_path else _real_world(key, config)
         while len(_WORLDS) > WORLDS_KEPT:
             _WORLDS.pop(next(iter(_WORLDS)))  # the oldest
     return hit
+
+
+def _real_world(key: tuple, config: FedShopConfig) -> SyntheticData:
+    """A real log's world from the disk cache, else built by `load_real` and written there (once, when several
+    processes miss it together: the others wait for the entry and read it)."""
+    from shared import worldcache  # here: pyarrow adds 50-70 ms to every process's imports, synthetic runs included
+
+    directory = worldcache.cache_dir(config.world_cache_dir)
+    if directory is None:
+        return load_real(config)[0]
+    data = worldcache.read_world(directory, key)
+    if data is None:
+        with worldcache.building(directory, key) as waited:
+            data = worldcache.read_world(directory, key) if waited else None
+            if data is None:
+                data = load_real(config)[0]
+                worldcache.write_world(directory, key, data)
+    return data
 
 
 WORLDS_KEPT = 2
@@ -95,7 +124,8 @@ _WORLDS: dict[tuple, SyntheticData] = {}
 
 
 def clear_world_cache() -> None:
-    """Forget the worlds `load_world` kept in this process (the next call builds its world again)."""
+    """Forget the worlds `load_world` kept in this process (the next call reads the disk cache or builds them
+    again); the disk cache is left as it is."""
     _WORLDS.clear()
 
 

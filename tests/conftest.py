@@ -31,6 +31,18 @@ def _threads():
     torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _world_cache(tmp_path_factory):
+    """Real-log worlds go to a folder of this session, never the user's ~/.cache/fedshop/worlds: through the
+    environment (FEDSHOP_WORLD_CACHE_DIR, read where world-cache-dir is left at its default), so that the CLI
+    commands and simulations the tests start as subprocesses, and their Ray actors, inherit it too."""
+    from shared.worldcache import ENVIRONMENT
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENVIRONMENT, str(tmp_path_factory.mktemp("world-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory) -> FedShopConfig:
     base = tmp_path_factory.mktemp("base") / "tiny"

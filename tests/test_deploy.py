@@ -297,3 +297,20 @@ def test_absolute_paths_resolves_each_of_several_item_property_files(tmp_path, m
                                           item_properties_path="props1.csv, data/props2.csv"))
     assert config.item_properties_path == f"{tmp_path / 'props1.csv'},{tmp_path / 'data' / 'props2.csv'}"
     assert config.data_path == str(tmp_path / "events.csv") and config.run_dir == str(tmp_path / "runs" / "latest")
+
+
+def test_absolute_paths_resolves_the_world_cache_folder_with_its_environment_override(tmp_path, monkeypatch):
+    """ClientApps run in other working directories: world-cache-dir arrives absolute, FEDSHOP_WORLD_CACHE_DIR (which
+    replaces the default only) and ~ already resolved."""
+    from server.deploy import absolute_paths
+    from shared.config import FedShopConfig
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDSHOP_WORLD_CACHE_DIR", "from-environment")
+    assert absolute_paths(FedShopConfig()).world_cache_dir == str(tmp_path / "from-environment")
+    assert absolute_paths(FedShopConfig(world_cache_dir="worlds")).world_cache_dir == str(tmp_path / "worlds")
+    assert absolute_paths(FedShopConfig(world_cache_dir="")).world_cache_dir == ""
+    monkeypatch.setenv("FEDSHOP_WORLD_CACHE_DIR", "")
+    assert absolute_paths(FedShopConfig()).world_cache_dir == ""
+    monkeypatch.delenv("FEDSHOP_WORLD_CACHE_DIR")
+    assert absolute_paths(FedShopConfig()).world_cache_dir == str(Path.home() / ".cache" / "fedshop" / "worlds")

@@ -49,7 +49,7 @@ def _weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
 
 
 PATH_KEYS = ("data-path", "item-properties-path", "base-dir", "run-dir", "resume-from", "init-adapter",
-             "merchant-nodes")
+             "merchant-nodes", "world-cache-dir")
 HUGE_INTS = [10**30, -10**30, 2**63, -2**63 - 1, 2**64, 2**32, 10**400, -(10**400), 10**5000]
 SPECIAL_FLOATS = [math.nan, math.inf, -math.inf, -0.0, 0.0, 1e308, -1e308, 5e-324, 1e-300]
 SPECIAL_TEXT = ["", " ", "true", "False", "TRUE ", "nan", "inf", "-inf", "1e400", "-0.0", "0x10", "1_000", "\u0663",
@@ -347,8 +347,8 @@ LISTS = {
 
 
 def _safe_path_value(value: str) -> str:
-    """A path-valued config key's value, kept inside the temporary working folder."""
-    return ",".join(part.replace("..", "_").lstrip("/") for part in value.split(","))
+    """A path-valued config key's value, kept inside the temporary working folder (world-cache-dir expands ~)."""
+    return ",".join(part.replace("..", "_").lstrip("/~") for part in value.split(","))
 
 
 def _sanitized(mapping: dict) -> dict:
