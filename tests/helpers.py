@@ -43,6 +43,23 @@ def ray_processes_of(pid: int) -> list[str]:
             if ("raylet" in line or "gcs_server" in line) and session.search(line)]
 
 
+def run_logits(run: Path, source: str) -> torch.Tensor:
+    """First-step logits of `source` from a finished run's base and final adapter, loaded the fedshop way."""
+    from shared.config import load_config
+    from shared.model import load_adapter_state, load_base, read_adapter
+
+    config = load_config(run / "config.toml")
+    base, tokenizer, _ = load_base(config.base_dir)
+    model = add_lora(base, config)
+    load_adapter_state(model, read_adapter(run))
+    model.eval()
+    batch = tokenizer([source], return_tensors="pt")
+    start = torch.tensor([[base.config.decoder_start_token_id]])
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     decoder_input_ids=start).logits[0, 0]
+
+
 def tiny_lora_model(config: FedShopConfig, seed: int = 0):
     data = generate(config)
     merchant = merchant_data(config, "m0", data)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_logits
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
@@ -207,8 +208,6 @@ torch.save(logits[0, 0], out + "/../logits.pt")
 def test_a_federation_on_the_checkpoint_base_exports_an_adapter_plain_peft_loads(base, checkpoint, sources, tmp_path):
     from server.export import export_run
     from server.predict import Predictor
-    from shared.config import load_config
-    from shared.model import add_lora, load_adapter_state, read_adapter
 
     run = tmp_path / "run"
     done = subprocess.run(
@@ -225,15 +224,7 @@ def test_a_federation_on_the_checkpoint_base_exports_an_adapter_plain_peft_loads
     fresh = subprocess.run([sys.executable, "-c", FRESH, str(out), source], cwd=tmp_path, capture_output=True,
                            text=True, timeout=300)  # a fresh interpreter, no fedshop import
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    config = load_config(run / "config.toml")
-    model, tokenizer, _ = load_base(config.base_dir)
-    model = add_lora(model, config)
-    load_adapter_state(model, read_adapter(run))
-    model.eval()
-    batch = tokenizer([source], return_tensors="pt")
-    with torch.no_grad():
-        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         decoder_input_ids=torch.zeros((1, 1), dtype=torch.long)).logits[0, 0]
+    expected = run_logits(run, source)
     assert torch.allclose(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5)
     predictor = Predictor(out)
     history = list(predictor.facts.item_ids[:4])

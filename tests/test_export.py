@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_logits
 
 from server.export import export_run
 from server.manifest import verify
 from shared.errors import UserError
-from shared.model import add_lora, load_adapter_state, load_base, read_adapter
 
 pytestmark = pytest.mark.slow  # every test here reads the session's simulated run (conftest.tiny_run)
 
@@ -25,21 +25,6 @@ SOURCE = "next: i1 c1 i2 c2 i3 c0"
 @pytest.fixture(scope="module")
 def run_dir(tiny_run):
     return tiny_run.path  # read only: exports are written beside it, never into it
-
-
-def _run_logits(run: Path) -> torch.Tensor:
-    from shared.config import load_config
-
-    config = load_config(run / "config.toml")
-    base, tokenizer, _ = load_base(config.base_dir)
-    model = add_lora(base, config)
-    load_adapter_state(model, read_adapter(run))
-    model.eval()
-    batch = tokenizer([SOURCE], return_tensors="pt")
-    start = torch.tensor([[base.config.decoder_start_token_id]])
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     decoder_input_ids=start).logits[0, 0]
 
 
 FRESH = f"""
@@ -67,7 +52,7 @@ def test_export_loads_with_plain_peft_and_gives_the_runs_logits(run_dir, tmp_pat
     done = subprocess.run([sys.executable, "-c", FRESH, str(out)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)  # a fresh interpreter, no fedshop import
     assert done.returncode == 0, done.stderr[-3000:]
-    expected = _run_logits(run_dir)
+    expected = run_logits(run_dir, SOURCE)
     for got in torch.load(tmp_path / "logits.pt"):
         assert torch.allclose(got, expected, atol=1e-5)
 
