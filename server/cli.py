@@ -16,6 +16,8 @@ FORMAT_CHOICES = tuple(f for f in DATA_FORMATS if f != "auto")
 
 
 def _config(args: argparse.Namespace) -> FedShopConfig:
+    if getattr(args, "resume", None):
+        return _resume_config(args)
     overrides = list(args.set or [])
     if getattr(args, "run_dir", None):
         overrides.append(f"run-dir={args.run_dir}")
@@ -24,6 +26,24 @@ def _config(args: argparse.Namespace) -> FedShopConfig:
     if getattr(args, "init_adapter", None):
         overrides.append(f"init-adapter={args.init_adapter}")
     return load_config(args.config, overrides)
+
+
+def _resume_config(args: argparse.Namespace) -> FedShopConfig:
+    """`simulate --resume RUN_DIR`: the stopped run's own config (RUN_DIR/config.toml), continued in place from its
+    last complete checkpoint; nothing else may change, so that the resumed rounds are the ones it would have run."""
+    others = [flag for flag, given in (("--config", args.config), ("--set", args.set), ("--run-dir", args.run_dir),
+                                       ("--init-adapter", args.init_adapter), ("--force", args.force)) if given]
+    if others:
+        raise UserError(f"--resume takes the stopped run's own config ({args.resume}/config.toml); drop "
+                        f"{', '.join(others)}")
+    path = Path(args.resume)
+    if not (path / "config.toml").is_file():
+        raise UserError(f"--resume {path}: {path / 'config.toml'} does not exist; expected the run directory of a "
+                        "fedshop run that stopped before its last round")
+    overrides = [f"resume-from={path}", f"run-dir={path}", "init-adapter=", "resume-unfinished=true"]
+    if args.no_progress:
+        overrides.append("progress=false")
+    return load_config(path / "config.toml", overrides)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -36,9 +56,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _simulate(config: FedShopConfig, args: argparse.Namespace) -> int:
     from server.preflight import preflight
+    from shared.rundir import RunDirectory
 
     started = time.perf_counter()
-    if config.resume_from:
+    if config.resume_unfinished:
+        point = RunDirectory(config.run_dir).resume_point()  # refused here, before Ray starts, if nothing is left
+        log.info("resuming %s from checkpoints/round-%d: %d round(s) left", config.run_dir, point.checkpoint,
+                 point.rounds)
+    elif config.resume_from:
         _check_resumable(config)
     _claim_run_dir(config, args.force)  # before any work: a refused run directory costs nothing
     base_meta = preflight(config)
@@ -56,7 +81,6 @@ def _simulate(config: FedShopConfig, args: argparse.Namespace) -> int:
     if config.reference_list:
         from server.references import run_references, write_references
         from server.report import write_report
-        from shared.rundir import RunDirectory
 
         log.info("training the reference runs on the same splits: %s", ", ".join(config.reference_list))
         write_references(config.run_dir, run_references(config, config.reference_list))
@@ -276,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--force", action="store_true", help="if the run directory already holds a run, move it "
                           "aside to <dir>.old-<time> first (nothing is deleted); without it, such a directory is "
                           "refused unless resume-from names it (continue it in place)")
+    simulate.add_argument("--resume", metavar="RUN_DIR", help="finish a run that stopped before its last round "
+                          "(killed, or stopped by too few merchants): from its last complete checkpoint, with its "
+                          "own config.toml and ledger (run from the directory it was started in: its paths are "
+                          "relative to it)")
     simulate.add_argument("--init-adapter", metavar="DIR", help="continue from an export folder on this config's "
                           "data: its adapter and its merchants' privacy ledger (config key init-adapter)")
     simulate.set_defaults(func=cmd_simulate)

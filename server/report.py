@@ -346,6 +346,11 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
     lines += ["", "## Privacy", ""]
     lines += privacy_lines(config, ledger)
     lines += continuation_lines(run_dir.path)
+    for resume in run_dir.resumes():
+        lines.append(f"- **Resumed** ({resume['at']}) after the run stopped: rounds from {resume['first-round']} on "
+                     f"started from `checkpoints/round-{resume['checkpoint']}`, each merchant's accountant history "
+                     "read back from `privacy.csv` (every step taken before the stop counts, a round under way "
+                     "included).")
     declined = [r for r in ledger if r["status"] not in STEP_STATUSES]
     if declined:
         lines.append(f"- {len(declined)} merchant-round(s) did not train: "

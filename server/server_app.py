@@ -15,8 +15,8 @@ from server.strategy import build_strategy
 from shared.config import FedShopConfig, from_run_config
 from shared.files import save_pretrained_atomic
 from shared.locks import directory_lock
-from shared.model import adapter_state, add_lora, load_adapter_state, load_base
-from shared.rundir import MERCHANT_LEVEL, RunDirectory, history_from_ledger
+from shared.model import adapter_state, add_lora, load_adapter_state, load_base, read_adapter
+from shared.rundir import CHECKPOINTS, MERCHANT_LEVEL, RunDirectory, history_from_ledger
 
 app = ServerApp()
 log = logging.getLogger("fedshop")
@@ -36,12 +36,26 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, config: FedShopConfig) -> None:
     run_dir = RunDirectory(config.run_dir)
-    offset = run_dir.start(config)  # resuming in place: rounds number on after the last recorded one
+    if config.resume_unfinished:  # the same run after a crash: its config, ledger and plan stay as they are
+        point = run_dir.resume_point()
+        offset, rounds, evaluated = point.offset, point.rounds, point.evaluated
+        if offset > point.checkpoint:
+            log.warning("round %d was under way when the run stopped: its ledger rows stay (those steps were taken) "
+                        "and the rounds from checkpoints/round-%d are numbered %d-%d", offset, point.checkpoint,
+                        offset + 1, offset + rounds)
+        run_dir.record_resume(point)
+    else:
+        offset = run_dir.start(config)  # resuming in place: rounds number on after the last recorded one
+        rounds, evaluated = config.num_rounds, config.resumes_in_place
     preflight(config)
     base, _, base_meta = load_base(config.base_dir)
     # B = 0: the starting adapter leaves the base unchanged; under ffa its A stays frozen for the whole run
     model = add_lora(base, config, seed=config.seed)
-    if config.continued_from:
+    if config.resume_unfinished:
+        load_adapter_state(model, read_adapter(run_dir.path, f"{CHECKPOINTS}/round-{point.checkpoint}"))
+        log.info("resuming %s from checkpoints/round-%d: rounds %d-%d, every merchant's privacy ledger carrying on",
+                 run_dir.path, point.checkpoint, offset + 1, offset + rounds)
+    elif config.continued_from:
         load_adapter_state(model, starting_adapter(config))
         if not config.resumes_in_place:  # in place, the ledger itself holds the history (nothing to carry over)
             record_origin(run_dir.path, config)
@@ -53,21 +67,24 @@ def run(grid: Grid, config: FedShopConfig) -> None:
     ledger.round_offset = offset
     if config.continued_from and ledger.central is not None:  # read before this run appends any row
         ledger.central.history = history_from_ledger(config.continued_from, MERCHANT_LEVEL)[1]
-    if not config.resumes_in_place:  # in place, the starting adapter is round `offset`'s, already evaluated
+    if not evaluated:  # in place, the starting adapter is round `offset`'s, already evaluated
         ledger.evaluate_initial(grid, initial)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         """Flower calls this with the global adapter after every round (after any central noise); it is kept as
         checkpoints/round-<N>/ (N counted on after `offset`), written like adapter/."""
-        if server_round == 0 and config.resumes_in_place:  # the starting adapter: checkpoints/round-<offset> already
+        if server_round == 0 and config.resumes_in_place:  # the starting adapter: already checkpointed
             return
         load_adapter_state(model, ledger.final_arrays(arrays).to_torch_state_dict())
         save_pretrained_atomic(model, run_dir.checkpoint_dir(server_round + offset))
 
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_rounds,
-                            train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=checkpoint)
-    # no round aggregated (every merchant declined, say): Flower returns an empty record; nothing changed
-    final = result.arrays if result.arrays is not None and len(result.arrays) else initial
+    final = initial
+    if rounds:
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=ConfigRecord(),
+                                evaluate_config=ConfigRecord(), evaluate_fn=checkpoint)
+        # no round aggregated (every merchant declined, say): Flower returns an empty record; nothing changed
+        if result.arrays is not None and len(result.arrays):
+            final = result.arrays
     final = ledger.final_arrays(final)  # ffa: the server's A re-attached
     load_adapter_state(model, final.to_torch_state_dict())
     save_pretrained_atomic(model, run_dir.adapter_dir)

@@ -207,6 +207,7 @@ class LedgerFedAvg(FedAvg):
                             server_round, merchant, self.config.target_epsilon)
             else:
                 trained.append((merchant, msg))
+        trained.sort(key=lambda pair: pair[0])  # merged in merchant order, not reply order: reruns are bit-exact
         valid, rejected = self._screen(server_round, trained)
         summary: dict = {}
         arrays = metrics = None

@@ -210,6 +210,10 @@ class FedShopConfig:
     run_dir: str = _spec("runs/latest", "run directory written by the server")
     resume_from: str = _spec("", "a finished run directory to continue: its final adapter is the starting point and "
                              "every merchant's privacy ledger carries on from its privacy.csv (empty = a fresh run)")
+    resume_unfinished: bool = _spec(False, "set by `fedshop simulate --resume RUN_DIR`: resume-from (= run-dir) "
+                                    "stopped before its planned last round; the run goes on from its last complete "
+                                    "checkpoint (checkpoints/round-<N>) to that round, with every merchant's "
+                                    "accountant history read from its ledger")
     init_adapter: str = _spec("", "an export folder (fedshop export) to continue on new data: its adapter is the "
                               "starting point (verified against its manifest, its base and this config's LoRA "
                               "shape) and the merchants in its privacy.csv carry their accountant history on; "
@@ -255,6 +259,9 @@ class FedShopConfig:
             raise ConfigError(f"config key 'server-learning-rate' = {self.server_learning_rate:g} works with "
                               "aggregation fedavg or ffa without central DP (svd re-factorises the mean of the "
                               "products; central DP's noise is calibrated to the plain mean); set it to 1")
+        if self.resume_unfinished and not self.resumes_in_place:
+            raise ConfigError("config key 'resume-unfinished' needs resume-from = run-dir (the stopped run itself); "
+                              "use `fedshop simulate --resume RUN_DIR`")
         if self.resume_from and self.init_adapter:
             raise ConfigError("config keys 'resume-from' and 'init-adapter' cannot both be set: resume-from continues "
                               "a run directory, init-adapter an export folder; set one of them")

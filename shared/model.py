@@ -313,11 +313,12 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
         raise ValueError(f"adapter tensors not loaded: {unexpected[:3]}")
 
 
-def read_adapter(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The final global adapter of a run directory, as `adapter_state` tensors."""
+def read_adapter(run_dir: str | Path, folder: str = "adapter") -> dict[str, torch.Tensor]:
+    """The final global adapter of a run directory (or the one in `folder`, e.g. a round's checkpoint), as
+    `adapter_state` tensors."""
     from safetensors.torch import load_file
 
-    path = Path(run_dir) / "adapter" / "adapter_model.safetensors"
+    path = Path(run_dir) / folder / "adapter_model.safetensors"
     if not path.is_file():
         raise UserError(f"{path} does not exist: {run_dir} is not a finished fedshop run")
     with reading(path, "the LoRA adapter's weights (a complete safetensors file)"):

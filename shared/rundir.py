@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +40,19 @@ MERCHANT_LEVEL = "all"  # the merchant column of the server's central-DP rows
 LOCAL_UNITS = ("event", "shopper")  # the units of a merchant's own DP-SGD; "none": no DP, "merchant": central DP
 log = logging.getLogger("fedshop")
 CHECKPOINTS = "checkpoints"  # checkpoints/round-<N>/: the global adapter after round N (PEFT format)
+PLAN = "plan.json"  # {"last-round": N}: the round the run ends at, which `fedshop simulate --resume` finishes
 # what makes a directory hold a run: a fresh run refuses to write into one that has any of these
 RUN_FILES = ("privacy.csv", "metrics.jsonl", "report.md", "adapter", CHECKPOINTS, "config.toml", "references.json",
-             CONTINUED_FROM)
+             CONTINUED_FROM, PLAN)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a stopped run picks up (`RunDirectory.resume_point`)."""
+    checkpoint: int  # the last complete checkpoint: the global adapter the resumed rounds start from
+    offset: int  # the resumed rounds are numbered offset + 1, offset + 2, ...
+    rounds: int  # rounds left to the planned last round
+    evaluated: bool  # the checkpoint's federated evaluation is already in metrics.jsonl
 
 
 class RunDirectory:
@@ -104,7 +115,71 @@ class RunDirectory:
         write_text_atomic(self.path / "config.toml", to_toml(config))
         self.metrics_file.touch()
         self._ledger_header()
+        self.write_plan(offset + config.num_rounds)
         return offset
+
+    def write_plan(self, last_round: int) -> None:
+        """A fresh or continued run's plan: the round it ends at (resumes after a stop are kept)."""
+        write_text_atomic(self.path / PLAN, json.dumps({"last-round": last_round, "resumed": []}) + "\n")
+
+    def record_resume(self, point: ResumePoint) -> None:
+        """`fedshop simulate --resume`: the plan names the checkpoint each resume started from (the report says so);
+        a round that was under way when the run stopped moves the last round on."""
+        plan = self._plan()
+        plan["last-round"] = point.offset + point.rounds
+        plan["resumed"].append({"checkpoint": point.checkpoint, "first-round": point.offset + 1,
+                                "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        write_text_atomic(self.path / PLAN, json.dumps(plan) + "\n")
+
+    def resumes(self) -> list[dict[str, Any]]:
+        """The resumes after a stop recorded in the plan (none for a run without one, or an older run)."""
+        return self._plan()["resumed"] if (self.path / PLAN).is_file() else []
+
+    def planned_last_round(self) -> int:
+        return self._plan()["last-round"]
+
+    def _plan(self) -> dict[str, Any]:
+        path = self.path / PLAN
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: {self.path} is not a run `fedshop simulate --resume` can finish "
+                            "(it was not started by this version of fedshop, or it is not a run directory)")
+        with reading(path, 'a JSON object {"last-round": N, "resumed": [...]}, written by fedshop'):
+            plan = json.loads(path.read_text(encoding="utf-8"))
+            last, resumed = plan["last-round"], plan["resumed"]
+            if not isinstance(last, int) or isinstance(last, bool) or last < 0 or not isinstance(resumed, list):
+                raise ValueError(f"last-round = {last!r}, resumed = {resumed!r}")
+        return plan
+
+    def complete_checkpoints(self) -> list[int]:
+        """Rounds whose checkpoint holds its weights (written last, atomically: present means complete)."""
+        folder = self.path / CHECKPOINTS
+        rounds = []
+        for entry in folder.iterdir() if folder.is_dir() else ():
+            name = entry.name.removeprefix("round-")
+            if name.isdigit() and (entry / "adapter_model.safetensors").is_file():
+                rounds.append(int(name))
+        return sorted(rounds)
+
+    def resume_point(self) -> ResumePoint:
+        """Where a run that stopped before its planned last round (killed, or stopped by a fault) picks up: the last
+        complete checkpoint. Rows and records of a round that was under way when it stopped stay as they are (its
+        merchants' steps were taken: they count); the resumed rounds then number on after it (`record_resume` moves
+        the plan on by as many rounds). UserError if nothing is left to do or nothing can be resumed. Reads only."""
+        last = self.planned_last_round()
+        checkpoints = self.complete_checkpoints()
+        if not checkpoints:
+            raise UserError(f"{self.path / CHECKPOINTS}: no complete checkpoint (the run stopped before its round-0 "
+                            "evaluation); start it afresh with --force, which moves this directory aside")
+        checkpoint = checkpoints[-1]
+        recorded = self.last_round()
+        if checkpoint >= last and (self.path / "report.md").is_file() and (self.adapter_dir / "adapter_model"
+                                                                          ".safetensors").is_file():
+            raise UserError(f"{self.path} finished its {last} rounds: nothing to resume; to train it further, "
+                            f"continue it in place with --set resume-from={self.path} --run-dir {self.path}")
+        offset = max(checkpoint, recorded)
+        rounds = max(0, last - checkpoint)
+        evaluated = any(r["scope"] == "evaluate" and r["round"] == checkpoint for r in self.read_metrics())
+        return ResumePoint(checkpoint, offset, rounds, evaluated)
 
     def _keep_previous(self, offset: int) -> None:
         """Resuming in place: the earlier part's config and reference runs stay beside it, named by the round
@@ -228,7 +303,21 @@ def history_from_ledger(run_dir: str | Path, merchant: str, before_round: int | 
             continue
         noise = float(row["noise_multiplier"])
         history.append((noise, float(row["sample_rate"]), int(row["steps"])))
-    return noise, history
+    return noise, merged_history(history)
+
+
+def merged_history(history: History) -> History:
+    """Consecutive entries with the same noise multiplier and sample rate as one, as Opacus's accountants keep their
+    history: a history read back from the ledger then composes in the same float operations as the accountant that
+    took the steps (rdp x (s1 + s2), not rdp x s1 + rdp x s2), so a resumed run reports the uninterrupted run's
+    epsilon to the last digit."""
+    merged: History = []
+    for noise, rate, steps in history:
+        if merged and merged[-1][0] == noise and merged[-1][1] == rate:
+            merged[-1] = (noise, rate, merged[-1][2] + steps)
+        else:
+            merged.append((noise, rate, steps))
+    return merged
 
 
 def carried_history(run_dir: str | Path, merchant: str) -> tuple[float | None, History]:

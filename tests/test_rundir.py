@@ -86,9 +86,85 @@ def test_resuming_in_place_appends_and_numbers_rounds_on(tmp_path):
     assert (run / "config-before-round-3.toml").read_bytes() == old_config
     assert "num-rounds = 5" in (run / "config.toml").read_text()
     assert not (run / "references.json").exists() and (run / "references-before-round-3.json").is_file()
-    # a merchant reading its history in round 3 sees rounds 1-2 only; all rows compose afterwards
-    assert history_from_ledger(run, "m0", before_round=3)[1] == [(1.1, 0.25, 4)] * 2
-    assert history_from_ledger(run, "m0")[1] == [(1.1, 0.25, 4)] * 3
+    # a merchant reading its history in round 3 sees rounds 1-2 only; all rows compose afterwards, merged as
+    # Opacus's accountant merges equal consecutive steps
+    assert history_from_ledger(run, "m0", before_round=3)[1] == [(1.1, 0.25, 8)]
+    assert history_from_ledger(run, "m0")[1] == [(1.1, 0.25, 12)]
+    assert json.loads((run / "plan.json").read_text()) == {"last-round": 7, "resumed": []}
+
+
+def _stopped_run(path: Path, checkpoints: tuple[int, ...], ledger: str, evaluated: tuple[int, ...],
+                 last_round: int = 4) -> RunDirectory:
+    """A directory shaped like a run planned to `last_round` that was killed: checkpoints, ledger and metrics so far."""
+    for n in checkpoints:
+        (path / "checkpoints" / f"round-{n}").mkdir(parents=True)
+        save_file({"lora_A": torch.full((2, 2), float(n))},
+                  path / "checkpoints" / f"round-{n}" / "adapter_model.safetensors")
+    (path / "checkpoints" / "round-9").mkdir(parents=True)  # begun, never completed: no weights in it
+    (path / "privacy.csv").write_text(ledger)
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "scope": "evaluate", "metrics": {}}) + "\n"
+                                                for r in evaluated))
+    directory = RunDirectory(path)
+    directory.write_plan(last_round)
+    return directory
+
+
+def test_a_stopped_run_resumes_from_its_last_complete_checkpoint(tmp_path):
+    # Prepare: killed during round 3's training (no row of round 3 yet); round 2 checkpointed and evaluated
+    directory = _stopped_run(tmp_path / "run", (0, 1, 2), LEDGER, evaluated=(0, 1, 2))
+    # Execute
+    point = directory.resume_point()
+    # Assert: rounds 3-4 are left, numbered as the run would have numbered them
+    assert (point.checkpoint, point.offset, point.rounds, point.evaluated) == (2, 2, 2, True)
+    directory.record_resume(point)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["last-round"] == 4 and [(r["checkpoint"], r["first-round"]) for r in plan["resumed"]] == [(2, 3)]
+    assert directory.resumes() == plan["resumed"]
+
+
+def test_a_round_under_way_when_the_run_stopped_counts_and_the_rounds_number_on(tmp_path):
+    # Prepare: killed after round 2's replies were in the ledger, before its checkpoint was written
+    directory = _stopped_run(tmp_path / "run", (0, 1), LEDGER, evaluated=(0, 1))
+    # Execute
+    point = directory.resume_point()
+    # Assert: round 2's steps stay in the ledger; the three rounds left after checkpoint 1 are numbered 3-5
+    assert (point.checkpoint, point.offset, point.rounds, point.evaluated) == (1, 2, 3, True)
+    assert history_from_ledger(tmp_path / "run", "m0", before_round=point.offset + 1)[1] == [(1.1, 0.25, 8)]
+    directory.record_resume(point)
+    assert directory.planned_last_round() == 5
+
+
+def test_a_checkpoint_not_yet_evaluated_is_evaluated_on_resume(tmp_path):
+    directory = _stopped_run(tmp_path / "run", (0, 1, 2), LEDGER, evaluated=(0, 1))
+    assert directory.resume_point().evaluated is False
+
+
+def test_nothing_to_resume_is_refused_with_what_to_do(tmp_path):
+    # a finished run: nothing left
+    config = FedShopConfig(run_dir=str(tmp_path / "done"))
+    done = _finished_run(tmp_path / "done", config)
+    RunDirectory(done).write_plan(2)
+    (done / "checkpoints" / "round-2").mkdir(parents=True)
+    save_file({"lora_A": torch.zeros(2, 2)}, done / "checkpoints" / "round-2" / "adapter_model.safetensors")
+    with pytest.raises(UserError, match=f"{done} finished its 2 rounds: nothing to resume.*resume-from={done}"):
+        RunDirectory(done).resume_point()
+    # no checkpoint at all, no plan, a damaged plan
+    empty = _stopped_run(tmp_path / "early", (), HEADER, evaluated=())
+    with pytest.raises(UserError, match="no complete checkpoint.*--force"):
+        empty.resume_point()
+    with pytest.raises(UserError, match="plan.json does not exist"):
+        RunDirectory(tmp_path / "nowhere").resume_point()
+    (tmp_path / "early" / "plan.json").write_text('{"last-round": "4"}')
+    with pytest.raises(UserError, match="plan.json: unreadable or corrupted"):
+        empty.resume_point()
+
+
+def test_resume_takes_the_runs_own_config_and_nothing_else(tmp_path, capsys):
+    # Execute / Assert: one line naming what to drop, or the missing config
+    assert main(["simulate", "--resume", str(tmp_path), "--set", "seed=2", "--force"]) == 2
+    assert "drop --set, --force" in capsys.readouterr().err
+    assert main(["simulate", "--resume", str(tmp_path / "none")]) == 2
+    assert f"{tmp_path / 'none' / 'config.toml'} does not exist" in capsys.readouterr().err
 
 
 def test_an_unfinished_last_line_is_skipped_and_the_next_row_starts_a_line_of_its_own(tmp_path, caplog):
@@ -104,7 +180,7 @@ def test_an_unfinished_last_line_is_skipped_and_the_next_row_starts_a_line_of_it
     # Assert
     rows = directory.read_privacy()
     assert [(r["merchant"], r["round"]) for r in rows] == [("m0", "1"), ("m0", "2"), ("m1", "2"), ("m1", "3")]
-    assert history_from_ledger(tmp_path, "m1")[1] == [(1.2, 0.5, 3), (1.2, 0.5, 3)]
+    assert history_from_ledger(tmp_path, "m1")[1] == [(1.2, 0.5, 6)]  # both rows, merged as Opacus merges steps
     assert [r["round"] for r in directory.read_metrics()] == [1, 3]
     assert "unfinished" in caplog.text
 
