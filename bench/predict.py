@@ -87,6 +87,9 @@ def main() -> int:
     work = ROOT / args.work
     work.mkdir(parents=True, exist_ok=True)
     export = Path(args.export) if args.export else prepare(work)
+    from server.report import base_words
+    from shared.model import read_base_meta
+
     predictor = Predictor(export)
     batch_size = predictor.batch_size
     many, few = work / "shoppers.csv", work / "shoppers-few.csv"
@@ -112,7 +115,7 @@ def main() -> int:
         config = predictor.config
         section = (f"## Predict\n\n`{command}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
                    f"torch threads {args.threads}, {platform.machine()}). Batch predict (`fedshop predict --input "
-                   f"FILE.csv`) from {source} (T5 `{config.model_size}`, "
+                   f"FILE.csv`) from {source} ({base_words(read_base_meta(export / 'base'), config)}, "
                    f"LoRA r = {config.lora_r} on {config.lora_targets}, {config.num_items} items): random shoppers "
                    f"with 1 to {predictor.history_length} history items; next-item returns the top 10, intent scores "
                    "one candidate per shopper, price scores it at each of the 5 price levels, churn scores one "
