@@ -278,7 +278,9 @@ class LedgerFedAvg(FedAvg):
                 continue
             merchants[merchant_of(msg, self.merchant_names)] = {
                 k: v for k, v in metrics.items() if k != "partition-id"}
-        summary = pool_metrics(list(merchants.values()), self.weighted_by_key)  # in reply order, as Flower's
+        # pooled in merchant order: in reply order (Flower's) two runs of the same rounds differ in the last digits;
+        # for replies that arrive in merchant order the figures are Flower's own, bit for bit
+        summary = pool_metrics([merchants[m] for m in sorted(merchants)], self.weighted_by_key)
         self.recorder.evaluate_record(server_round, summary, merchants)
         self.recorder.progress(server_round, self.round_offset + self.config.num_rounds, summary)
         return MetricRecord(summary) if merchants else None
