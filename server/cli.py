@@ -50,6 +50,8 @@ def _simulate(config: FedShopConfig, args: argparse.Namespace) -> int:
     report = Path(config.run_dir) / "report.md"
     before = _stamp(report)  # resuming in place, the earlier part's report is there: it must not count as this run's
     run_simulation(config, verbose=args.verbose)
+    if _stopped(config):  # too few merchants: the ServerApp logged the one-line reason (round, who, why, checkpoint)
+        return 1
     if _stamp(report) in (None, before):
         log.error("the simulation ended without writing this run's %s; see the log above", report)
         return 1
@@ -63,6 +65,14 @@ def _simulate(config: FedShopConfig, args: argparse.Namespace) -> int:
         write_report(RunDirectory(config.run_dir), config, base_meta)
     log.info("done in %.0f s; report: %s", time.perf_counter() - started, report)
     return 0
+
+
+def _stopped(config: FedShopConfig) -> bool:
+    """Whether the run just simulated stopped early (its last metrics record is the `stopped` one)."""
+    from shared.rundir import RunDirectory
+
+    records = RunDirectory(config.run_dir).read_metrics()
+    return bool(records) and records[-1]["scope"] == "stopped"
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

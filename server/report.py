@@ -75,8 +75,8 @@ def aggregation_lines(config: FedShopConfig, trains: list[dict]) -> list[str]:
         f", robust merge {config.robust}" + (f" (trim {config.trim_fraction:g})" if config.robust == "trimmed-mean"
                                              else ""))
     bound = "off" if config.update_norm_bound is None else f"{config.update_norm_bound:g}"
-    lines = [f"- method: {config.aggregation}{robust}; update-norm bound {bound}, min-valid-merchants "
-             f"{config.min_valid_merchants}"]
+    lines = [f"- method: {config.aggregation}{robust}; update-norm bound {bound}, min-merchants "
+             f"{config.min_merchants}"]
     uplink = [number(t["metrics"].get("uplink-bytes-mean")) for t in trains]
     downlink = [number(t["metrics"].get("downlink-bytes-mean")) for t in trains]
     uplink, downlink = [v for v in uplink if math.isfinite(v)], [v for v in downlink if math.isfinite(v)]
