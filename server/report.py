@@ -14,6 +14,7 @@ from shared.config import FedShopConfig
 from shared.files import write_text_atomic
 from shared.metrics import compare, decide, standard_errors
 from shared.rundir import (
+    STATUS_FAILED,
     STATUS_RELEASED,
     STEP_STATUSES,
     RunDirectory,
@@ -270,6 +271,39 @@ def base_words(meta: dict, config: FedShopConfig) -> str:
     return f"T5 `{meta.get('model-size', config.model_size)}`"
 
 
+FAILURE_RULE = ("Conservative rule: a merchant that failed (raised, its process exited, or no reply within "
+                "round-timeout) may have failed after it started training, so its round is charged as if it finished: "
+                "its ledger row (status failed) carries the noise multiplier, sample rate and steps of its last "
+                "trained round and the epsilon of its history with that round added, and every later epsilon composes "
+                "it. A merchant that failed before any trained round has no schedule the server could know: its row "
+                "says epsilon NaN and 0 steps, and that round is not in its epsilon.")
+
+
+def failure_lines(ledger: list[dict[str, str]], trains: list[dict], records: list[dict]) -> list[str]:
+    """The run's merchant failures per merchant and round (with the reason each train record gives), the
+    conservative ledger rule, and a stop, if the run stopped."""
+    failed = [r for r in ledger if r["status"] == STATUS_FAILED]
+    stopped = [r for r in records if r["scope"] == "stopped"]
+    if not failed and not stopped:
+        return []
+    reasons = {(f["merchant"], t["round"]): f["reason"] for t in trains for f in t.get("failed", [])}
+    lines = ["", "### Merchant failures", "", FAILURE_RULE, "", "| merchant | round | steps charged | epsilon | why |",
+             "|---|---|---|---|---|"]
+    for row in sorted(failed, key=lambda r: (r["merchant"], int(r["round"]))):
+        charged = int(row["steps"])
+        lines.append(f"| {row['merchant']} | {row['round']} | {charged if charged else '0 (unknown schedule)'} | "
+                     f"{figure(number(row['epsilon']), 3)} | "
+                     f"{reasons.get((row['merchant'], int(row['round'])), '-').replace('|', '/')} |")
+    rejected = [(r["merchant"], t["round"], r["reason"]) for t in trains for r in t.get("rejected", [])]
+    if rejected:
+        lines.append("")
+        lines.append("Rejected updates (the merchant trained and is charged as trained; its update was not "
+                     "aggregated): " + "; ".join(f"{m} round {k} ({why})" for m, k, why in rejected) + ".")
+    for stop in stopped:
+        lines += ["", f"**The run stopped:** {stop.get('reason', '')}"]
+    return lines
+
+
 def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) -> None:
     records = run_dir.read_metrics()
     evaluations = {r["round"]: r for r in records if r["scope"] == "evaluate"}
@@ -346,7 +380,8 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
     lines += ["", "## Privacy", ""]
     lines += privacy_lines(config, ledger)
     lines += continuation_lines(run_dir.path)
-    declined = [r for r in ledger if r["status"] not in STEP_STATUSES]
+    lines += failure_lines(ledger, [trains[r] for r in sorted(trains)], records)
+    declined = [r for r in ledger if r["status"] not in STEP_STATUSES and r["status"] != STATUS_FAILED]
     if declined:
         lines.append(f"- {len(declined)} merchant-round(s) did not train: "
                      + ", ".join(f"{r['merchant']} round {r['round']} ({r['status']})" for r in declined))

@@ -186,7 +186,8 @@ class FedShopConfig:
     fault_injection: str = _spec("", "inject merchant faults for reliability tests: comma-separated "
                                  "kind@merchant:round entries, kind one of raise (an exception after training), "
                                  "exit (the merchant's process ends after training), hang (sleeps past "
-                                 "round-timeout after training), garbage (replies with a NaN update), e.g. \"exit@m1:2,hang@m2:3\"; empty = none")
+                                 "round-timeout after training), garbage (replies with a NaN update), e.g. "
+                                 "\"exit@m1:2,hang@m2:3\"; empty = none")
     # --- privacy -------------------------------------------------------------------------------------------
     dp: bool = _spec(True, "train with DP-SGD (false gives the non-private run for comparison)")
     target_epsilon: float = _spec(8.0, "each merchant's privacy budget epsilon over the whole planned schedule",
