@@ -80,6 +80,7 @@ def run_one(config: str, sets: list[str], kind: str, plan: str, run_dir: Path) -
     row["rejected"] = sorted(f"{r['merchant']}@{t['round']}" for t in trains for r in t.get("rejected", []))
     evaluations = [r for r in records if r["scope"] == "evaluate"]
     row["final"] = with_standard_errors(evaluations[-1]) if evaluations else {}
+    row["start"] = evaluations[0]["metrics"] if evaluations else {}  # round 0: the base alone
     row["ledger"] = ledger_checked(run_dir, 1e-5)
     if not row["ok"]:
         print(done.stderr[-2000:], file=sys.stderr)
@@ -131,7 +132,11 @@ def main() -> int:
                    "finished (the conservative rule). Metrics are the final round's test metrics pooled over "
                    "merchants ± the report's standard error; Δ is against the fault-free run. *Ledger checked*: "
                    "every ledger row with steps (trained, failed with steps) has the epsilon (δ = 1e-5) of a fresh "
-                   "Opacus RDP accountant stepped over that merchant's rows up to it.\n\n" + text)
+                   "Opacus RDP accountant stepped over that merchant's rows up to it. For scale: the fault-free run "
+                   "moves from round 0 (the base alone) "
+                   + ", ".join(f"{name} {rows[0]['start'].get(key, math.nan):.3f}" for key, name in METRICS)
+                   + " to the final figures below. An injected `exit` also failed one other merchant in its round "
+                   "(the next message Ray handed to the restarting actor), listed among the failures.\n\n" + text)
         write_section("faults", section)
     return 0 if all(r["ok"] for r in rows) else 1
 

@@ -24,11 +24,11 @@ def _steps(row: dict[str, str]) -> tuple[float, float, int]:
 
 
 def test_every_fault_kind_fails_one_merchant_and_the_run_completes_with_the_others(tiny_base, tmp_path):
-    # Prepare: 4 merchants x 3 rounds; m0 sends garbage in round 1; in round 2 m1 hangs past the timeout, m2 raises,
-    # m3's process exits, and m0 alone carries the round
+    # Prepare: 5 merchants x 3 rounds; m0 sends garbage in round 1; in round 2 m1 hangs past the timeout, m2 raises,
+    # m3's process exits, and m0, m4 carry the round
     run = tmp_path / "run"
     # Execute
-    done = simulate(run, f"base-dir={tiny_base.base_dir}", "num-merchants=4", "num-rounds=3", "round-timeout=30",
+    done = simulate(run, f"base-dir={tiny_base.base_dir}", "num-merchants=5", "num-rounds=3", "round-timeout=30",
                     "fault-injection=garbage@m0:1,hang@m1:2,raise@m2:2,exit@m3:2")
     # Assert: the run finished every round
     assert done.returncode == 0, done.stderr[-3000:]
@@ -38,14 +38,16 @@ def test_every_fault_kind_fails_one_merchant_and_the_run_completes_with_the_othe
     # garbage: m0 trained (charged as trained) and its NaN update was rejected, the round aggregated the others
     assert rows[("m0", 1)]["status"] == "trained"
     assert [r["merchant"] for r in trains[1]["rejected"]] == ["m0"] and "NaN" in trains[1]["rejected"][0]["reason"]
-    assert trains[1]["metrics"]["merchants-aggregated"] == 3
-    # round 2: m1, m2, m3 failed, each for its own reason; m0 aggregated alone
+    assert trains[1]["metrics"]["merchants-aggregated"] == 4
+    # round 2: m1, m2, m3 failed, each for its own reason; besides them at most the one message Ray handed to the
+    # exited merchant's actor while it restarted (measured: bench/faults.py), and the round aggregated the rest
     reasons = {f["merchant"]: f["reason"] for f in trains[2]["failed"]}
-    assert set(reasons) == {"m1", "m2", "m3"} and trains[2]["metrics"]["merchants-aggregated"] == 1
+    assert {"m1", "m2", "m3"} <= set(reasons) and len(reasons) <= 4
     assert reasons["m1"] == "no reply within round-timeout = 30 s"
     assert "injected fault: merchant m2 raised in round 2" in reasons["m2"]
-    assert "Actor" in reasons["m3"]  # Ray's error for a merchant process that died
-    for merchant in ("m1", "m2", "m3"):
+    assert all(reasons[m].startswith("Actor") for m in set(reasons) - {"m1", "m2"})  # a merchant process died
+    assert trains[2]["metrics"]["merchants-aggregated"] == 5 - len(reasons)
+    for merchant in sorted(reasons):
         failed, first = rows[(merchant, 2)], rows[(merchant, 1)]
         # charged as if it finished: its round-1 schedule, and the epsilon of both rounds
         assert failed["status"] == "failed" and _steps(failed) == _steps(first) and _steps(first)[2] > 0
@@ -57,8 +59,8 @@ def test_every_fault_kind_fails_one_merchant_and_the_run_completes_with_the_othe
         assert float(third["epsilon"]) == pytest.approx(epsilon_of([_steps(first)] * 3, 1e-5, "rdp"), rel=1e-6)
         assert history_from_ledger(run, merchant)[1] == [_steps(first)] * 3
     # every merchant took part in round 3's aggregate and evaluation (the exited merchant's actor was restarted)
-    assert trains[3]["metrics"]["merchants-aggregated"] == 4 and not trains[3]["failed"]
-    assert set([r for r in records if r["scope"] == "evaluate"][-1]["merchants"]) == {"m0", "m1", "m2", "m3"}
+    assert trains[3]["metrics"]["merchants-aggregated"] == 5 and not trains[3]["failed"]
+    assert set([r for r in records if r["scope"] == "evaluate"][-1]["merchants"]) == {f"m{i}" for i in range(5)}
     report = (run / "report.md").read_text()
     assert "### Merchant failures" in report and "Conservative rule:" in report
     assert "| m2 | 2 |" in report and "Rejected updates" in report
