@@ -135,8 +135,8 @@ def main() -> int:
                    "Opacus RDP accountant stepped over that merchant's rows up to it. For scale: the fault-free run "
                    "moves from round 0 (the base alone) "
                    + ", ".join(f"{name} {rows[0]['start'].get(key, math.nan):.3f}" for key, name in METRICS)
-                   + " to the final figures below. An injected `exit` also failed one other merchant in its round "
-                   "(the next message Ray handed to the restarting actor), listed among the failures.\n\n" + text)
+                   + " to the final figures below. An injected `exit` can also fail one other merchant in its round "
+                   "(a message Ray handed to the actor while it restarted), listed among the failures.\n\n" + text)
         write_section("faults", section)
     return 0 if all(r["ok"] for r in rows) else 1
 

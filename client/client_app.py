@@ -8,7 +8,6 @@ the server's initialisation, loaded from the message every round). The accountan
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -16,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from client.faults import corrupted, strike
 from client.outbox import record_outgoing
-from client.state import load_own_state, save_own_state, state_file, within_own_budget
+from client.state import load_own_state, save_own_state, state_file, with_ledger_charges, within_own_budget
 from shared.baselines import fit_baselines
 from shared.config import FedShopConfig, from_run_config
 from shared.data import merchant_data, merchant_id_for_partition
@@ -60,30 +59,13 @@ def _load_state(context: Context, config: FedShopConfig, merchant_id: str, serve
             # in place, the ledger is this run's own: every row before this round is a step already taken
             before = server_round if config.resumes_in_place else None
             noise, history = history_from_ledger(config.continued_from, merchant_id, before_round=before)
-            return _with_ledger_charges(PrivacyState(noise, history), config, merchant_id, server_round)
-        return _with_ledger_charges(PrivacyState(), config, merchant_id, server_round)
+            return with_ledger_charges(PrivacyState(noise, history), config, merchant_id, server_round)
+        return with_ledger_charges(PrivacyState(), config, merchant_id, server_round)
     record = context.state[PRIVACY_STATE_KEY]
     noise = float(record["noise-multiplier"])
     state = PrivacyState(noise_multiplier=None if noise < 0 else noise,
                          history=load_history(str(record["accountant-state"]), config.accountant))
-    return _with_ledger_charges(state, config, merchant_id, server_round)
-
-
-def _with_ledger_charges(state: PrivacyState, config: FedShopConfig, merchant_id: str, server_round: int
-                         ) -> PrivacyState:
-    """Without a state-dir, the larger of the merchant's history and what this run's ledger charged it.
-
-    Flower keeps a ClientApp's `context.state` only from a handler that returned a reply: a round that raised or
-    whose process exited leaves the state of the round before, write-ahead included (measured on flwr 1.42's
-    simulation engine). The server's ledger charged such a round as if it finished (a failed row with steps), so the
-    merchant composes on those rows when they hold more steps than its own history: never fewer than the ledger."""
-    if not (Path(config.run_dir) / "privacy.csv").is_file():
-        return state
-    noise, history = history_from_ledger(config.run_dir, merchant_id, before_round=server_round)
-    if sum(steps for _, _, steps in history) <= sum(steps for _, _, steps in state.history):
-        return state
-    return PrivacyState(noise_multiplier=state.noise_multiplier if state.noise_multiplier is not None else noise,
-                        history=history)
+    return with_ledger_charges(state, config, merchant_id, server_round)
 
 
 def _save_state(context: Context, config: FedShopConfig, merchant_id: str, state: PrivacyState) -> None:

@@ -75,7 +75,8 @@ def simulation_arguments(config: FedShopConfig, app_dir: Path, verbose: bool = F
         "backend_config": {
             # max_restarts goes through to Ray's actor options: a merchant process that dies (os._exit, a crash, an
             # out-of-memory kill) is started afresh. Without it flwr 1.42 puts the dead actor back in its pool and
-            # every later message handed to it fails too, whatever merchant it is for (measured: bench/faults.py)
+            # every later message handed to it fails too, whatever merchant it is for (measured with fault-injection
+            # = exit: ActorDiedError for every message to that actor in every later round)
             "client_resources": {"num_cpus": config.torch_threads, "num_gpus": gpu_share(config),
                                  "max_restarts": ACTOR_RESTARTS},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
