@@ -13,12 +13,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.faults import corrupted, strike
 from client.outbox import record_outgoing
-from client.state import load_own_state, save_own_state, state_file, within_own_budget
+from client.state import load_own_state, save_own_state, state_file, with_ledger_charges, within_own_budget
 from shared.baselines import fit_baselines
 from shared.config import FedShopConfig, from_run_config
 from shared.data import merchant_data, merchant_id_for_partition
-from shared.dptrain import STATUS_DECLINED, PrivacyState, train_round
+from shared.dptrain import STATUS_DECLINED, PrivacyState, charged_ahead, train_round
 from shared.model import add_lora, item_rows, load_adapter_state, load_base, uplink_state
 from shared.modeling import encode, evaluate, resolve_device
 from shared.privacy import PRIVACY_RECORD, PrivacyBudget, load_history, save_history
@@ -58,12 +59,13 @@ def _load_state(context: Context, config: FedShopConfig, merchant_id: str, serve
             # in place, the ledger is this run's own: every row before this round is a step already taken
             before = server_round if config.resumes_in_place else None
             noise, history = history_from_ledger(config.continued_from, merchant_id, before_round=before)
-            return PrivacyState(noise_multiplier=noise, history=history)
-        return PrivacyState()
+            return with_ledger_charges(PrivacyState(noise, history), config, merchant_id, server_round)
+        return with_ledger_charges(PrivacyState(), config, merchant_id, server_round)
     record = context.state[PRIVACY_STATE_KEY]
     noise = float(record["noise-multiplier"])
-    return PrivacyState(noise_multiplier=None if noise < 0 else noise,
-                        history=load_history(str(record["accountant-state"]), config.accountant))
+    state = PrivacyState(noise_multiplier=None if noise < 0 else noise,
+                         history=load_history(str(record["accountant-state"]), config.accountant))
+    return with_ledger_charges(state, config, merchant_id, server_round)
 
 
 def _save_state(context: Context, config: FedShopConfig, merchant_id: str, state: PrivacyState) -> None:
@@ -81,14 +83,21 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     config, partition_id, model, tokenizer, data = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    state = _load_state(context, config, merchant_name(context), server_round)
-    result = train_round(model, encode(data.train, tokenizer), config, state,
+    merchant = merchant_name(context)
+    state = _load_state(context, config, merchant, server_round)
+    encoded, owners = encode(data.train, tokenizer), [e.user_id for e in data.train]
+    ahead = charged_ahead(state, len(encoded), owners, config)
+    if ahead is not None:  # write-ahead: the round counts in the merchant's history before its first noised step
+        _save_state(context, config, merchant, ahead)
+    result = train_round(model, encoded, config, state,
                          seed=config.seed * 1_000_003 + server_round * 1_009 + partition_id,
-                         owners=[e.user_id for e in data.train], output_rows=item_rows(tokenizer, data.facts))
-    _save_state(context, config, merchant_name(context), state)
+                         owners=owners, output_rows=item_rows(tokenizer, data.facts))
+    fault = strike(config, merchant, server_round)  # fault-injection: raise, exit, hang (late) or garbage
+    _save_state(context, config, merchant, state)
     declined = result.status == STATUS_DECLINED
     # declined: nothing trained, only the metrics travel (no update to clip, average or count)
-    arrays = {} if declined else {"arrays": ArrayRecord(uplink_state(model, config.aggregation))}
+    uplink = uplink_state(model, config.aggregation)
+    arrays = {} if declined else {"arrays": ArrayRecord(corrupted(uplink) if fault == "garbage" else uplink)}
     metrics = MetricRecord({
         "num-examples": result.num_examples, "train-loss": 0.0 if declined else result.train_loss,
         "epsilon": result.epsilon, "delta": result.delta, "noise-multiplier": result.noise_multiplier,

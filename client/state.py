@@ -4,7 +4,8 @@ A SuperNode started with `--node-config state-dir=DIR` keeps its accountant hist
 written atomically after every round it trains. That file, not the server's ledger and not Flower's in-memory
 `context.state`, is what the merchant composes its next round on: it survives a SuperNode restart, and continuing
 or resuming a run on the same DIR carries the spent budget on. Without state-dir (simulation) the ClientApp keeps
-today's behaviour (`context.state`, and the server's ledger on continuation).
+today's behaviour (`context.state`, and the server's ledger on continuation and where the ledger charged a failed
+round that `context.state` lost: `with_ledger_charges`).
 
 `--node-config target-epsilon=E` is the merchant's own budget: whatever the run config says, it trains at most to
 min(E, target-epsilon), and refuses a run that asks it to train without DP-SGD.
@@ -20,6 +21,7 @@ from shared.dptrain import PrivacyState
 from shared.errors import UserError
 from shared.files import reading, write_text_atomic
 from shared.privacy import load_history, save_history
+from shared.rundir import history_from_ledger
 
 STATE_FILE = "privacy-state.json"
 
@@ -49,6 +51,24 @@ def save_own_state(path: Path, merchant: str, state: PrivacyState, accountant: s
     write_text_atomic(path, json.dumps({"merchant": merchant, "noise-multiplier": state.noise_multiplier,
                                         "accountant-state": json.loads(save_history(state.history, accountant))},
                                        indent=1))
+
+
+def with_ledger_charges(state: PrivacyState, config: FedShopConfig, merchant: str, server_round: int
+                        ) -> PrivacyState:
+    """Without a state-dir: the larger of the merchant's history and what this run's ledger charged it.
+
+    Flower's simulation engine keeps a ClientApp's `context.state` only from a handler that returned a reply (flwr
+    1.42, `vce_api.worker` updates the context after `process_message` returns): a round that raised, or whose
+    process exited, leaves the state of the round before, write-ahead included. The server's ledger charged such a
+    round as if it finished (a failed row with steps), so the merchant composes on those rows when they hold more
+    steps than its own history: its epsilon is never below the ledger's."""
+    if not (Path(config.run_dir) / "privacy.csv").is_file():
+        return state
+    noise, history = history_from_ledger(config.run_dir, merchant, before_round=server_round)
+    if sum(steps for _, _, steps in history) <= sum(steps for _, _, steps in state.history):
+        return state
+    return PrivacyState(noise_multiplier=state.noise_multiplier if state.noise_multiplier is not None else noise,
+                        history=history)
 
 
 def within_own_budget(config: FedShopConfig, node_config: dict) -> FedShopConfig:

@@ -75,6 +75,10 @@ def _simulate(config: FedShopConfig, args: argparse.Namespace) -> int:
     report = Path(config.run_dir) / "report.md"
     before = _stamp(report)  # resuming in place, the earlier part's report is there: it must not count as this run's
     run_simulation(config, verbose=args.verbose)
+    stopped = _stopped(config)
+    if stopped is not None:  # too few merchants: the reason (round, who and why, last checkpoint) as the last line
+        print(f"fedshop: error: {one_line(stopped)}", file=sys.stderr)
+        return 1
     if _stamp(report) in (None, before):
         log.error("the simulation ended without writing this run's %s; see the log above", report)
         return 1
@@ -87,6 +91,14 @@ def _simulate(config: FedShopConfig, args: argparse.Namespace) -> int:
         write_report(RunDirectory(config.run_dir), config, base_meta)
     log.info("done in %.0f s; report: %s", time.perf_counter() - started, report)
     return 0
+
+
+def _stopped(config: FedShopConfig) -> str | None:
+    """Why the run just simulated stopped early (its last metrics record is the `stopped` one), else None."""
+    from shared.rundir import RunDirectory
+
+    records = RunDirectory(config.run_dir).read_metrics()
+    return str(records[-1].get("reason", "")) if records and records[-1]["scope"] == "stopped" else None
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

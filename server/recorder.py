@@ -13,7 +13,14 @@ from flwr.app import ConfigRecord, MetricRecord
 
 from shared.config import FedShopConfig
 from shared.privacy import PRIVACY_ACCOUNTANT_KEY, PRIVACY_UNIT_KEY, PrivacyBudget
-from shared.rundir import STATUS_DECLINED, STATUS_FAILED, STATUS_TRAINED, RunDirectory
+from shared.rundir import (
+    STATUS_DECLINED,
+    STATUS_FAILED,
+    STATUS_TRAINED,
+    RunDirectory,
+    history_from_ledger,
+    last_round_step,
+)
 
 if TYPE_CHECKING:
     from server.central_dp import CentralAccount
@@ -38,10 +45,21 @@ class RunRecorder:
                      str(privacy[PRIVACY_ACCOUNTANT_KEY]), STATUS_DECLINED if declined else STATUS_TRAINED)
 
     def failed_row(self, server_round: int, merchant: str) -> None:
-        """The ledger row of a merchant whose reply never came (no steps; unit as its config would have it)."""
+        """The ledger row of a merchant that sent no usable reply in time (raised, exited, timed out).
+
+        Conservative rule: the merchant may have failed after it started training, so its round is charged as if it
+        finished: the steps, noise multiplier and sample rate of its last trained round (its schedule does not
+        change between rounds) and the epsilon of its history with that round added. A merchant with no trained
+        round yet has no schedule the server could know: its row says so, epsilon NaN and 0 steps."""
         budget = PrivacyBudget.for_merchants(self.config)
-        self._ledger(server_round, merchant, math.nan, math.nan, 0, math.nan if budget.private else math.inf,
-                     budget.unit, budget.ledger_accountant, STATUS_FAILED)
+        step = last_round_step(self.run_dir.path, merchant, server_round) if budget.private else None
+        if step is None:
+            self._ledger(server_round, merchant, math.nan, math.nan, 0, math.nan if budget.private else math.inf,
+                         budget.unit, budget.ledger_accountant, STATUS_FAILED)
+            return
+        _, history = history_from_ledger(self.run_dir.path, merchant, before_round=server_round)
+        self._ledger(server_round, merchant, *step, budget.spent([*history, step]), budget.unit,
+                     budget.ledger_accountant, STATUS_FAILED)
 
     def central_row(self, server_round: int, status: str) -> None:
         assert self.central is not None
@@ -57,12 +75,14 @@ class RunRecorder:
 
     # --- metrics.jsonl -------------------------------------------------------------------------------------------
     def train_record(self, server_round: int, summary: dict, merchants: dict, trained: list, valid: list,
-                     rejected: list[dict[str, str]]) -> None:
+                     rejected: list[dict[str, str]], failed: list[dict[str, str]] | None = None) -> None:
+        failed = failed or []
         epsilons = [float(m["epsilon"]) for m in merchants.values()]
         summary["epsilon-max"] = max(epsilons) if epsilons else math.nan
         summary["merchants-trained"] = len(trained)
         summary["merchants-rejected"] = len(rejected)
         summary["merchants-aggregated"] = len(valid)
+        summary["merchants-failed"] = len(failed)
         uplink = [merchants[m]["uplink-bytes"] for m, _ in trained]
         summary["uplink-bytes-mean"] = float(np.mean(uplink)) if uplink else math.nan
         downlink = [m["downlink-bytes"] for m in merchants.values() if "downlink-bytes" in m]
@@ -71,12 +91,18 @@ class RunRecorder:
             summary["epsilon-merchant"] = self.central.epsilon_spent()
         self.run_dir.append_metrics({"round": server_round, "scope": "train", "aggregation": self.config.aggregation,
                                      "metrics": summary, "merchants": dict(sorted(merchants.items())),
-                                     "rejected": rejected})
+                                     "rejected": rejected, "failed": failed})
         self.last_train = summary
 
     def evaluate_record(self, server_round: int, summary: dict, merchants: dict) -> None:
         self.run_dir.append_metrics({"round": server_round, "scope": "evaluate", "metrics": summary,
                                      "merchants": dict(sorted(merchants.items()))})
+
+    def stopped_record(self, server_round: int, message: str) -> None:
+        """The record of a run that stopped in `server_round` (too few merchants): `fedshop simulate` reads it back
+        to exit with the message; the last complete round is the one before."""
+        self.run_dir.append_metrics({"round": server_round, "scope": "stopped", "metrics": {}, "reason": message,
+                                     "last-complete-round": server_round - 1})
 
     # --- the log ---------------------------------------------------------------------------------------------------
     def progress(self, server_round: int, last_round: int, evaluation: dict) -> None:

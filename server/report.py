@@ -14,6 +14,7 @@ from shared.config import FedShopConfig
 from shared.files import write_text_atomic
 from shared.metrics import compare, decide, standard_errors
 from shared.rundir import (
+    STATUS_FAILED,
     STATUS_RELEASED,
     STEP_STATUSES,
     RunDirectory,
@@ -75,8 +76,8 @@ def aggregation_lines(config: FedShopConfig, trains: list[dict]) -> list[str]:
         f", robust merge {config.robust}" + (f" (trim {config.trim_fraction:g})" if config.robust == "trimmed-mean"
                                              else ""))
     bound = "off" if config.update_norm_bound is None else f"{config.update_norm_bound:g}"
-    lines = [f"- method: {config.aggregation}{robust}; update-norm bound {bound}, min-valid-merchants "
-             f"{config.min_valid_merchants}"]
+    lines = [f"- method: {config.aggregation}{robust}; update-norm bound {bound}, min-merchants "
+             f"{config.min_merchants}"]
     uplink = [number(t["metrics"].get("uplink-bytes-mean")) for t in trains]
     downlink = [number(t["metrics"].get("downlink-bytes-mean")) for t in trains]
     uplink, downlink = [v for v in uplink if math.isfinite(v)], [v for v in downlink if math.isfinite(v)]
@@ -270,6 +271,39 @@ def base_words(meta: dict, config: FedShopConfig) -> str:
     return f"T5 `{meta.get('model-size', config.model_size)}`"
 
 
+FAILURE_RULE = ("Conservative rule: a merchant that failed (raised, its process exited, or no reply within "
+                "round-timeout) may have failed after it started training, so its round is charged as if it finished: "
+                "its ledger row (status failed) carries the noise multiplier, sample rate and steps of its last "
+                "trained round and the epsilon of its history with that round added, and every later epsilon composes "
+                "it. A merchant that failed before any trained round has no schedule the server could know: its row "
+                "says epsilon NaN and 0 steps, and that round is not in its epsilon.")
+
+
+def failure_lines(ledger: list[dict[str, str]], trains: list[dict], records: list[dict]) -> list[str]:
+    """The run's merchant failures per merchant and round (with the reason each train record gives), the
+    conservative ledger rule, and a stop, if the run stopped."""
+    failed = [r for r in ledger if r["status"] == STATUS_FAILED]
+    stopped = [r for r in records if r["scope"] == "stopped"]
+    if not failed and not stopped:
+        return []
+    reasons = {(f["merchant"], t["round"]): f["reason"] for t in trains for f in t.get("failed", [])}
+    lines = ["", "### Merchant failures", "", FAILURE_RULE, "", "| merchant | round | steps charged | epsilon | why |",
+             "|---|---|---|---|---|"]
+    for row in sorted(failed, key=lambda r: (r["merchant"], int(r["round"]))):
+        charged = int(row["steps"])
+        lines.append(f"| {row['merchant']} | {row['round']} | {charged if charged else '0 (unknown schedule)'} | "
+                     f"{figure(number(row['epsilon']), 3)} | "
+                     f"{reasons.get((row['merchant'], int(row['round'])), '-').replace('|', '/')} |")
+    rejected = [(r["merchant"], t["round"], r["reason"]) for t in trains for r in t.get("rejected", [])]
+    if rejected:
+        lines.append("")
+        lines.append("Rejected updates (the merchant trained and is charged as trained; its update was not "
+                     "aggregated): " + "; ".join(f"{m} round {k} ({why})" for m, k, why in rejected) + ".")
+    for stop in stopped:
+        lines += ["", f"**The run stopped:** {stop.get('reason', '')}"]
+    return lines
+
+
 def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) -> None:
     records = run_dir.read_metrics()
     evaluations = {r["round"]: r for r in records if r["scope"] == "evaluate"}
@@ -351,7 +385,8 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
                      f"started from `checkpoints/round-{resume['checkpoint']}`, each merchant's accountant history "
                      "read back from `privacy.csv` (every step taken before the stop counts, a round under way "
                      "included).")
-    declined = [r for r in ledger if r["status"] not in STEP_STATUSES]
+    lines += failure_lines(ledger, [trains[r] for r in sorted(trains)], records)
+    declined = [r for r in ledger if r["status"] not in STEP_STATUSES and r["status"] != STATUS_FAILED]
     if declined:
         lines.append(f"- {len(declined)} merchant-round(s) did not train: "
                      + ", ".join(f"{r['merchant']} round {r['round']} ({r['status']})" for r in declined))

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.continuation import record_origin, starting_adapter
 from server.preflight import preflight
 from server.report import write_report
-from server.strategy import build_strategy
+from server.strategy import TooFewMerchants, build_strategy
 from shared.config import FedShopConfig, from_run_config
 from shared.files import save_pretrained_atomic
 from shared.locks import directory_lock
@@ -80,8 +80,17 @@ def run(grid: Grid, config: FedShopConfig) -> None:
 
     final = initial
     if rounds:
-        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=ConfigRecord(),
-                                evaluate_config=ConfigRecord(), evaluate_fn=checkpoint)
+        try:
+            result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=ConfigRecord(),
+                                    evaluate_config=ConfigRecord(), evaluate_fn=checkpoint,
+                                    timeout=config.round_timeout)
+        except TooFewMerchants as stop:
+            # ledger and metrics hold the failed round's rows (append-only); its checkpoint was never written, so
+            # checkpoints/round-<k-1> is the last complete one; no adapter/ (the run did not finish)
+            ledger.recorder.stopped_record(stop.server_round, str(stop))
+            write_report(run_dir, config, base_meta)
+            log.error("%s", stop)
+            return
         # no round aggregated (every merchant declined, say): Flower returns an empty record; nothing changed
         if result.arrays is not None and len(result.arrays):
             final = result.arrays

@@ -25,6 +25,7 @@ from shared.files import write_text_atomic
 
 SERVER_APP = "server.server_app:app"
 CLIENT_APP = "client.client_app:app"
+ACTOR_RESTARTS = -1  # Ray restarts a dead merchant actor every time
 
 
 def write_app_dir(config: FedShopConfig, directory: Path) -> Path:
@@ -72,7 +73,12 @@ def simulation_arguments(config: FedShopConfig, app_dir: Path, verbose: bool = F
         "is_app": True,
         "backend_name": "ray",
         "backend_config": {
-            "client_resources": {"num_cpus": config.torch_threads, "num_gpus": gpu_share(config)},
+            # max_restarts goes through to Ray's actor options: a merchant process that dies (os._exit, a crash, an
+            # out-of-memory kill) is started afresh. Without it flwr 1.42 puts the dead actor back in its pool and
+            # every later message handed to it fails too, whatever merchant it is for (measured with fault-injection
+            # = exit: ActorDiedError for every message to that actor in every later round)
+            "client_resources": {"num_cpus": config.torch_threads, "num_gpus": gpu_share(config),
+                                 "max_restarts": ACTOR_RESTARTS},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                           "logging_level": logging.ERROR if not verbose else logging.INFO},
         },

@@ -14,14 +14,17 @@ updates are merged (the arithmetic is `server.aggregation`'s):
 mean (Flower's numpy helpers, unweighted).
 
 Every train reply is validated before any aggregation (names, shapes, dtypes, finiteness, update norm against the
-arrays sent this round, `max-update-norm`); rejected updates are logged and counted in metrics.jsonl, and a round
-left with fewer than `min-valid-merchants` valid updates ends the run with `TooFewValidUpdates`.
+arrays sent this round, `max-update-norm`); rejected updates are logged and counted in metrics.jsonl. A merchant that
+replied with an error or not within `round-timeout` is failed (a ledger row charged as if its round finished, see
+`RunRecorder.failed_row`). A round where failures or rejections leave fewer than `min-merchants` valid updates ends
+the run with `TooFewMerchants`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable
 
@@ -59,8 +62,26 @@ log = logging.getLogger("fedshop")
 PER_MERCHANT_ONLY = ("partition-id", "declined", "train-seconds", "message-seconds")
 
 
-class TooFewValidUpdates(RuntimeError):
-    """A round whose rejected updates left fewer than `min-valid-merchants` valid ones: the run stops."""
+def _compact(reason: str, limit: int = 200) -> str:
+    """An error reply's reason on one line, shortened: the merchant's own exception message where Flower wrapped one
+    (`ClientAppException ... Message: <it>`), else the error's class and message (a dead actor's Ray error)."""
+    text = " ".join(reason.split())
+    if "occurred. Message: " in text:
+        text = text.rsplit("occurred. Message: ", 1)[1].removesuffix("'>")
+    else:
+        wrapped = re.match(r"<class '([\w.()]+)'>:<'(.*)'>$", text)
+        if wrapped:
+            text = f"{wrapped[1].rsplit('.', 1)[-1]}: {wrapped[2]}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class TooFewMerchants(RuntimeError):
+    """A round whose failed merchants and rejected updates left fewer than `min-merchants` valid updates: the run
+    stops (its message names the round, who failed and why, and the last complete checkpoint)."""
+
+    def __init__(self, message: str, server_round: int):
+        super().__init__(message)
+        self.server_round = server_round
 
 
 class LedgerFedAvg(FedAvg):
@@ -85,6 +106,8 @@ class LedgerFedAvg(FedAvg):
         self.round_offset = 0
         self.merchant_names = merchant_names(config)  # deployment with authentication: node id -> merchant
         self._train_sent: float | None = None  # perf_counter when this round's train messages left (round-seconds)
+        self._train_nodes: list[int] = []  # the nodes this round's train messages went to (a missing reply: failed)
+        self.node_merchants: dict[int, str] = dict(self.merchant_names or {})  # node id -> merchant, as learned
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
@@ -92,6 +115,7 @@ class LedgerFedAvg(FedAvg):
         # wall time runs from here (the nodes already sampled) to the end of the aggregation
         messages = list(self._train_messages(server_round, arrays, config, grid))
         self._train_sent = time.perf_counter()
+        self._train_nodes = [m.metadata.dst_node_id for m in messages]
         return messages
 
     def _train_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -184,17 +208,21 @@ class LedgerFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         replies = list(replies)
-        trained, merchants = [], {}
+        trained, merchants, failed = [], {}, []
         downlink = None if self._current is None else payload_bytes(numpy_of(self._current))
+        replied = {msg.metadata.src_node_id for msg in replies}
+        for node in [n for n in self._train_nodes if n not in replied]:  # Flower's timeout: no reply at all
+            failed.append({"merchant": self._merchant_at(node),
+                           "reason": f"no reply within round-timeout = {self.config.round_timeout:g} s"})
+        self._train_nodes = []
         for msg in replies:
             if msg.has_error() or PRIVACY_RECORD not in msg.content.config_records:
-                merchant = (self.merchant_names or {}).get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
-                self.recorder.failed_row(server_round, merchant)
-                log.warning("round %d: merchant %s failed: %s", server_round, merchant,
-                            msg.error.reason if msg.has_error() else f"no {PRIVACY_RECORD!r} record in its reply")
+                failed.append({"merchant": self._merchant_at(msg.metadata.src_node_id),
+                               "reason": _compact(msg.error.reason) if msg.has_error()
+                               else f"no {PRIVACY_RECORD!r} record in its reply"})
                 continue
             metrics = msg.content["metrics"]
-            merchant = merchant_of(msg, self.merchant_names)
+            merchant = self._learn(msg)
             self.recorder.merchant_row(server_round, merchant, metrics, msg.content.config_records[PRIVACY_RECORD])
             entry = {k: v for k, v in metrics.items() if k != "partition-id"}
             sent = msg.content.array_records.get(self.arrayrecord_key)
@@ -208,16 +236,17 @@ class LedgerFedAvg(FedAvg):
             else:
                 trained.append((merchant, msg))
         trained.sort(key=lambda pair: pair[0])  # merged in merchant order, not reply order: reruns are bit-exact
+        failed.sort(key=lambda f: f["merchant"])
+        for failure in failed:  # after the replies' rows: a failed row reads the merchant's earlier rounds only
+            self.recorder.failed_row(server_round, failure["merchant"])
+            log.warning("round %d: merchant %s failed: %s", server_round, failure["merchant"], failure["reason"])
         valid, rejected = self._screen(server_round, trained)
         summary: dict = {}
         arrays = metrics = None
-        if rejected and len(valid) < self.config.min_valid_merchants:
+        if (rejected or failed) and len(valid) < self.config.min_merchants:
             self._stamp_round_seconds(summary)
-            self.recorder.train_record(server_round, summary, merchants, trained, valid, rejected)
-            reasons = "; ".join(f"{r['merchant']}: {r['reason']}" for r in rejected)
-            raise TooFewValidUpdates(
-                f"round {server_round}: {len(valid)} valid merchant update(s) after rejecting {len(rejected)}, fewer "
-                f"than min-valid-merchants = {self.config.min_valid_merchants}; rejected: {reasons}")
+            self.recorder.train_record(server_round, summary, merchants, trained, valid, rejected, failed)
+            raise TooFewMerchants(self._too_few(server_round, valid, rejected, failed), server_round)
         if valid:
             updates = [numpy_of(msg.content[self.arrayrecord_key]) for _, msg in valid]
             weights = [float(msg.content["metrics"][self.weighted_by_key]) for _, msg in valid]
@@ -233,8 +262,29 @@ class LedgerFedAvg(FedAvg):
             summary.update({k: v for k, v in metrics.items() if k not in PER_MERCHANT_ONLY})
             summary.update(extra)
         self._stamp_round_seconds(summary)
-        self.recorder.train_record(server_round, summary, merchants, trained, valid, rejected)
+        self.recorder.train_record(server_round, summary, merchants, trained, valid, rejected, failed)
         return arrays, metrics
+
+    def _too_few(self, server_round: int, valid: list, rejected: list[dict[str, str]],
+                 failed: list[dict[str, str]]) -> str:
+        why = "; ".join([f"{f['merchant']} failed: {f['reason']}" for f in failed]
+                        + [f"{r['merchant']} rejected: {r['reason']}" for r in rejected])
+        last = server_round - 1
+        return (f"round {server_round}: {len(valid)} valid merchant update(s), fewer than min-merchants = "
+                f"{self.config.min_merchants} ({why}); the run stopped, checkpoints/round-{last} is the last complete "
+                "round" + ("" if last < 1 else " (fedshop simulate --resume RUN_DIR continues from it)"))
+
+    def _learn(self, msg: Message) -> str:
+        """The merchant of a reply that names its partition, remembered by node id for the replies that do not
+        (an error reply names no merchant; a missing one has only the node it was sent to)."""
+        merchant = merchant_of(msg, self.merchant_names)
+        self.node_merchants.setdefault(msg.metadata.src_node_id, merchant)
+        return merchant
+
+    def _merchant_at(self, node: int) -> str:
+        """The merchant at `node`, once any of its replies named it (round 0's evaluation does for every merchant
+        that answered it), else `node-<id>`."""
+        return self.node_merchants.get(node, f"node-{node}")
 
     def _stamp_round_seconds(self, summary: dict) -> None:
         """`round-seconds`: wall time from sending this round's train messages to the aggregate (left out when
@@ -276,8 +326,7 @@ class LedgerFedAvg(FedAvg):
                             "partition-id and a positive %s", server_round, msg.metadata.src_node_id,
                             self.weighted_by_key)
                 continue
-            merchants[merchant_of(msg, self.merchant_names)] = {
-                k: v for k, v in metrics.items() if k != "partition-id"}
+            merchants[self._learn(msg)] = {k: v for k, v in metrics.items() if k != "partition-id"}
         # pooled in merchant order: in reply order (Flower's) two runs of the same rounds differ in the last digits;
         # for replies that arrive in merchant order the figures are Flower's own, bit for bit
         summary = pool_metrics([merchants[m] for m in sorted(merchants)], self.weighted_by_key)

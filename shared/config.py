@@ -176,8 +176,18 @@ class FedShopConfig:
                                  "(floor(fraction x merchants))", low=0.0, high=0.5, high_open=True)
     max_update_norm: float = _spec(1e4, "a merchant's update (L2 norm over all its tensors of what it sent minus what "
                                    "the server sent) above this is rejected; 0 or inf = no bound", low=0.0)
-    min_valid_merchants: int = _spec(1, "when updates are rejected, the round still aggregates if at least this many "
-                                     "valid updates remain; otherwise the run stops with an error", low=1, high=1000)
+    min_merchants: int = _spec(1, "a round aggregates only if at least this many merchants replied, trained and sent "
+                               "a valid update, unless none failed or was rejected (declines alone never stop a run); "
+                               "otherwise the run stops with an error naming the round and why each merchant failed, "
+                               "and its last complete checkpoint (formerly min-valid-merchants)", low=1, high=1000)
+    round_timeout: float = _spec(3600.0, "seconds the server waits for a round's replies (train and evaluate each); "
+                                 "a merchant that has not replied by then counts as failed for that round",
+                                 low=1.0, high=1e7)
+    fault_injection: str = _spec("", "inject merchant faults for reliability tests: comma-separated "
+                                 "kind@merchant:round entries, kind one of raise (an exception after training), "
+                                 "exit (the merchant's process ends after training), hang (sleeps past "
+                                 "round-timeout after training), garbage (replies with a NaN update), e.g. "
+                                 "\"exit@m1:2,hang@m2:3\"; empty = none")
     # --- privacy -------------------------------------------------------------------------------------------
     dp: bool = _spec(True, "train with DP-SGD (false gives the non-private run for comparison)")
     target_epsilon: float = _spec(8.0, "each merchant's privacy budget epsilon over the whole planned schedule",
@@ -288,9 +298,12 @@ class FedShopConfig:
         if self.new_items >= self.num_items:
             raise ConfigError(f"config key 'new-items' = {self.new_items} must be below num-items = {self.num_items}")
         _ = self.pretrain_weights  # parsed here so that a malformed entry is refused with the config, key named
-        if self.min_valid_merchants > self.num_merchants:
-            raise ConfigError(f"config key 'min-valid-merchants' = {self.min_valid_merchants} exceeds num-merchants "
+        if self.min_merchants > self.num_merchants:
+            raise ConfigError(f"config key 'min-merchants' = {self.min_merchants} exceeds num-merchants "
                               f"= {self.num_merchants}")
+        from shared.faults import parse_faults
+
+        parse_faults(self.fault_injection, self.num_merchants)  # refused here, entry named
 
     # ---------------------------------------------------------------------------------------------------------
     @property
@@ -511,6 +524,11 @@ def _coerce_all(values: dict[str, Any], where: str) -> dict[str, Any]:
     """Each key checked on its own (name, type, range): the dataclass's keyword arguments."""
     kwargs = {}
     for key, raw in values.items():
+        if key in RENAMED:  # an older name, still read (a run directory's config.toml written before the rename)
+            if RENAMED[key] in values:
+                raise ConfigError(f"{where}config keys {_shown(key)} and '{RENAMED[key]}' are the same key (the first "
+                                  "is its former name); give only the second")
+            key = RENAMED[key]
         f = FIELDS.get(key)
         if f is None:
             hint = _closest(key)
@@ -518,6 +536,9 @@ def _coerce_all(values: dict[str, Any], where: str) -> dict[str, Any]:
                               + (f" (did you mean '{hint}'?)" if hint else "") + "; known keys: " + ", ".join(FIELDS))
         kwargs[f.name] = _coerce(key, f, raw, where)
     return kwargs
+
+
+RENAMED = {"min-valid-merchants": "min-merchants"}  # former name -> key
 
 
 def _closest(key: str) -> str | None:

@@ -99,6 +99,21 @@ def admit(state: PrivacyState, num_records: int, config: FedShopConfig) -> bool:
     return PrivacyBudget.for_merchants(config).admits(state.history, (state.noise_multiplier, sample_rate, steps))
 
 
+def charged_ahead(state: PrivacyState, num_examples: int, owners: Sequence[str] | None, config: FedShopConfig
+                  ) -> PrivacyState | None:
+    """The state with this round's DP-SGD steps already charged, as `train_round` will leave it if it runs to the
+    end; None when the round takes no accounted steps (no local DP, or declined). A merchant saves this before it
+    trains (write-ahead), so a round that crashes after its first noised step still counts in its own history."""
+    if not config.local_dp:
+        return None
+    records = records_for(num_examples, owners, config)
+    if not admit(state, len(records), config):
+        return None
+    assert state.noise_multiplier is not None  # admit() calibrates it
+    sample_rate, steps = schedule(len(records), config)
+    return PrivacyState(state.noise_multiplier, [*state.history, (state.noise_multiplier, sample_rate, steps)])
+
+
 def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, state: PrivacyState,
                 *, seed: int, owners: Sequence[str] | None = None, output_rows: list[int] | None = None
                 ) -> RoundResult:

@@ -33,7 +33,8 @@ CONTINUED_FROM = "continued-from.json"  # a continued run's (and its export's) c
 PRIVACY_COLUMNS = ("merchant", "round", "noise_multiplier", "sample_rate", "steps", "epsilon", "delta", "unit",
                    "accountant", "status")
 # a ledger row's status: trained / declined (a merchant's DP-SGD round), released / declined (the server's
-# merchant-level release, merchant "all"), failed (no reply); trained and released rows are accountant steps
+# merchant-level release, merchant "all"), failed (no valid reply in time); trained and released rows are accountant
+# steps, and so is a failed row that carries steps (`takes_steps`: charged as if the round finished)
 STATUS_TRAINED, STATUS_DECLINED, STATUS_FAILED, STATUS_RELEASED = "trained", "declined", "failed", "released"
 STEP_STATUSES = (STATUS_TRAINED, STATUS_RELEASED)
 MERCHANT_LEVEL = "all"  # the merchant column of the server's central-DP rows
@@ -284,18 +285,19 @@ def history_from_ledger(run_dir: str | Path, merchant: str, before_round: int | 
                         ) -> tuple[float | None, History]:
     """(last noise multiplier, accountant history) of `merchant` in a run directory's (or export's) `privacy.csv`.
 
-    Rows that trained (or, for the server's merchant-level rows, were released) are the steps taken; declined and
-    failed rows took none. When the run itself continued another (`continued-from.json` beside the ledger), the
-    history it carried over comes first, so a chain of continued runs composes every step. A merchant absent from
-    both starts from nothing. With `before_round`, only rows of earlier rounds count (a run that resumes its own
-    directory reads the steps taken before the round it is in).
+    Rows that trained (or, for the server's merchant-level rows, were released) are the steps taken, and so are
+    failed rows with steps (a merchant that failed after it started training, charged as if it finished); declined
+    rows and failed rows without steps took none. When the run itself continued another (`continued-from.json`
+    beside the ledger), the history it carried over comes first, so a chain of continued runs composes every step.
+    A merchant absent from both starts from nothing. With `before_round`, only rows of earlier rounds count (a run
+    that resumes its own directory reads the steps taken before the round it is in).
     """
     path = Path(run_dir) / "privacy.csv"
     if not path.is_file():
         raise UserError(f"{path} does not exist; expected a finished fedshop run directory or a fedshop export")
     noise, history = carried_history(run_dir, merchant)
     for row in RunDirectory(run_dir).read_privacy():
-        if row["merchant"] != merchant or row["status"] not in STEP_STATUSES:
+        if row["merchant"] != merchant or not takes_steps(row):
             continue
         if before_round is not None and int(row["round"]) >= before_round:
             continue
@@ -318,6 +320,25 @@ def merged_history(history: History) -> History:
         else:
             merged.append((noise, rate, steps))
     return merged
+
+
+def takes_steps(row: dict[str, str]) -> bool:
+    """Whether a ledger row's steps count in its merchant's accountant history: trained and released rows, and a
+    failed row that carries steps (the conservative rule: a merchant that failed after it started training is
+    charged its round as if it finished)."""
+    return row["status"] in STEP_STATUSES or (row["status"] == STATUS_FAILED and int(row["steps"]) > 0)
+
+
+def last_round_step(run_dir: str | Path, merchant: str, before_round: int) -> tuple[float, float, int] | None:
+    """(noise multiplier, sample rate, steps) of `merchant`'s last trained DP-SGD round before `before_round` in
+    this run directory's ledger: what a round it fails after starting to train is charged; None when it has none
+    (a merchant failing in its first round: the server cannot know its schedule)."""
+    last = None
+    for row in RunDirectory(run_dir).read_privacy():
+        if row["merchant"] == merchant and row["status"] == STATUS_TRAINED and int(row["round"]) < before_round \
+                and row["unit"] in LOCAL_UNITS and int(row["steps"]) > 0:
+            last = (number(row["noise_multiplier"]), number(row["sample_rate"]), int(row["steps"]))
+    return last
 
 
 def carried_history(run_dir: str | Path, merchant: str) -> tuple[float | None, History]:

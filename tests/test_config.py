@@ -31,7 +31,8 @@ def test_pyproject_defaults_equal_the_config_defaults():
     ("robust", "mean", "one of none, median, trimmed-mean"),
     ("trim-fraction", 0.5, "[0, 0.5)"),
     ("max-update-norm", -1.0, "[0, inf]"),
-    ("min-valid-merchants", 0, "[1, 1000]"),
+    ("min-merchants", 0, "[1, 1000]"),
+    ("round-timeout", 0.5, "[1, 1e+07]"),
     ("device", "gpu", "one of auto, cpu, cuda"),
 ])
 def test_bad_values_are_refused_naming_key_and_range(key, value, words):
@@ -46,7 +47,14 @@ def test_bad_values_are_refused_naming_key_and_range(key, value, words):
     ({"aggregation": "svd", "central-dp": True}, "'aggregation' = 'svd' cannot be combined with central DP"),
     ({"aggregation": "svd", "robust": "median"}, "'robust' = 'median' cannot be combined with aggregation = 'svd'"),
     ({"robust": "trimmed-mean", "central-dp": True}, "'robust' = 'trimmed-mean' cannot be combined with central DP"),
-    ({"min-valid-merchants": 5, "num-merchants": 4}, "'min-valid-merchants' = 5 exceeds num-merchants = 4"),
+    ({"min-merchants": 5, "num-merchants": 4}, "'min-merchants' = 5 exceeds num-merchants = 4"),
+    ({"fault-injection": "crash@m1:2"}, "'fault-injection' entry 'crash@m1:2': expected kind@merchant:round with "
+                                        "kind one of raise, exit, hang, garbage, merchant m0..m3"),
+    ({"fault-injection": "exit@m4:1", "num-merchants": 4}, "entry 'exit@m4:1': expected kind@merchant:round"),
+    ({"fault-injection": "hang@m1:0"}, "entry 'hang@m1:0': expected kind@merchant:round"),
+    ({"fault-injection": "raise@m1"}, "entry 'raise@m1': expected kind@merchant:round"),
+    ({"fault-injection": "exit@m1:2, garbage@m1:2"}, "entry 'garbage@m1:2': m1 already has a fault in round 2 (exit)"),
+    ({"min-valid-merchants": 2, "min-merchants": 2}, "'min-valid-merchants' and 'min-merchants' are the same key"),
     ({"new-items": 60, "num-items": 60}, "'new-items' = 60 must be below num-items = 60"),
     ({"new-items": 5, "data-path": "events.csv"}, "'new-items' shapes the synthetic generator"),
     ({"item-ids": "tiger"}, "one of token, semantic"),
@@ -62,11 +70,21 @@ def test_combinations_that_cannot_work_are_refused(values, words):
 def test_aggregation_keys_accepted_and_norm_bound_off_at_zero_or_inf():
     config = from_mapping({"aggregation": "ffa", "robust": "trimmed-mean", "trim-fraction": 0.3,
                            "privacy-unit": "event", "max-update-norm": "inf", "min-valid-merchants": 2})
-    assert (config.aggregation, config.robust, config.trim_fraction, config.min_valid_merchants) == (
+    # min-valid-merchants is min-merchants' former name: still read (a config.toml written before the rename)
+    assert (config.aggregation, config.robust, config.trim_fraction, config.min_merchants) == (
         "ffa", "trimmed-mean", 0.3, 2)
     assert config.update_norm_bound is None and config.replace(max_update_norm=0).update_norm_bound is None
     assert FedShopConfig().update_norm_bound == FedShopConfig().max_update_norm == 1e4
     assert from_mapping({"aggregation": "ffa", "privacy-unit": "merchant"}).central  # ffa + central DP works
+
+
+def test_fault_injection_parses_into_merchant_round_kinds():
+    from shared.faults import parse_faults
+
+    config = from_mapping({"fault-injection": " exit@m1:2,hang@m2:3 ,garbage@m0:1,raise@m3:1", "round-timeout": 30})
+    assert parse_faults(config.fault_injection, config.num_merchants) == {
+        ("m1", 2): "exit", ("m2", 3): "hang", ("m0", 1): "garbage", ("m3", 1): "raise"}
+    assert config.round_timeout == 30.0 and parse_faults("", 4) == {}
 
 
 def test_unknown_key_is_refused_with_a_suggestion():

@@ -266,3 +266,23 @@ def test_per_sample_gradients_are_exact_on_the_t5_small_shape_with_every_lora_ta
     nonzero_lora(model, "lora_B", "lora_embedding_A")
     assert len(model.base_model.model.encoder.block) == 6 and model.base_model.model.config.d_model == 512
     assert_opacus_per_sample_gradients_exact(model, first(encode(merchant.train[:8], tokenizer), 3))
+
+
+def test_the_write_ahead_state_charges_exactly_the_round_train_round_then_takes(setup):
+    from shared.dptrain import charged_ahead
+    from shared.privacy import PrivacyBudget
+
+    model, _, _, data = setup
+    data = first(data, 160)
+    config = CONFIG.replace(num_rounds=1)
+    state = PrivacyState()
+    # Execute: the state a merchant saves before training, then the round itself, then one round too many
+    ahead = charged_ahead(state, len(data), None, config)
+    trained = train_round(model, data, config, state, seed=7)
+    beyond = charged_ahead(state, len(data), None, config)
+    # Assert: the write-ahead state spends what the finished round reports; a round to be declined charges nothing,
+    # and so does a round without DP-SGD
+    assert ahead is not None and ahead.noise_multiplier == state.noise_multiplier
+    assert sum(s for _, _, s in ahead.history) == sum(s for _, _, s in state.history) == trained.steps
+    assert math.isclose(PrivacyBudget.for_merchants(config).spent(ahead.history), trained.epsilon, rel_tol=1e-12)
+    assert beyond is None and charged_ahead(PrivacyState(), len(data), None, config.replace(dp=False)) is None

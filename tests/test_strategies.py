@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.aggregation import payload_bytes
 from server.report import aggregation_lines
-from server.strategy import LedgerFFA, LedgerSVD, TooFewValidUpdates, build_strategy
+from server.strategy import LedgerFFA, LedgerSVD, TooFewMerchants, build_strategy
 from shared.config import FedShopConfig
 from shared.dptrain import STATUS_TRAINED, PrivacyState, train_round
 from shared.model import adapter_state, uplink_state
@@ -289,18 +289,19 @@ def test_invalid_updates_are_rejected_named_and_left_out_of_the_aggregate(tmp_pa
 def test_too_few_valid_updates_stop_the_run_naming_round_and_reasons(tmp_path):
     rng = np.random.default_rng(7)
     initial = _initial(rng)
-    ledger, _, run_dir = _setup(tmp_path, initial, num_merchants=3, min_valid_merchants=2)
+    ledger, _, run_dir = _setup(tmp_path, initial, num_merchants=3, min_merchants=2)
     honest = {k: v + 0.1 for k, v in initial.items()}
     nan = {**honest, _b("q"): np.full_like(honest[_b("q")], np.nan)}
-    with pytest.raises(TooFewValidUpdates, match=r"round 3: 1 valid merchant update\(s\) after rejecting 2, fewer "
-                       r"than min-valid-merchants = 2; rejected: m1: NaN in .*; m2: NaN in "):
+    with pytest.raises(TooFewMerchants, match=r"round 3: 1 valid merchant update\(s\), fewer than min-merchants = 2 "
+                       r"\(m1 rejected: NaN in .*; m2 rejected: NaN in .*\); the run stopped, checkpoints/round-2 is "
+                       r"the last complete round"):
         ledger.aggregate_train(3, [_reply(0, honest, 10), _reply(1, nan, 10), _reply(2, nan, 10)])
     assert run_dir.read_metrics()[-1]["metrics"]["merchants-rejected"] == 2  # recorded before stopping
 
 
-def test_declines_alone_never_trip_min_valid_merchants(tmp_path):
+def test_declines_alone_never_trip_min_merchants(tmp_path):
     initial = _initial(np.random.default_rng(8))
-    ledger, _, _ = _setup(tmp_path, initial, num_merchants=3, min_valid_merchants=3)
+    ledger, _, _ = _setup(tmp_path, initial, num_merchants=3, min_merchants=3)
     arrays, _ = ledger.aggregate_train(1, [_reply(0, None, 0, declined=True), _reply(1, None, 0, declined=True)])
     assert arrays is None
 
@@ -415,3 +416,70 @@ def test_evaluate_leaves_out_failed_and_weightless_replies_and_numbers_resumed_r
     assert dict(result) == {"intent-auc": 0.5}
     assert "out of memory" in caplog.text and "positive num-examples" in caplog.text
     assert run_dir.read_metrics()[-1]["round"] == 5
+
+
+# --- merchant failures ------------------------------------------------------------------------------------------
+def _error_reply(partition: int, reason: str) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=partition + 1, message_type="train")
+    return Message(Error(code=0, reason=reason), reply_to=request)
+
+
+def _ledger_rows(tmp_path, round_: int) -> dict[str, dict[str, str]]:
+    return {r["merchant"]: r for r in csv.DictReader(open(tmp_path / "privacy.csv")) if int(r["round"]) == round_}
+
+
+def test_a_merchant_failing_after_a_trained_round_is_charged_that_round_as_if_it_finished(tmp_path):
+    from shared.rundir import history_from_ledger
+
+    # Prepare: round 1 trained by m0, m1, m2 (nodes 1, 2, 3: the server learns who is where from their replies)
+    initial = _initial(np.random.default_rng(11))
+    ledger, _, run_dir = _setup(tmp_path, initial, num_merchants=3)
+    honest = {k: v + 0.1 for k, v in initial.items()}
+    ledger.aggregate_train(1, [_reply(p, honest, 10) for p in range(3)])
+    # Execute: round 2 sent to nodes 1, 2, 3 and to node 9, never heard from; m1 (node 2) replies with an error,
+    # m2 (node 3) and node 9 not at all (Flower's round timeout)
+    ledger._train_nodes = [1, 2, 3, 9]
+    arrays, _ = ledger.aggregate_train(2, [_reply(0, honest, 10), _error_reply(1, "boom\n  in train")])
+    # Assert: the round aggregated m0 alone; m1 and m2 carry their last round's schedule and the epsilon of two
+    # rounds; node 9, never named, has nothing the server could know (epsilon NaN, 0 steps)
+    assert arrays is not None
+    rows = _ledger_rows(tmp_path, 2)
+    two_rounds = PrivacyBudget.for_merchants(ledger.config).spent([(0.9, 0.01, 10), (0.9, 0.01, 10)])
+    for merchant in ("m1", "m2"):
+        row = rows[merchant]
+        assert (row["status"], float(row["noise_multiplier"]), float(row["sample_rate"]), int(row["steps"])) == (
+            "failed", 0.9, 0.01, 10)
+        assert float(row["epsilon"]) == pytest.approx(two_rounds, rel=1e-12)
+        assert history_from_ledger(tmp_path, merchant)[1] == [(0.9, 0.01, 10)] * 2
+    assert rows["node-9"]["status"] == "failed" and rows["node-9"]["steps"] == "0"
+    assert math.isnan(float(rows["node-9"]["epsilon"])) and history_from_ledger(tmp_path, "node-9")[1] == []
+    record = run_dir.read_metrics()[-1]
+    assert record["metrics"]["merchants-failed"] == 3 and record["metrics"]["merchants-aggregated"] == 1
+    assert {f["merchant"]: f["reason"] for f in record["failed"]} == {
+        "m1": "boom in train", "m2": "no reply within round-timeout = 3600 s",
+        "node-9": "no reply within round-timeout = 3600 s"}
+
+
+def test_a_merchant_failing_in_its_first_round_has_no_steps_and_no_epsilon(tmp_path):
+    initial = _initial(np.random.default_rng(12))
+    ledger, _, _ = _setup(tmp_path, initial, num_merchants=3)
+    ledger.node_merchants[2] = "m1"  # named by round 0's evaluation
+    ledger.aggregate_train(1, [_reply(0, {k: v + 0.1 for k, v in initial.items()}, 10), _error_reply(1, "boom")])
+    row = _ledger_rows(tmp_path, 1)["m1"]
+    assert (row["status"], row["steps"], row["noise_multiplier"], row["epsilon"]) == ("failed", "0", "nan", "nan")
+
+
+def test_failures_leaving_too_few_merchants_stop_the_run_naming_who_and_why(tmp_path):
+    initial = _initial(np.random.default_rng(13))
+    ledger, _, run_dir = _setup(tmp_path, initial, num_merchants=3, min_merchants=2)
+    honest = {k: v + 0.1 for k, v in initial.items()}
+    ledger.aggregate_train(1, [_reply(p, honest, 10) for p in range(3)])
+    ledger._train_nodes = [1, 2, 3]
+    with pytest.raises(TooFewMerchants, match=r"^round 2: 1 valid merchant update\(s\), fewer than min-merchants = 2 "
+                       r"\(m1 failed: boom; m2 failed: no reply within round-timeout = 3600 s\); the run stopped, "
+                       r"checkpoints/round-1 is the last complete round \(fedshop simulate --resume RUN_DIR "
+                       r"continues from it\)$"):
+        ledger.aggregate_train(2, [_reply(0, honest, 10), _error_reply(1, "boom")])
+    assert run_dir.read_metrics()[-1]["metrics"]["merchants-failed"] == 2  # recorded before stopping
+    assert {r["merchant"]: r["status"] for r in _ledger_rows(tmp_path, 2).values()} == {
+        "m0": "trained", "m1": "failed", "m2": "failed"}
