@@ -358,9 +358,12 @@ def _stream(path: Path, rows: Iterable[list[str]] | csv.Reader, header: list[str
                 else:
                     event = event_map.get(raw_event)
                     if event is None:
+                        # the hint repeats the name only where event-map could hold it (one printable line,
+                        # no ',' or ':', which separate its entries)
+                        named = raw_event if raw_event.isprintable() and not set(raw_event) & set(",:") else "EVENT"
                         raise _Bad(_event_column(header), f"event {raw_event!r} is not in the event map "
                                    f"({', '.join(sorted(event_map)) or 'empty'}); add it to event-map, e.g. "
-                                   f"\"{raw_event}:view\" or \"{raw_event}:drop\"", "unknown event")
+                                   f"\"{named}:view\" or \"{named}:drop\"", "unknown event")
             except _Bad as bad:
                 line = line_of()
                 where = f"{path}:{line}"

@@ -154,8 +154,8 @@ def test_deploy_writes_the_run_directory_of_a_simulation_and_composes_epsilon(de
     run_dir, code, output, _ = deployed
     assert code == 0, output[-4000:]
     shown = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
-    assert shown == ["adapter", "checkpoints", "config.toml", "metrics.jsonl", "metrics.png", "price_curve.png",
-                     "privacy.csv", "report.md"]  # what `simulate` writes (test_end_to_end)
+    assert shown == ["adapter", "checkpoints", "config.toml", "metrics.jsonl", "metrics.png", "plan.json",
+                     "price_curve.png", "privacy.csv", "report.md"]  # what `simulate` writes (test_end_to_end)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["scope"]) for r in records] == [
         (0, "evaluate"), (1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]

@@ -5,9 +5,11 @@ stop the run with one line and a non-zero exit."""
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
-from helpers import simulate
+from helpers import ROOT, simulate
 
 from shared.privacy import epsilon_of
 from shared.rundir import RunDirectory, history_from_ledger
@@ -57,7 +59,8 @@ def test_every_fault_kind_fails_one_merchant_and_the_run_completes_with_the_othe
         third = rows[(merchant, 3)]
         assert third["status"] == "trained"
         assert float(third["epsilon"]) == pytest.approx(epsilon_of([_steps(first)] * 3, 1e-5, "rdp"), rel=1e-6)
-        assert history_from_ledger(run, merchant)[1] == [_steps(first)] * 3
+        noise, rate, steps = _steps(first)
+        assert history_from_ledger(run, merchant)[1] == [(noise, rate, 3 * steps)]  # merged as Opacus merges
     # every merchant took part in round 3's aggregate and evaluation (the exited merchant's actor was restarted)
     assert trains[3]["metrics"]["merchants-aggregated"] == 5 and not trains[3]["failed"]
     assert set([r for r in records if r["scope"] == "evaluate"][-1]["merchants"]) == {f"m{i}" for i in range(5)}
@@ -70,7 +73,8 @@ def test_too_few_replies_stop_the_run_with_one_line_and_a_resumable_checkpoint(t
     # Prepare: 3 merchants, all three needed; m1 raises in round 2
     run = tmp_path / "run"
     # Execute
-    done = simulate(run, f"base-dir={tiny_base.base_dir}", "min-merchants=3", "fault-injection=raise@m1:2")
+    done = simulate(run, f"base-dir={tiny_base.base_dir}", "min-merchants=3", "num-rounds=3",
+                    "fault-injection=raise@m1:2")
     # Assert: non-zero exit; the last line names the round, who failed and why, and the last complete checkpoint
     assert done.returncode == 1, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
@@ -90,3 +94,25 @@ def test_too_few_replies_stop_the_run_with_one_line_and_a_resumable_checkpoint(t
     assert stop["scope"] == "stopped" and stop["last-complete-round"] == 1
     assert "The run stopped:" in (run / "report.md").read_text()
     json.dumps(stop)  # a plain JSON record
+
+    # Execute: finish it from checkpoints/round-1; round 2's rows stay (m0 and m2 trained, m1 charged), so the two
+    # rounds left are numbered 3 and 4
+    resumed = subprocess.run([sys.executable, "-m", "server.cli", "simulate", "--resume", str(run), "--no-progress"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # Assert
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "checkpoints/round-3").is_dir()
+    assert not (run / "checkpoints/round-2").exists()
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["last-round"] == 4 and [(r["checkpoint"], r["first-round"]) for r in plan["resumed"]] == [(1, 3)]
+    rows = _rows(run)
+    for merchant in ("m0", "m1", "m2"):
+        schedule = _steps(rows[(merchant, 1)])
+        three = epsilon_of([schedule] * 3, 1e-5, "rdp")
+        # the stopped round's steps count (trained or charged): round 3 is each merchant's third round of the three
+        # its noise was calibrated for, and round 4 would exceed the budget, so it declines at the same epsilon
+        assert rows[(merchant, 3)]["status"] == "trained"
+        assert float(rows[(merchant, 3)]["epsilon"]) == pytest.approx(three, rel=1e-9)
+        assert rows[(merchant, 4)]["status"] == "declined" and int(rows[(merchant, 4)]["steps"]) == 0
+        assert float(rows[(merchant, 4)]["epsilon"]) == pytest.approx(three, rel=1e-9) and three <= 8.0
+        assert history_from_ledger(run, merchant)[1] == [(schedule[0], schedule[1], 3 * schedule[2])]
