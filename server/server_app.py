@@ -43,7 +43,6 @@ def run(grid: Grid, config: FedShopConfig) -> None:
             log.warning("round %d was under way when the run stopped: its ledger rows stay (those steps were taken) "
                         "and the rounds from checkpoints/round-%d are numbered %d-%d", offset, point.checkpoint,
                         offset + 1, offset + rounds)
-        run_dir.record_resume(point)
     else:
         offset = run_dir.start(config)  # resuming in place: rounds number on after the last recorded one
         rounds, evaluated = config.num_rounds, config.resumes_in_place
@@ -53,6 +52,7 @@ def run(grid: Grid, config: FedShopConfig) -> None:
     model = add_lora(base, config, seed=config.seed)
     if config.resume_unfinished:
         load_adapter_state(model, read_adapter(run_dir.path, f"{CHECKPOINTS}/round-{point.checkpoint}"))
+        run_dir.record_resume(point)
         log.info("resuming %s from checkpoints/round-%d: rounds %d-%d, every merchant's privacy ledger carrying on",
                  run_dir.path, point.checkpoint, offset + 1, offset + rounds)
     elif config.continued_from:
@@ -73,8 +73,8 @@ def run(grid: Grid, config: FedShopConfig) -> None:
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         """Flower calls this with the global adapter after every round (after any central noise); it is kept as
         checkpoints/round-<N>/ (N counted on after `offset`), written like adapter/."""
-        if server_round == 0 and config.resumes_in_place:  # the starting adapter: already checkpointed
-            return
+        if server_round == 0 and offset in run_dir.complete_checkpoints():  # the starting adapter, already kept
+            return  # (resuming past a round under way, round `offset` has none: the adapter it left is kept)
         load_adapter_state(model, ledger.final_arrays(arrays).to_torch_state_dict())
         save_pretrained_atomic(model, run_dir.checkpoint_dir(server_round + offset))
 

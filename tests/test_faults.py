@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import ROOT, simulate
+from safetensors.torch import load_file
 
 from shared.privacy import epsilon_of
 from shared.rundir import RunDirectory, history_from_ledger
@@ -102,7 +104,9 @@ def test_too_few_replies_stop_the_run_with_one_line_and_a_resumable_checkpoint(t
     # Assert
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "checkpoints/round-3").is_dir()
-    assert not (run / "checkpoints/round-2").exists()
+    # round 2 aggregated nothing: the adapter it left is round 1's, now kept as its checkpoint
+    one, two = (load_file(str(run / f"checkpoints/round-{n}/adapter_model.safetensors")) for n in (1, 2))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     plan = json.loads((run / "plan.json").read_text())
     assert plan["last-round"] == 4 and [(r["checkpoint"], r["first-round"]) for r in plan["resumed"]] == [(1, 3)]
     rows = _rows(run)
