@@ -59,7 +59,9 @@ def _load_state(context: Context, config: FedShopConfig, merchant_id: str, serve
             # in place, the ledger is this run's own: every row before this round is a step already taken
             before = server_round if config.resumes_in_place else None
             noise, history = history_from_ledger(config.continued_from, merchant_id, before_round=before)
-            return with_ledger_charges(PrivacyState(noise, history), config, merchant_id, server_round)
+            state = PrivacyState(noise, history)
+            # in place that ledger is this run's own: with_ledger_charges would read the same rows again
+            return state if config.resumes_in_place else with_ledger_charges(state, config, merchant_id, server_round)
         return with_ledger_charges(PrivacyState(), config, merchant_id, server_round)
     record = context.state[PRIVACY_STATE_KEY]
     noise = float(record["noise-multiplier"])
@@ -96,8 +98,10 @@ def train(msg: Message, context: Context) -> Message:
     _save_state(context, config, merchant, state)
     declined = result.status == STATUS_DECLINED
     # declined: nothing trained, only the metrics travel (no update to clip, average or count)
-    uplink = uplink_state(model, config.aggregation)
-    arrays = {} if declined else {"arrays": ArrayRecord(corrupted(uplink) if fault == "garbage" else uplink)}
+    arrays = {}
+    if not declined:
+        uplink = uplink_state(model, config.aggregation)
+        arrays = {"arrays": ArrayRecord(corrupted(uplink) if fault == "garbage" else uplink)}
     metrics = MetricRecord({
         "num-examples": result.num_examples, "train-loss": 0.0 if declined else result.train_loss,
         "epsilon": result.epsilon, "delta": result.delta, "noise-multiplier": result.noise_multiplier,

@@ -14,9 +14,9 @@ from shared.config import FedShopConfig
 from shared.files import write_text_atomic
 from shared.metrics import compare, decide, standard_errors
 from shared.rundir import (
+    STATUS_DECLINED,
     STATUS_FAILED,
     STATUS_RELEASED,
-    STEP_STATUSES,
     RunDirectory,
     epsilon_by_merchant,
     merchant_level_epsilon,
@@ -386,7 +386,7 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
                      "read back from `privacy.csv` (every step taken before the stop counts, a round under way "
                      "included).")
     lines += failure_lines(ledger, [trains[r] for r in sorted(trains)], records)
-    declined = [r for r in ledger if r["status"] not in STEP_STATUSES and r["status"] != STATUS_FAILED]
+    declined = [r for r in ledger if r["status"] == STATUS_DECLINED]  # failed rows have their own table
     if declined:
         lines.append(f"- {len(declined)} merchant-round(s) did not train: "
                      + ", ".join(f"{r['merchant']} round {r['round']} ({r['status']})" for r in declined))

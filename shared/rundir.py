@@ -120,8 +120,8 @@ class RunDirectory:
         return offset
 
     def write_plan(self, last_round: int) -> None:
-        """A fresh or continued run's plan: the round it ends at (resumes after a stop are kept)."""
-        write_text_atomic(self.path / PLAN, json.dumps({"last-round": last_round, "resumed": []}) + "\n")
+        """A fresh or continued run's plan: the round it ends at; the resumes of an earlier part (in place) are kept."""
+        write_text_atomic(self.path / PLAN, json.dumps({"last-round": last_round, "resumed": self.resumes()}) + "\n")
 
     def record_resume(self, point: ResumePoint) -> None:
         """`fedshop simulate --resume`: the plan names the checkpoint each resume started from (the report says so);

@@ -120,6 +120,8 @@ def test_a_stopped_run_resumes_from_its_last_complete_checkpoint(tmp_path):
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["last-round"] == 4 and [(r["checkpoint"], r["first-round"]) for r in plan["resumed"]] == [(2, 3)]
     assert directory.resumes() == plan["resumed"]
+    directory.write_plan(6)  # the run, finished, continued in place for two more rounds: its resume stays on record
+    assert json.loads((tmp_path / "run" / "plan.json").read_text()) == {"last-round": 6, "resumed": plan["resumed"]}
 
 
 def test_a_round_under_way_when_the_run_stopped_counts_and_the_rounds_number_on(tmp_path):
