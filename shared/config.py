@@ -59,6 +59,14 @@ class FedShopConfig:
     num_items: int = _spec(400, "catalogue size", low=20, high=1_000_000)
     num_categories: int = _spec(16, "number of item categories", low=2, high=10_000)
     days: int = _spec(60, "days of event history", low=1, high=3650)
+    popularity_exponent: float = _spec(0.0, "item popularity: 0 = lognormal; above 0 a power law, the r-th most "
+                                       "popular item weighs r^-exponent (1 is a Zipf catalogue: a few items take "
+                                       "most views, a long tail the rest)", low=0.0, high=5.0)
+    views_per_session: float = _spec(3.5, "mean views in a session (1 + Poisson)", low=1.0, high=1000.0)
+    mean_gap_days: float = _spec(6.0, "mean days between a shopper's sessions (each shopper's own mean is this x a "
+                                 "lognormal)", low=0.0, low_open=True, high=3650.0)
+    leave_bias: float = _spec(-2.0, "logit of P(a shopper leaves for good after a session that ended with a "
+                              "purchase), for an average shopper; lower = longer histories", low=-20.0, high=20.0)
     merchant_skew: float = _spec(0.3, "Dirichlet concentration of merchants' category mixes (smaller = more "
                                  "non-IID)", low=0.0, low_open=True, high=100.0)
     history_length: int = _spec(4, "most recent events of a shopper shown to the model", low=1, high=512)

@@ -50,7 +50,7 @@ PURCHASE_PRICE = 0.9
 PURCHASE_AFFINITY = 0.35
 CART_GIVEN_PURCHASE_INTENT = 1.6  # P(cart | view) = min(1, 1.6 * P(purchase | view)); purchase only after a cart
 SHOPPER_CONCENTRATION = 8.0  # Dirichlet concentration of a shopper's preference around their merchant's mix
-MEAN_EXTRA_VIEWS = 2.5  # views in a session: 1 + Poisson(MEAN_EXTRA_VIEWS)
+# views in a session: 1 + Poisson(views-per-session - 1) (config key; 3.5 by default)
 MIN_VIEWS = 5  # a shopper does not leave before this many views
 # price response: logit -= sensitivity * log(level); sensitivity = PRICE_SENSITIVITY * lognormal(PRICE_SENSITIVITY_SD)
 PRICE_SENSITIVITY = 3.0
@@ -58,9 +58,10 @@ PRICE_SENSITIVITY_SD = 0.5
 # sessions and churn
 FIRST_SESSION_SPAN = 0.4  # the first session starts in this share of the window
 MIN_GAP_DAYS = 0.5
-MEAN_GAP_DAYS = 6.0  # a shopper's mean exponential gap = MEAN_GAP_DAYS * lognormal(MEAN_GAP_SD)
+# a shopper's mean exponential gap = mean-gap-days (config key; 6 by default) * lognormal(MEAN_GAP_SD)
 MEAN_GAP_SD = 0.6
-LEAVE_BIAS = -2.0  # P(leave after a session) = sigmoid(LEAVE_BIAS + LEAVE_NO_PURCHASE * [no purchase] + offset)
+# P(leave after a session) = sigmoid(leave-bias + LEAVE_NO_PURCHASE * [no purchase] + offset); leave-bias is a
+# config key (-2 by default)
 LEAVE_NO_PURCHASE = 1.5
 LEAVE_SHOPPER_SD = 0.7  # sd of a shopper's own offset
 # drift since the public split was collected (config key `drift` scales both; 0 = the world did not change)
@@ -123,7 +124,11 @@ class SyntheticData:
     window_end_ms: int | None = None  # the end of the observation window (churn labels are censored after it)
 
 
-def make_catalogue(num_items: int, num_categories: int, rng: np.random.Generator) -> Catalogue:
+def make_catalogue(num_items: int, num_categories: int, rng: np.random.Generator,
+                   popularity_exponent: float = 0.0) -> Catalogue:
+    """Items with their public facts and latent truth. Popularity is lognormal (`popularity_exponent` 0) or, above
+    0, a power law over the same order: the item ranked r-th (1-based) by that lognormal score weighs r^-exponent,
+    so a few items take most views and the catalogue has a long tail, as in real logs."""
     category = np.arange(num_items) % num_categories
     rng.shuffle(category)
     base_log_price = rng.normal(3.5, 0.8, size=num_categories)
@@ -141,6 +146,9 @@ def make_catalogue(num_items: int, num_categories: int, rng: np.random.Generator
     rating = quality + rng.normal(0.0, RATING_NOISE, size=num_items)
     rating_band = (rating.argsort().argsort() * RATING_BANDS) // num_items
     popularity = np.exp(0.5 * quality + 0.6 * rng.normal(0.0, 1.0, size=num_items))
+    if popularity_exponent > 0:
+        rank = (-popularity).argsort().argsort() + 1.0
+        popularity = rank ** -popularity_exponent
     catalogue = Catalogue(
         item_ids=np.array([f"i{i}" for i in range(num_items)], dtype=object),
         category=category, price=price, price_band=price_band, rating_band=rating_band, quality=quality,
@@ -211,7 +219,7 @@ def generate(config: FedShopConfig) -> SyntheticData:
     and they leave more readily after a session without a purchase (DRIFT_LEAVE_NO_PURCHASE): what merchants hold
     that the base cannot know, shared by every merchant."""
     rng = np.random.default_rng(config.seed)
-    public_catalogue = make_catalogue(config.num_items, config.num_categories, rng)
+    public_catalogue = make_catalogue(config.num_items, config.num_categories, rng, config.popularity_exponent)
     catalogue = drifted(public_catalogue, config.drift, config.seed)
     merchant_ids = [f"m{m}" for m in range(config.num_merchants)]
     rows: dict[str, list] = {k: [] for k in ("merchant_id", "user_id", "item_id", "event", "timestamp")}
@@ -240,9 +248,9 @@ def generate(config: FedShopConfig) -> SyntheticData:
             offset = rng.normal(0.0, LEAVE_SHOPPER_SD)
             no_purchase = LEAVE_NO_PURCHASE + (0.0 if merchant == PUBLIC_MERCHANT else
                                                config.drift * DRIFT_LEAVE_NO_PURCHASE)
-            truth = ShopperTruth(mean_gap_days=MEAN_GAP_DAYS * float(np.exp(rng.normal(0.0, MEAN_GAP_SD))),
-                                 leave_if_bought=_sigmoid(LEAVE_BIAS + offset),
-                                 leave_if_not=_sigmoid(LEAVE_BIAS + no_purchase + offset))
+            truth = ShopperTruth(mean_gap_days=config.mean_gap_days * float(np.exp(rng.normal(0.0, MEAN_GAP_SD))),
+                                 leave_if_bought=_sigmoid(config.leave_bias + offset),
+                                 leave_if_not=_sigmoid(config.leave_bias + no_purchase + offset))
             shoppers[user] = truth
             seen = np.zeros(catalogue.num_items, dtype=bool)
             if merchant == PUBLIC_MERCHANT and config.new_items:
@@ -253,7 +261,7 @@ def generate(config: FedShopConfig) -> SyntheticData:
             while clock < window_end and not seen.all():  # a tiny catalogue can run out of unseen items
                 session_previous: int | None = None
                 bought_in_session = False
-                for _ in range(1 + int(rng.poisson(MEAN_EXTRA_VIEWS))):
+                for _ in range(1 + int(rng.poisson(config.views_per_session - 1.0))):
                     if seen.all():
                         break
                     distribution = next_view_distribution(world, preference, session_previous, seen)

@@ -106,3 +106,43 @@ def test_drifted_views_follow_the_drifted_popularity():
 
     assert spearman(counts(merchants), data.catalogue.popularity) > spearman(counts(merchants), still) + 0.1
     assert spearman(counts(public), still) > spearman(counts(public), data.catalogue.popularity) + 0.1
+
+
+def _events_per_shopper(data) -> np.ndarray:
+    private = data.events.merchant_id != PUBLIC_MERCHANT
+    return np.unique(data.events.user_id[private], return_counts=True)[1]
+
+
+def test_power_law_popularity_keeps_the_lognormal_order_and_concentrates_views():
+    lognormal = generate(CONFIG.replace(num_items=400))
+    zipf = generate(CONFIG.replace(num_items=400, popularity_exponent=1.2))
+    a, b = lognormal.catalogue.popularity, zipf.catalogue.popularity
+    assert (a.argsort() == b.argsort()).all()  # the same items are popular; only the law's shape changes
+    assert np.allclose(np.sort(b)[::-1], np.arange(1, 401) ** -1.2)
+    # the 4 most popular items (1 %) take more of the views under the power law
+    def top_share(data):
+        counts = np.sort(np.unique(data.events.item_id[data.events.event == "view"], return_counts=True)[1])[::-1]
+        return counts[:4].sum() / counts.sum()
+    assert top_share(zipf) > 2 * top_share(lognormal)
+
+
+def test_session_and_churn_knobs_lengthen_histories():
+    short = np.median(_events_per_shopper(generate(CONFIG)))
+    longer = np.median(_events_per_shopper(generate(CONFIG.replace(views_per_session=5.0, leave_bias=-3.5,
+                                                                   mean_gap_days=3.0))))
+    assert longer > 1.8 * short
+
+
+def test_real_shaped_preset_has_the_shape_it_promises():
+    from helpers import ROOT
+
+    from shared.config import load_config
+    config = load_config(ROOT / "configs/real-shaped.toml")
+    data = generate(config)
+    per_shopper = _events_per_shopper(data)
+    public = len(set(data.events.user_id[data.events.merchant_id == PUBLIC_MERCHANT]))
+    views = np.sort(np.unique(data.events.item_id[data.events.event == "view"], return_counts=True)[1])[::-1]
+    assert np.median(per_shopper) >= 50
+    assert len(views) >= 1500
+    assert public / (public + len(per_shopper)) <= 0.2
+    assert views[:len(views) // 100].sum() / views.sum() >= 0.10  # the head: 1 % of items, >= 10 % of views
