@@ -20,7 +20,8 @@ the last of an intent input) and compares the curve with the truth.
 - next-item: "next: <history>" -> "<item>" (one token, or a semantic id of four: shared/semantic.py)
 - churn:     "churn: <history> <sessions> <views> <mean gap> <days since last event> <bought in the last session>"
              -> "yes" (an event within H) | "no"
-where <history> lists the most recent viewed items, oldest first, each followed by its (public) category. With
+where <history> lists the most recent viewed items, oldest first, each followed by its (public) category, the most
+recent one after the mark "last" (LAST_MARK). With
 item-ids = semantic an item is written as its semantic id everywhere (which already holds category and price band:
 an intent candidate is "<id> <rating band>").
 """
@@ -40,7 +41,10 @@ SESSION_BANDS = 8  # s1 .. s8 (8 or more)
 VIEW_BANDS = (1, 2, 3, 4, 5, 10, 20)  # n1 n2 n3 n4 n5 n10 n20: views so far, lower edges
 GAP_BANDS_DAYS = (1, 2, 4, 8, 16)  # g0: no gap yet; g1: < 1 day; g2: 1-2; ... g6: >= 16 days (mean gap so far);
 #                                  d1 .. d6 the same bands for the days since the shopper's last event
-TASK_TOKENS = ("intent:", "next:", "churn:", "cand", "yes", "no")
+# written before the most recent item of every history: T5 has no absolute positions, so without a mark "which item
+# came last" must be found through the relative attention bias alone, which pretraining learns late or never
+LAST_MARK = "last"
+TASK_TOKENS = ("intent:", "next:", "churn:", "cand", "yes", "no", LAST_MARK)
 
 
 def level_token(level: float) -> str:
@@ -59,7 +63,10 @@ def churn_tokens() -> list[str]:
 
 
 def history_text(history: list[str], facts: CatalogueFacts, index: dict[str, int]) -> str:
-    return " ".join(facts.history_word(index[h]) for h in history)
+    words = [facts.history_word(index[h]) for h in history]
+    if words:
+        words[-1] = f"{LAST_MARK} {words[-1]}"
+    return " ".join(words)
 
 
 def intent_source(history: str, item: int, facts: CatalogueFacts, level: float) -> str:

@@ -3,6 +3,7 @@ import numpy as np
 from shared.config import FedShopConfig
 from shared.data import merchant_data
 from shared.synthetic import PUBLIC_MERCHANT, generate
+from shared.tasks import LAST_MARK
 
 CONFIG = FedShopConfig(num_merchants=3, shoppers_per_merchant=60, public_shoppers=60, num_items=80,
                        num_categories=8, merchant_skew=0.3)
@@ -58,7 +59,9 @@ def test_leave_last_out_split_never_shows_the_future():
         target_item = merchant.facts.item_ids[example.label] if example.task == "next-item" else \
             example.source.split(" cand ")[1].split()[0]
         target_time = view_time[(example.user_id, target_item)]
-        history = example.source.split(" cand ")[0].split()[1::2]
+        words = example.source.split(" cand ")[0].split()[1:]
+        assert words[-3] == LAST_MARK  # the most recent item is marked
+        history = [w for w in words if w != LAST_MARK][::2]
         assert all(view_time[(example.user_id, item)] < target_time for item in history)
         assert latest_train.get(example.user_id, 0) < target_time  # every train target precedes valid/test
         if example.task == "next-item":
