@@ -15,13 +15,15 @@ printed and written into BENCHMARKS.md. These are figures, not tests.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from sections import write_section
+
+from server.report import read_paired
+from shared.rundir import RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = "history 4:history-length=4;history 16:history-length=16,base-dir=bases/real-shaped-h16"
@@ -57,9 +59,8 @@ def main() -> None:
             if subprocess.run(command, cwd=ROOT).returncode:
                 sys.exit(f"bench/real_shaped.py: variant {label!r}: fedshop simulate failed (its output is above)")
             seconds = f"{time.perf_counter() - started:.0f}"
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        final = [r for r in records if r.get("scope") == "evaluate"][-1]["metrics"]
-        paired = json.loads((run_dir / "references.json").read_text()).get("paired", {})
+        final = [r for r in RunDirectory(run_dir).read_metrics() if r["scope"] == "evaluate"][-1]["metrics"]
+        paired = read_paired(run_dir)
         row = [label, f"{final['next-hr@10']:.3f}", *(cell(paired, m, o) for m, o in COLUMNS),
                f"{final['churn-auc']:.3f}", f"{final['intent-auc']:.3f}", seconds]
         lines.append("| " + " | ".join(row) + " |")
