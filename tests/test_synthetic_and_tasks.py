@@ -111,6 +111,11 @@ def test_drifted_views_follow_the_drifted_popularity():
     assert spearman(counts(public), still) > spearman(counts(public), data.catalogue.popularity) + 0.1
 
 
+def _views_per_item(data) -> np.ndarray:
+    """Each viewed item's number of views, most viewed first."""
+    return np.sort(np.unique(data.events.item_id[data.events.event == "view"], return_counts=True)[1])[::-1]
+
+
 def _events_per_shopper(data) -> np.ndarray:
     private = data.events.merchant_id != PUBLIC_MERCHANT
     return np.unique(data.events.user_id[private], return_counts=True)[1]
@@ -124,7 +129,7 @@ def test_power_law_popularity_keeps_the_lognormal_order_and_concentrates_views()
     assert np.allclose(np.sort(b)[::-1], np.arange(1, 401) ** -1.2)
     # the 4 most popular items (1 %) take more of the views under the power law
     def top_share(data):
-        counts = np.sort(np.unique(data.events.item_id[data.events.event == "view"], return_counts=True)[1])[::-1]
+        counts = _views_per_item(data)
         return counts[:4].sum() / counts.sum()
     assert top_share(zipf) > 2 * top_share(lognormal)
 
@@ -144,7 +149,7 @@ def test_real_shaped_preset_has_the_shape_it_promises():
     data = generate(config)
     per_shopper = _events_per_shopper(data)
     public = len(set(data.events.user_id[data.events.merchant_id == PUBLIC_MERCHANT]))
-    views = np.sort(np.unique(data.events.item_id[data.events.event == "view"], return_counts=True)[1])[::-1]
+    views = _views_per_item(data)
     assert np.median(per_shopper) >= 50
     assert len(views) >= 1500
     assert public / (public + len(per_shopper)) <= 0.2
