@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.sections import write_section  # noqa: E402
 from server.report import with_standard_errors  # noqa: E402
-from shared.rundir import RunDirectory, number  # noqa: E402
+from shared.ledger import number  # noqa: E402
+from shared.rundir import RunDirectory  # noqa: E402
 
 ROUND_TIMEOUT = 120  # seconds: above a fault-free round of 10 tiny merchants on 2 cores, so only a hang trips it
 PLANS = (  # (kind, fault-injection): each fault strikes after a trained round, so its round is charged

@@ -20,10 +20,10 @@ from shared.baselines import fit_baselines
 from shared.config import FedShopConfig, from_run_config
 from shared.data import merchant_data, merchant_id_for_partition
 from shared.dptrain import STATUS_DECLINED, PrivacyState, charged_ahead, train_round
+from shared.ledger import history_from_ledger
 from shared.model import add_lora, item_rows, load_adapter_state, load_base, uplink_state
 from shared.modeling import encode, evaluate, resolve_device
 from shared.privacy import PRIVACY_RECORD, PrivacyBudget, load_history, save_history
-from shared.rundir import history_from_ledger
 
 app = ClientApp(mods=[record_outgoing])
 PRIVACY_STATE_KEY = "fedshop-privacy"

@@ -20,8 +20,8 @@ from shared.config import FedShopConfig
 from shared.dptrain import PrivacyState
 from shared.errors import UserError
 from shared.files import reading, write_text_atomic
+from shared.ledger import history_from_ledger
 from shared.privacy import load_history, save_history
-from shared.rundir import history_from_ledger
 
 STATE_FILE = "privacy-state.json"
 

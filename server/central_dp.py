@@ -19,8 +19,8 @@ from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
 
 from server.aggregation import numpy_of
 from shared.config import FedShopConfig
+from shared.ledger import MERCHANT_LEVEL, STATUS_RELEASED
 from shared.privacy import History, PrivacyBudget, Uniform
-from shared.rundir import MERCHANT_LEVEL, STATUS_RELEASED
 
 log = logging.getLogger("fedshop")
 

@@ -21,9 +21,9 @@ import torch
 from shared.config import FedShopConfig, load_config
 from shared.errors import UserError
 from shared.files import reading
+from shared.ledger import CONTINUED_FROM, MERCHANT_LEVEL, history_from_ledger, ledger_merchants
 from shared.model import check_adapter_dir, read_json_object
 from shared.privacy import PrivacyBudget, epsilon_of
-from shared.rundir import CONTINUED_FROM, MERCHANT_LEVEL, history_from_ledger, ledger_merchants
 
 
 def check_init_adapter(config: FedShopConfig) -> None:

@@ -27,16 +27,9 @@ from server.report import ITEM_ID_WORDS, base_words, figure, privacy_lines, read
 from shared.config import FedShopConfig
 from shared.errors import UserError
 from shared.files import make_dir, sha256
+from shared.ledger import CONTINUED_FROM, MERCHANT_LEVEL, STATUS_TRAINED, epsilon_by_merchant, write_privacy
 from shared.model import BASE_META, check_adapter_dir, read_json_object
-from shared.rundir import (
-    CHECKPOINTS,
-    CONTINUED_FROM,
-    MERCHANT_LEVEL,
-    STATUS_TRAINED,
-    RunDirectory,
-    epsilon_by_merchant,
-    write_privacy,
-)
+from shared.rundir import CHECKPOINTS, RunDirectory
 from shared.semantic import SEMANTIC_FILE
 
 BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", BASE_META, SEMANTIC_FILE)

@@ -12,15 +12,9 @@ import numpy as np
 from flwr.app import ConfigRecord, MetricRecord
 
 from shared.config import FedShopConfig
+from shared.ledger import STATUS_DECLINED, STATUS_FAILED, STATUS_TRAINED, history_from_ledger, last_round_step
 from shared.privacy import PRIVACY_ACCOUNTANT_KEY, PRIVACY_UNIT_KEY, PrivacyBudget
-from shared.rundir import (
-    STATUS_DECLINED,
-    STATUS_FAILED,
-    STATUS_TRAINED,
-    RunDirectory,
-    history_from_ledger,
-    last_round_step,
-)
+from shared.rundir import RunDirectory
 
 if TYPE_CHECKING:
     from server.central_dp import CentralAccount

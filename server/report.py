@@ -12,17 +12,17 @@ from server.audit import describe, read_audit
 from server.continuation import continuation_lines
 from shared.config import FedShopConfig
 from shared.files import write_text_atomic
-from shared.metrics import compare, decide, standard_errors
-from shared.rundir import (
+from shared.ledger import (
     STATUS_DECLINED,
     STATUS_FAILED,
     STATUS_RELEASED,
-    RunDirectory,
     epsilon_by_merchant,
     merchant_level_epsilon,
     merchant_level_rows,
     number,
 )
+from shared.metrics import compare, decide, standard_errors
+from shared.rundir import RunDirectory
 
 REFERENCES_FILE = "references.json"
 PAIRED = "paired"  # the key of `references.json` that holds the paired comparisons, beside the reference runs

@@ -14,9 +14,10 @@ from server.report import write_report
 from server.strategy import TooFewMerchants, build_strategy
 from shared.config import FedShopConfig, from_run_config
 from shared.files import save_pretrained_atomic
+from shared.ledger import MERCHANT_LEVEL, history_from_ledger
 from shared.locks import directory_lock
 from shared.model import adapter_state, add_lora, load_adapter_state, load_base, read_adapter
-from shared.rundir import CHECKPOINTS, MERCHANT_LEVEL, RunDirectory, history_from_ledger
+from shared.rundir import CHECKPOINTS, RunDirectory
 
 app = ServerApp()
 log = logging.getLogger("fedshop")

@@ -50,10 +50,11 @@ from server.central_dp import CentralAccount, wrap
 from server.identity import merchant_names, merchant_of
 from server.recorder import RunRecorder
 from shared.config import FedShopConfig
+from shared.ledger import STATUS_DECLINED, STATUS_RELEASED
 from shared.metrics import pool_metrics
 from shared.model import is_frozen_key
 from shared.privacy import PRIVACY_RECORD
-from shared.rundir import STATUS_DECLINED, STATUS_RELEASED, RunDirectory
+from shared.rundir import RunDirectory
 
 log = logging.getLogger("fedshop")
 

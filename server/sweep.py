@@ -21,16 +21,16 @@ from server.report import with_standard_errors
 from shared.config import FedShopConfig, load_config
 from shared.errors import UserError
 from shared.files import make_dir
-from shared.privacy import PrivacyBudget
-from shared.rundir import (
+from shared.ledger import (
     MERCHANT_LEVEL,
     STATUS_FAILED,
-    RunDirectory,
     epsilon_by_merchant,
     merchant_level_epsilon,
     merchant_level_rows,
     number,
 )
+from shared.privacy import PrivacyBudget
+from shared.rundir import RunDirectory
 
 log = logging.getLogger("fedshop")
 METRICS = (("intent-auc", "purchase intent AUC"), ("next-hr@10", "next item HR@10"),

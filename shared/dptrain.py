@@ -30,12 +30,12 @@ import torch
 from opacus.optimizers import DPOptimizer
 
 from shared.config import FedShopConfig
+from shared.ledger import STATUS_DECLINED, STATUS_TRAINED
 from shared.lora_grad import LoraGradSampleModule
 from shared.model import freeze_for, keep_item_rows
 from shared.modeling import Encoded, model_device, per_sample_loss
 from shared.privacy import History, PoissonSampler, PrivacyBudget, Uniform, accountant_for, history_of, records_of
 from shared.privacy import schedule as _schedule
-from shared.rundir import STATUS_DECLINED, STATUS_TRAINED
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Files written whole or not at all: a reader (or a run killed mid-write) never sees half a report, config or
 adapter. Each file goes to a temporary name beside its target, is flushed to disk, then renamed over the target
-(`os.replace`, atomic on POSIX within one file system). And files read back that a disk, a copy or a hand broke
+(`os.replace`, atomic on POSIX within one file system). Append-only files (the ledger, the metrics) grow by whole
+lines (`append_line`). And files read back that a disk, a copy or a hand broke
 anyway: `reading` turns whatever parsing one file raises into a UserError naming that file. `sha256` is the digest
 both sides name files by (export manifests, a base's origin checkpoint)."""
 
@@ -78,6 +79,20 @@ def replacing(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def append_line(path: Path, text: str) -> None:
+    """Append one whole line and flush it to disk; after a line a killed writer left unfinished, the new one still
+    starts on a line of its own."""
+    with path.open("a+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size:
+            handle.seek(size - 1)
+            if handle.read(1) != b"\n":
+                text = "\n" + text
+        handle.write(text.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def save_pretrained_atomic(model: Any, directory: str | Path) -> Path:

@@ -20,7 +20,7 @@ from server.export import export_run
 from server.manifest import verify
 from shared.config import ConfigError, load_config
 from shared.errors import UserError
-from shared.rundir import history_from_ledger, merged_history
+from shared.ledger import history_from_ledger, merged_history
 
 pytestmark = pytest.mark.slow  # whole simulations through Flower: `pytest -m "not slow"` skips them
 

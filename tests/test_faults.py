@@ -13,8 +13,9 @@ import torch
 from helpers import ROOT, simulate
 from safetensors.torch import load_file
 
+from shared.ledger import history_from_ledger
 from shared.privacy import epsilon_of
-from shared.rundir import RunDirectory, history_from_ledger
+from shared.rundir import RunDirectory
 
 pytestmark = pytest.mark.slow  # whole simulations through Flower
 

@@ -13,7 +13,8 @@ from server.cli import _claim_run_dir, main
 from shared.config import FedShopConfig, to_toml
 from shared.errors import UserError
 from shared.files import write_text_atomic
-from shared.rundir import PRIVACY_COLUMNS, RunDirectory, history_from_ledger
+from shared.ledger import PRIVACY_COLUMNS, history_from_ledger
+from shared.rundir import RunDirectory
 
 HEADER = ",".join(PRIVACY_COLUMNS) + "\n"
 LEDGER = HEADER + ("m0,1,1.1,0.25,4,0.5,1e-05,event,rdp,trained\n"
@@ -232,7 +233,7 @@ def test_the_sweep_reads_epsilon_per_merchant_and_central_dp_from_the_one_ledger
                                           "m1,3,1.2,0.5,0,0.6,1e-05,event,rdp,declined\n")
     (tmp_path / "metrics.jsonl").write_text("")
     from server.sweep import summarize
-    from shared.rundir import epsilon_by_merchant
+    from shared.ledger import epsilon_by_merchant
 
     # Execute
     spent = epsilon_by_merchant(RunDirectory(tmp_path).read_privacy())

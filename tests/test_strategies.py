@@ -429,7 +429,7 @@ def _ledger_rows(tmp_path, round_: int) -> dict[str, dict[str, str]]:
 
 
 def test_a_merchant_failing_after_a_trained_round_is_charged_that_round_as_if_it_finished(tmp_path):
-    from shared.rundir import history_from_ledger
+    from shared.ledger import history_from_ledger
 
     # Prepare: round 1 trained by m0, m1, m2 (nodes 1, 2, 3: the server learns who is where from their replies)
     initial = _initial(np.random.default_rng(11))
