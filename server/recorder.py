@@ -46,12 +46,13 @@ class RunRecorder:
         change between rounds) and the epsilon of its history with that round added. A merchant with no trained
         round yet has no schedule the server could know: its row says so, epsilon NaN and 0 steps."""
         budget = PrivacyBudget.for_merchants(self.config)
-        step = last_round_step(self.run_dir.path, merchant, server_round) if budget.private else None
+        rows = self.run_dir.read_privacy() if budget.private else []  # read once for the step and the history
+        step = last_round_step(rows, merchant, server_round)
         if step is None:
             self._ledger(server_round, merchant, math.nan, math.nan, 0, math.nan if budget.private else math.inf,
                          budget.unit, budget.ledger_accountant, STATUS_FAILED)
             return
-        _, history = history_from_ledger(self.run_dir.path, merchant, before_round=server_round)
+        _, history = history_from_ledger(self.run_dir.path, merchant, before_round=server_round, rows=rows)
         self._ledger(server_round, merchant, *step, budget.spent([*history, step]), budget.unit,
                      budget.ledger_accountant, STATUS_FAILED)
 

@@ -122,8 +122,8 @@ def _cell(value: Any) -> str:
 
 
 # --- accountant histories --------------------------------------------------------------------------------------------
-def history_from_ledger(run_dir: str | Path, merchant: str, before_round: int | None = None
-                        ) -> tuple[float | None, History]:
+def history_from_ledger(run_dir: str | Path, merchant: str, before_round: int | None = None,
+                        rows: list[dict[str, str]] | None = None) -> tuple[float | None, History]:
     """(last noise multiplier, accountant history) of `merchant` in a run directory's (or export's) `privacy.csv`.
 
     Rows that trained (or, for the server's merchant-level rows, were released) are the steps taken, and so are
@@ -131,13 +131,14 @@ def history_from_ledger(run_dir: str | Path, merchant: str, before_round: int | 
     rows and failed rows without steps took none. When the run itself continued another (`continued-from.json`
     beside the ledger), the history it carried over comes first, so a chain of continued runs composes every step.
     A merchant absent from both starts from nothing. With `before_round`, only rows of earlier rounds count (a run
-    that resumes its own directory reads the steps taken before the round it is in).
+    that resumes its own directory reads the steps taken before the round it is in). `rows`: the ledger's rows
+    when the caller has already read them (read here otherwise).
     """
     path = Path(run_dir) / LEDGER
     if not path.is_file():
         raise UserError(f"{path} does not exist; expected a finished fedshop run directory or a fedshop export")
     noise, history = carried_history(run_dir, merchant)
-    for row in read_privacy(path):
+    for row in read_privacy(path) if rows is None else rows:
         if row["merchant"] != merchant or not takes_steps(row):
             continue
         if before_round is not None and int(row["round"]) >= before_round:
@@ -170,12 +171,12 @@ def takes_steps(row: dict[str, str]) -> bool:
     return row["status"] in STEP_STATUSES or (row["status"] == STATUS_FAILED and int(row["steps"]) > 0)
 
 
-def last_round_step(run_dir: str | Path, merchant: str, before_round: int) -> tuple[float, float, int] | None:
-    """(noise multiplier, sample rate, steps) of `merchant`'s last trained DP-SGD round before `before_round` in
-    this run directory's ledger: what a round it fails after starting to train is charged; None when it has none
+def last_round_step(rows: list[dict[str, str]], merchant: str, before_round: int) -> tuple[float, float, int] | None:
+    """(noise multiplier, sample rate, steps) of `merchant`'s last trained DP-SGD round before `before_round` among
+    a run directory's ledger rows: what a round it fails after starting to train is charged; None when it has none
     (a merchant failing in its first round: the server cannot know its schedule)."""
     last = None
-    for row in read_privacy(Path(run_dir) / LEDGER):
+    for row in rows:
         if row["merchant"] == merchant and row["status"] == STATUS_TRAINED and int(row["round"]) < before_round \
                 and row["unit"] in LOCAL_UNITS and int(row["steps"]) > 0:
             last = (number(row["noise_multiplier"]), number(row["sample_rate"]), int(row["steps"]))

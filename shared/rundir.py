@@ -69,8 +69,13 @@ class RunDirectory:
 
     def last_round(self) -> int:
         """The last round recorded in the ledger or the metrics (0 when none)."""
-        rounds = [int(r["round"]) for r in self.read_privacy()] + [int(r["round"]) for r in self.read_metrics()]
-        return max(rounds, default=0)
+        return self._recorded()[0]
+
+    def _recorded(self) -> tuple[int, list[dict[str, Any]]]:
+        """(the last round recorded in the ledger or the metrics, the metrics records): each file read once."""
+        rows, records = self.read_privacy(), self.read_metrics()
+        rounds = [int(r["round"]) for r in rows] + [int(r["round"]) for r in records]
+        return max(rounds, default=0), records
 
     def move_aside(self) -> Path:
         """Rename the directory to `<dir>.old-<time>` (a free name), so a fresh run can take its place."""
@@ -160,14 +165,14 @@ class RunDirectory:
             raise UserError(f"{self.path / CHECKPOINTS}: no complete checkpoint (the run stopped before its round-0 "
                             "evaluation); start it afresh with --force, which moves this directory aside")
         checkpoint = checkpoints[-1]
-        recorded = self.last_round()
+        recorded, records = self._recorded()
         if checkpoint >= last and (self.path / "report.md").is_file() and (self.adapter_dir / "adapter_model"
                                                                           ".safetensors").is_file():
             raise UserError(f"{self.path} finished its {last} rounds: nothing to resume; to train it further, "
                             f"continue it in place with --set resume-from={self.path} --run-dir {self.path}")
         offset = max(checkpoint, recorded)
         rounds = max(0, last - checkpoint)
-        evaluated = any(r["scope"] == "evaluate" and r["round"] == checkpoint for r in self.read_metrics())
+        evaluated = any(r["scope"] == "evaluate" and r["round"] == checkpoint for r in records)
         return ResumePoint(checkpoint, offset, rounds, evaluated)
 
     def _keep_previous(self, offset: int) -> None:
