@@ -11,7 +11,8 @@ from flwr.serverapp import Grid, ServerApp
 from server.continuation import record_origin, starting_adapter
 from server.preflight import preflight
 from server.report import write_report
-from server.strategy import TooFewMerchants, build_strategy
+from server.screening import TooFewMerchants
+from server.strategy import build_strategy
 from shared.config import FedShopConfig, from_run_config
 from shared.files import save_pretrained_atomic
 from shared.ledger import MERCHANT_LEVEL, history_from_ledger

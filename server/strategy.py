@@ -1,5 +1,7 @@
-"""Aggregation of the merchants' LoRA adapters (Flower Message-API strategies): validation of every update, then the
-merge. What the rounds leave in the run directory is `server.recorder`'s; central DP is `server.central_dp`'s.
+"""Aggregation of the merchants' LoRA adapters (Flower Message-API strategies): screening of every reply, then the
+merge. Which replies count (failed merchants, rejected updates, the stop when too few remain) is
+`server.screening`'s; what the rounds leave in the run directory is `server.recorder`'s; central DP is
+`server.central_dp`'s.
 
 `aggregation` picks the strategy (`build_strategy`), each a `FedAvg` subclass that differs only in how the validated
 updates are merged (the arithmetic is `server.aggregation`'s):
@@ -12,19 +14,11 @@ updates are merged (the arithmetic is `server.aggregation`'s):
   updates, which do not bound one merchant's influence on the SVD factors).
 `robust` = median / trimmed-mean replaces the weighted mean of fedavg and ffa by the per-coordinate median / trimmed
 mean (Flower's numpy helpers, unweighted).
-
-Every train reply is validated before any aggregation (names, shapes, dtypes, finiteness, update norm against the
-arrays sent this round, `max-update-norm`); rejected updates are logged and counted in metrics.jsonl. A merchant that
-replied with an error or not within `round-timeout` is failed (a ledger row charged as if its round finished, see
-`RunRecorder.failed_row`). A round where failures or rejections leave fewer than `min-merchants` valid updates ends
-the run with `TooFewMerchants`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
 import time
 from collections.abc import Iterable
 
@@ -44,11 +38,11 @@ from server.aggregation import (
     record_of,
     server_step,
     svd_aggregate,
-    validate_update,
 )
 from server.central_dp import CentralAccount, wrap
 from server.identity import merchant_names, merchant_of
 from server.recorder import RunRecorder
+from server.screening import evaluation_metrics, failures, rejection_reason, screen, too_few
 from shared.config import FedShopConfig
 from shared.ledger import STATUS_DECLINED, STATUS_RELEASED
 from shared.metrics import pool_metrics
@@ -61,28 +55,6 @@ log = logging.getLogger("fedshop")
 
 # train-reply metrics kept per merchant only: a mean weighted by num-examples means nothing for these
 PER_MERCHANT_ONLY = ("partition-id", "declined", "train-seconds", "message-seconds")
-
-
-def _compact(reason: str, limit: int = 200) -> str:
-    """An error reply's reason on one line, shortened: the merchant's own exception message where Flower wrapped one
-    (`ClientAppException ... Message: <it>`), else the error's class and message (a dead actor's Ray error)."""
-    text = " ".join(reason.split())
-    if "occurred. Message: " in text:
-        text = text.rsplit("occurred. Message: ", 1)[1].removesuffix("'>")
-    else:
-        wrapped = re.match(r"<class '([\w.()]+)'>:<'(.*)'>$", text)
-        if wrapped:
-            text = f"{wrapped[1].rsplit('.', 1)[-1]}: {wrapped[2]}"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-class TooFewMerchants(RuntimeError):
-    """A round whose failed merchants and rejected updates left fewer than `min-merchants` valid updates: the run
-    stops (its message names the round, who failed and why, and the last complete checkpoint)."""
-
-    def __init__(self, message: str, server_round: int):
-        super().__init__(message)
-        self.server_round = server_round
 
 
 class LedgerFedAvg(FedAvg):
@@ -169,59 +141,18 @@ class LedgerFedAvg(FedAvg):
 
     def check_reply(self, msg: Message) -> str | None:
         """None for a reply whose update may be aggregated this round, else why not (no side effects)."""
-        return self.rejection_reason(msg, self.uplink_reference(), self.config.update_norm_bound)
-
-    def rejection_reason(self, msg: Message, reference: Arrays | None, bound: float | None) -> str | None:
-        """None if `msg` carries one ArrayRecord, a positive weight and tensors that pass `validate_update` against
-        `reference` with the norm `bound` (tensors unchecked when `reference` is None), else the reason."""
-        records = list(msg.content.array_records.keys())
-        if records != [self.arrayrecord_key]:
-            return f"expected one ArrayRecord {self.arrayrecord_key!r}, got {records}"
-        weight = msg.content["metrics"].get(self.weighted_by_key)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                or weight <= 0:
-            return f"{self.weighted_by_key} = {weight!r} is not a positive number"
-        if reference is None:
-            return None
-        return validate_update(numpy_of(msg.content[self.arrayrecord_key]), reference, max_norm=bound)
-
-    def _screen(self, server_round: int, replies: list[tuple[str, Message]]
-                ) -> tuple[list[tuple[str, Message]], list[dict[str, str]]]:
-        """(valid, rejected) among the trained merchants' replies; each rejection logged with merchant and round."""
-        reference, bound = self.uplink_reference(), self.config.update_norm_bound
-        if reference is None:
-            # aggregate_train without configure_train (a direct call): no arrays were sent to compare with, so the
-            # structure is checked against the first reply that has arrays, and there is no norm bound
-            first = next((m.content[self.arrayrecord_key] for _, m in replies
-                          if self.arrayrecord_key in m.content.array_records), None)
-            reference, bound = (None if first is None else numpy_of(first)), None
-        valid, rejected = [], []
-        for merchant, msg in replies:
-            reason = self.rejection_reason(msg, reference, bound)
-            if reason is None:
-                valid.append((merchant, msg))
-            else:
-                log.warning("round %d: rejected the update of merchant %s: %s", server_round, merchant, reason)
-                rejected.append({"merchant": merchant, "reason": reason})
-        return valid, rejected
+        return rejection_reason(msg, self.arrayrecord_key, self.weighted_by_key, self.uplink_reference(),
+                                self.config.update_norm_bound)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         replies = list(replies)
-        trained, merchants, failed = [], {}, []
+        trained, merchants = [], {}
         downlink = None if self._current is None else payload_bytes(numpy_of(self._current))
-        replied = {msg.metadata.src_node_id for msg in replies}
-        for node in [n for n in self._train_nodes if n not in replied]:  # Flower's timeout: no reply at all
-            failed.append({"merchant": self._merchant_at(node),
-                           "reason": f"no reply within round-timeout = {self.config.round_timeout:g} s"})
+        failed, answered = failures(self._train_nodes, replies, self._merchant_at, self.config.round_timeout)
         self._train_nodes = []
-        for msg in replies:
-            if msg.has_error() or PRIVACY_RECORD not in msg.content.config_records:
-                failed.append({"merchant": self._merchant_at(msg.metadata.src_node_id),
-                               "reason": _compact(msg.error.reason) if msg.has_error()
-                               else f"no {PRIVACY_RECORD!r} record in its reply"})
-                continue
+        for msg in answered:
             metrics = msg.content["metrics"]
             merchant = self._learn(msg)
             self.recorder.merchant_row(server_round, merchant, metrics, msg.content.config_records[PRIVACY_RECORD])
@@ -241,13 +172,14 @@ class LedgerFedAvg(FedAvg):
         for failure in failed:  # after the replies' rows: a failed row reads the merchant's earlier rounds only
             self.recorder.failed_row(server_round, failure["merchant"])
             log.warning("round %d: merchant %s failed: %s", server_round, failure["merchant"], failure["reason"])
-        valid, rejected = self._screen(server_round, trained)
+        valid, rejected = screen(server_round, trained, self.arrayrecord_key, self.weighted_by_key,
+                                 self.uplink_reference(), self.config.update_norm_bound)
         summary: dict = {}
         arrays = metrics = None
         if (rejected or failed) and len(valid) < self.config.min_merchants:
             self._stamp_round_seconds(summary)
             self.recorder.train_record(server_round, summary, merchants, trained, valid, rejected, failed)
-            raise TooFewMerchants(self._too_few(server_round, valid, rejected, failed), server_round)
+            raise too_few(server_round, self.config.min_merchants, valid, rejected, failed)
         if valid:
             updates = [numpy_of(msg.content[self.arrayrecord_key]) for _, msg in valid]
             weights = [float(msg.content["metrics"][self.weighted_by_key]) for _, msg in valid]
@@ -265,15 +197,6 @@ class LedgerFedAvg(FedAvg):
         self._stamp_round_seconds(summary)
         self.recorder.train_record(server_round, summary, merchants, trained, valid, rejected, failed)
         return arrays, metrics
-
-    def _too_few(self, server_round: int, valid: list, rejected: list[dict[str, str]],
-                 failed: list[dict[str, str]]) -> str:
-        why = "; ".join([f"{f['merchant']} failed: {f['reason']}" for f in failed]
-                        + [f"{r['merchant']} rejected: {r['reason']}" for r in rejected])
-        last = server_round - 1
-        return (f"round {server_round}: {len(valid)} valid merchant update(s), fewer than min-merchants = "
-                f"{self.config.min_merchants} ({why}); the run stopped, checkpoints/round-{last} is the last complete "
-                "round" + ("" if last < 1 else " (fedshop simulate --resume RUN_DIR continues from it)"))
 
     def _learn(self, msg: Message) -> str:
         """The merchant of a reply that names its partition, remembered by node id for the replies that do not
@@ -315,19 +238,9 @@ class LedgerFedAvg(FedAvg):
         server_round += self.round_offset
         merchants = {}
         for msg in replies:
-            if msg.has_error():
-                log.warning("round %d: evaluation failed at node %s: %s", server_round, msg.metadata.src_node_id,
-                            msg.error.reason)
-                continue
-            metrics = msg.content.metric_records.get("metrics")
-            weight = None if metrics is None else metrics.get(self.weighted_by_key)
-            if metrics is None or "partition-id" not in metrics or isinstance(weight, bool) \
-                    or not isinstance(weight, (int, float)) or not weight > 0:
-                log.warning("round %d: evaluation reply of node %s left out: no MetricRecord 'metrics' with "
-                            "partition-id and a positive %s", server_round, msg.metadata.src_node_id,
-                            self.weighted_by_key)
-                continue
-            merchants[self._learn(msg)] = {k: v for k, v in metrics.items() if k != "partition-id"}
+            metrics = evaluation_metrics(server_round, msg, self.weighted_by_key)
+            if metrics is not None:
+                merchants[self._learn(msg)] = {k: v for k, v in metrics.items() if k != "partition-id"}
         # pooled in merchant order: in reply order (Flower's) two runs of the same rounds differ in the last digits;
         # for replies that arrive in merchant order the figures are Flower's own, bit for bit
         summary = pool_metrics([merchants[m] for m in sorted(merchants)], self.weighted_by_key)

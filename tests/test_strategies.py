@@ -14,7 +14,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.aggregation import payload_bytes
 from server.report import aggregation_lines
-from server.strategy import LedgerFFA, LedgerSVD, TooFewMerchants, build_strategy
+from server.screening import TooFewMerchants
+from server.strategy import LedgerFFA, LedgerSVD, build_strategy
 from shared.config import FedShopConfig
 from shared.dptrain import STATUS_TRAINED, PrivacyState, train_round
 from shared.model import adapter_state, uplink_state
