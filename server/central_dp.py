@@ -71,7 +71,7 @@ class MerchantLevelDP(DifferentialPrivacyServerSideFixedClipping):
       a norm) are left unclipped for it to reject and record; the others are clipped key by key against the arrays
       sent, so a reply may carry a subset of them (ffa: B only);
     - the noise goes to the tensors the wrapped strategy merges, never to the ones it keeps frozen (ffa: A).
-    The wrapped strategy is a `server.strategy.LedgerFedAvg` (its `check_reply` and `frozen_keys` are used).
+    The wrapped strategy is a `server.fedavg.LedgerFedAvg` (its `check_reply` and `frozen_keys` are used).
     The epsilon is fedshop's own account (`CentralAccount`, kept by the wrapped strategy): Flower's accountant is
     not used. Only public names of flwr 1.42's wrapper are used (its accounting and noise helpers are private).
     """

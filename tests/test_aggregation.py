@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from server.strategy import LedgerFedAvg
+from server.fedavg import LedgerFedAvg
 from shared.config import FedShopConfig
 from shared.privacy import PRIVACY_RECORD, PrivacyBudget
 from shared.rundir import RunDirectory
