@@ -80,7 +80,7 @@ def run_trial(config, split: str, references: bool) -> dict:
     data = [merchant_data(config, m, world) for m in world.merchant_ids]
     base, tokenizer, _ = load_base(config.base_dir)
     model = add_lora(base, config, seed=config.seed)
-    encoded = [encode(d.train, tokenizer) for d in data]
+    encoded = [encode(d.teaching(config), tokenizer) for d in data]
     baselines = [fit_baselines(d.train, d.facts, d.popularity) for d in data]
     rows = item_rows(tokenizer, data[0].facts)
 
@@ -106,7 +106,7 @@ def run_trial(config, split: str, references: bool) -> dict:
         for index, (d, enc) in enumerate(zip(data, encoded, strict=True)):
             load_adapter_state(model, global_state)
             result = train_round(model, enc, config, states[index], seed=_seed(config, server_round, index),
-                                 owners=[e.user_id for e in d.train], output_rows=rows)
+                                 owners=[e.user_id for e in d.teaching(config)], output_rows=rows)
             eps.append(result.epsilon)
             losses.append(result.train_loss)
             if result.status == "trained":
@@ -130,7 +130,7 @@ def run_trial(config, split: str, references: bool) -> dict:
             state = PrivacyState()
             for server_round in range(1, config.num_rounds + 1):
                 train_round(model, enc, config, state, seed=_seed(config, server_round, index),
-                            owners=[e.user_id for e in d.train], output_rows=rows)
+                            owners=[e.user_id for e in d.teaching(config)], output_rows=rows)
             examples = d.valid if split == "valid" else d.test
             local.append((evaluate(model, tokenizer, examples, d.facts, batch_size=config.eval_batch_size,
                                    precision=config.precision,
@@ -138,11 +138,11 @@ def run_trial(config, split: str, references: bool) -> dict:
         out["local-only"] = with_se(_weighted(local))
         plain = config.replace(dp=False)
         load_adapter_state(model, initial)
-        pooled = encode([e for d in data for e in d.train], tokenizer)
+        pooled = encode([e for d in data for e in d.teaching(config)], tokenizer)
         state = PrivacyState()
         for server_round in range(1, config.num_rounds + 1):
             train_round(model, pooled, plain, state, seed=_seed(config, server_round, 10_000),
-                        owners=[e.user_id for d in data for e in d.train], output_rows=rows)
+                        owners=[e.user_id for d in data for e in d.teaching(config)], output_rows=rows)
         out["centralised"] = score(model)
     return out
 

@@ -87,7 +87,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     merchant = merchant_name(context)
     state = _load_state(context, config, merchant, server_round)
-    encoded, owners = encode(data.train, tokenizer), [e.user_id for e in data.train]
+    teaching = data.teaching(config)
+    encoded, owners = encode(teaching, tokenizer), [e.user_id for e in teaching]
     ahead = charged_ahead(state, len(encoded), owners, config)
     if ahead is not None:  # write-ahead: the round counts in the merchant's history before its first noised step
         _save_state(context, config, merchant, ahead)

@@ -69,10 +69,11 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
             for index, (merchant, d) in enumerate(data.items()):
                 base, tokenizer, _ = load_base(base_dir)
                 model = add_lora(base, config, seed=config.seed).to(device)
-                state, encoded = PrivacyState(), encode(d.train, tokenizer)
+                teaching = d.teaching(config)
+                state, encoded = PrivacyState(), encode(teaching, tokenizer)
                 for server_round in range(1, config.num_rounds + 1):
                     result = train_round(model, encoded, config, state, seed=_seed(config, server_round, index),
-                                         owners=[e.user_id for e in d.train],
+                                         owners=[e.user_id for e in teaching],
                                          output_rows=item_rows(tokenizer, d.facts))
                     epsilons[merchant] = result.epsilon
                 merchants[merchant], outputs[kind][merchant] = _evaluate(model, tokenizer, d, config)
@@ -80,7 +81,7 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
             plain = config.replace(dp=False)
             base, tokenizer, _ = load_base(base_dir)
             model = add_lora(base, plain, seed=config.seed).to(device)
-            pooled = [e for d in data.values() for e in d.train]
+            pooled = [e for d in data.values() for e in d.teaching(config)]
             encoded, state = encode(pooled, tokenizer), PrivacyState()
             for server_round in range(1, config.num_rounds + 1):
                 train_round(model, encoded, plain, state, seed=_seed(config, server_round, 10_000),

@@ -74,6 +74,11 @@ class FedShopConfig:
                        "(purchase after a view), next-item (full-catalogue ranking), churn (does the shopper return "
                        "within churn-horizon-days of a session's end), price (the intent head's purchase probability "
                        "across price levels; needs intent)", choices=TASK_CHOICES, multi=True)
+    train_tasks: str = _spec("all", "the tasks whose examples merchants train on (all: every task in tasks; price "
+                             "trains through intent). With LoRA on lm_head alone and only the items' rows moving, "
+                             "yes/no answers have no weights to move: name next-item alone, so each sampled "
+                             "shopper's clipped gradient is all next-item signal", choices=("all", *TASK_CHOICES[:3]),
+                             multi=True)
     new_items: int = _spec(0, "the last this many catalogue items never appear in the public split (items launched "
                            "after the base was pretrained; for measuring how item-ids handles them)", low=0,
                            high=1_000_000)
@@ -283,6 +288,14 @@ class FedShopConfig:
         if self.resume_from and self.init_adapter:
             raise ConfigError("config keys 'resume-from' and 'init-adapter' cannot both be set: resume-from continues "
                               "a run directory, init-adapter an export folder; set one of them")
+        if self.lora_target_list == ["lm_head"] and "next-item" not in self.train_task_list:
+            raise ConfigError(f"config key 'train-tasks' = {self.train_tasks!r} with lora-targets = "
+                              "'lm_head': that adapter moves only the items' output rows, which no yes/no answer "
+                              "reads, so training would leave the model at its base; add next-item to the tasks, or "
+                              "a layer that intent and churn pass through to lora-targets (e.g. \"q,v,lm_head\")")
+        if not set(self.train_task_list) <= set(self.task_list):
+            raise ConfigError(f"config key 'train-tasks' = {self.train_tasks!r}: every task trained must be in "
+                              f"tasks = {self.tasks!r}")
         if "price" in self.task_list and "intent" not in self.task_list:
             raise ConfigError(f"config key 'tasks' = {self.tasks!r}: price needs intent (the price curve is the intent "
                               "head queried at every price level); add intent")
@@ -346,6 +359,12 @@ class FedShopConfig:
     @property
     def task_list(self) -> list[str]:
         return _split(self.tasks)
+
+    @property
+    def train_task_list(self) -> list[str]:
+        """The tasks merchants and reference runs train on (`train-tasks`, or every task but price)."""
+        named = _split(self.train_tasks)
+        return [t for t in self.task_list if t != "price"] if "all" in named else named
 
     @property
     def local_dp(self) -> bool:

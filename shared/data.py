@@ -28,6 +28,11 @@ class MerchantData:
     popularity: np.ndarray  # item view counts visible to training (for the popularity baseline)
     holdout: list[Example] = field(default_factory=list)  # train-split examples of shoppers kept out of training
 
+    def teaching(self, config: FedShopConfig) -> list[Example]:
+        """The training examples a merchant trains on: those of `train-tasks` (baselines fit on all of `train`)."""
+        tasks = set(config.train_task_list)
+        return [e for e in self.train if e.task in tasks]
+
 
 def catalogue_facts(data: SyntheticData, semantic: SemanticIds | None = None) -> CatalogueFacts:
     """The catalogue's public facts; with `semantic` (the base's ids), every item's semantic id too (an item the ids

@@ -32,7 +32,7 @@ from opacus.optimizers import DPOptimizer
 from shared.config import FedShopConfig
 from shared.ledger import STATUS_DECLINED, STATUS_TRAINED
 from shared.lora_grad import LoraGradSampleModule
-from shared.model import freeze_for, keep_item_rows
+from shared.model import freeze_for, keep_item_rows, mask_grad_samples
 from shared.modeling import Encoded, model_device, per_sample_loss
 from shared.privacy import History, PoissonSampler, PrivacyBudget, Uniform, accountant_for, history_of, records_of
 from shared.privacy import schedule as _schedule
@@ -260,6 +260,7 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
                 for p in trainable:  # Opacus clips in the grad samples' dtype: clip and noise in float32
                     p.grad_sample = p.grad_sample.to(p.dtype)
                 losses.append(float(loss.detach()))
+            mask_grad_samples(model, output_rows)
             if reseed:
                 generator.manual_seed(uniform.seed())
             private_optimizer.step()

@@ -302,6 +302,26 @@ def keep_item_rows(model: PeftModel, rows: list[int] | None) -> None:
             parameter.index_fill_(token_dim, torch.nonzero(mask).flatten(), 0.0)
 
 
+def mask_grad_samples(model: PeftModel, rows: list[int] | None) -> None:
+    """Zero, in every per-sample gradient, the vocabulary rows that `keep_item_rows` holds at zero: DP-SGD then
+    clips (and spends its clipping norm on) only the weights that can move."""
+    if rows is None:
+        return
+    for name, parameter in model.named_parameters():
+        sample = getattr(parameter, "grad_sample", None)
+        if sample is None:
+            continue
+        if "lm_head" in name and "lora_B" in name:
+            token_dim = 1
+        elif "lora_embedding_A" in name:
+            token_dim = 2
+        else:
+            continue
+        mask = torch.ones(sample.shape[token_dim], dtype=torch.bool, device=sample.device)
+        mask[rows] = False
+        sample.index_fill_(token_dim, torch.nonzero(mask).flatten(), 0.0)
+
+
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
     expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
     if set(state) != expected:

@@ -61,6 +61,11 @@ def test_bad_values_are_refused_naming_key_and_range(key, value, words):
     ({"pretrain-task-weights": "intent:3,price:1"}, "entry 'price:1': expected task:weight"),
     ({"pretrain-task-weights": "churn:0"}, "entry 'churn:0': expected task:weight"),
     ({"pretrain-task-weights": "intent=2"}, "entry 'intent=2': expected task:weight"),
+    ({"train-tasks": "churn", "tasks": "intent,next-item,price"}, "'train-tasks' = 'churn': every task trained must "
+                                                                   "be in tasks"),
+    ({"tasks": "churn", "lora-targets": "lm_head"}, "'train-tasks' = 'all' with lora-targets = 'lm_head': that "
+                                                    "adapter moves only the items' output rows"),
+    ({"train-tasks": "price"}, "comma-separated list of all, intent, next-item, churn"),
 ])
 def test_combinations_that_cannot_work_are_refused(values, words):
     with pytest.raises(ConfigError, match=re.escape(words)):

@@ -180,6 +180,46 @@ def test_only_the_items_output_rows_move_under_dp():
     assert torch.count_nonzero(b[rows]) > 0
 
 
+def test_clipping_sees_only_the_rows_that_can_move():
+    # Prepare: per-sample gradients of an lm_head + embed LoRA, every row non-zero before the mask
+    from shared.lora_grad import LoraGradSampleModule
+    from shared.model import item_rows, mask_grad_samples
+
+    model, tokenizer, merchant = tiny_lora_model(CONFIG.replace(lora_targets="lm_head,embed"), seed=6)
+    nonzero_lora(model, "lora_B", "lora_embedding_A")
+    rows = item_rows(tokenizer, merchant.facts)
+    batch = first(encode(merchant.train[:8], tokenizer), 4)
+    private = LoraGradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+    per_sample_loss(private, batch.input_ids, batch.attention_mask, batch.target_ids).sum().backward()
+    samples = {n: p.grad_sample.clone() for n, p in model.named_parameters()
+               if getattr(p, "grad_sample", None) is not None}
+    # Execute
+    mask_grad_samples(model, rows)
+    # Assert: the output rows and input columns of every non-item token are zero in every sample; items' untouched
+    checked = 0
+    for name, parameter in model.named_parameters():
+        dim = 1 if ("lm_head" in name and "lora_B" in name) else 2 if "lora_embedding_A" in name else None
+        if dim is None or name not in samples:
+            continue
+        others = torch.ones(parameter.grad_sample.shape[dim], dtype=torch.bool)
+        others[rows] = False
+        before, after = samples[name], parameter.grad_sample
+        assert torch.count_nonzero(before.index_select(dim, torch.nonzero(others).flatten())) > 0
+        assert torch.count_nonzero(after.index_select(dim, torch.nonzero(others).flatten())) == 0
+        assert torch.equal(after.index_select(dim, torch.tensor(rows)), before.index_select(dim, torch.tensor(rows)))
+        checked += 1
+    private._close()
+    assert checked == 2
+
+
+def test_merchants_train_on_the_train_tasks_only():
+    model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=1)
+    everything = merchant.teaching(CONFIG)
+    next_only = merchant.teaching(CONFIG.replace(train_tasks="next-item"))
+    assert {e.task for e in everything} == set(CONFIG.train_task_list) == {"intent", "next-item", "churn"}
+    assert next_only == [e for e in merchant.train if e.task == "next-item"] and next_only
+
+
 def test_per_sample_gradients_are_exact_with_lora_on_the_input_embedding():
     # PEFT keeps a LoRA embedding's tensors in ParameterDicts, which Opacus alone never hooks: shared.lora_grad does.
     # A and B both non-zero and both trainable (fedavg), beside the linear layers' LoRA
