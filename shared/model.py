@@ -290,16 +290,23 @@ def keep_item_rows(model: PeftModel, rows: list[int] | None) -> None:
     if rows is None:
         return
     for name, parameter in model.named_parameters():
-        if "lm_head" in name and "lora_B" in name:
-            token_dim = 0
-        elif "lora_embedding_A" in name:
-            token_dim = 1
-        else:
-            continue
-        with torch.no_grad():
-            mask = torch.ones(parameter.shape[token_dim], dtype=torch.bool, device=parameter.device)
-            mask[rows] = False
-            parameter.index_fill_(token_dim, torch.nonzero(mask).flatten(), 0.0)
+        token_dim = _token_dim(name)
+        if token_dim is not None:
+            with torch.no_grad():
+                _zero_other_tokens(parameter, token_dim, rows)
+
+
+def _token_dim(name: str) -> int | None:
+    """The vocabulary dimension of a LoRA tensor that gives each token its own weights (None for any other)."""
+    if "lm_head" in name and "lora_B" in name:
+        return 0
+    return 1 if "lora_embedding_A" in name else None
+
+
+def _zero_other_tokens(tensor: torch.Tensor, token_dim: int, rows: list[int]) -> None:
+    mask = torch.ones(tensor.shape[token_dim], dtype=torch.bool, device=tensor.device)
+    mask[rows] = False
+    tensor.index_fill_(token_dim, torch.nonzero(mask).flatten(), 0.0)
 
 
 def mask_grad_samples(model: PeftModel, rows: list[int] | None) -> None:
@@ -308,18 +315,9 @@ def mask_grad_samples(model: PeftModel, rows: list[int] | None) -> None:
     if rows is None:
         return
     for name, parameter in model.named_parameters():
-        sample = getattr(parameter, "grad_sample", None)
-        if sample is None:
-            continue
-        if "lm_head" in name and "lora_B" in name:
-            token_dim = 1
-        elif "lora_embedding_A" in name:
-            token_dim = 2
-        else:
-            continue
-        mask = torch.ones(sample.shape[token_dim], dtype=torch.bool, device=sample.device)
-        mask[rows] = False
-        sample.index_fill_(token_dim, torch.nonzero(mask).flatten(), 0.0)
+        sample, token_dim = getattr(parameter, "grad_sample", None), _token_dim(name)
+        if sample is not None and token_dim is not None:
+            _zero_other_tokens(sample, token_dim + 1, rows)  # a grad sample's first dimension is the sample
 
 
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
