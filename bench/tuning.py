@@ -80,7 +80,9 @@ def run_trial(config, split: str, references: bool) -> dict:
     data = [merchant_data(config, m, world) for m in world.merchant_ids]
     base, tokenizer, _ = load_base(config.base_dir)
     model = add_lora(base, config, seed=config.seed)
-    encoded = [encode(d.teaching(config), tokenizer) for d in data]
+    teaching = [d.teaching(config) for d in data]  # the examples each merchant trains on, and their shoppers
+    owners = [[e.user_id for e in t] for t in teaching]
+    encoded = [encode(t, tokenizer) for t in teaching]
     baselines = [fit_baselines(d.train, d.facts, d.popularity) for d in data]
     rows = item_rows(tokenizer, data[0].facts)
 
@@ -103,10 +105,10 @@ def run_trial(config, split: str, references: bool) -> dict:
     losses = []
     for server_round in range(1, config.num_rounds + 1):
         updates, weights = [], []
-        for index, (d, enc) in enumerate(zip(data, encoded, strict=True)):
+        for index, enc in enumerate(encoded):
             load_adapter_state(model, global_state)
             result = train_round(model, enc, config, states[index], seed=_seed(config, server_round, index),
-                                 owners=[e.user_id for e in d.teaching(config)], output_rows=rows)
+                                 owners=owners[index], output_rows=rows)
             eps.append(result.epsilon)
             losses.append(result.train_loss)
             if result.status == "trained":
@@ -130,7 +132,7 @@ def run_trial(config, split: str, references: bool) -> dict:
             state = PrivacyState()
             for server_round in range(1, config.num_rounds + 1):
                 train_round(model, enc, config, state, seed=_seed(config, server_round, index),
-                            owners=[e.user_id for e in d.teaching(config)], output_rows=rows)
+                            owners=owners[index], output_rows=rows)
             examples = d.valid if split == "valid" else d.test
             local.append((evaluate(model, tokenizer, examples, d.facts, batch_size=config.eval_batch_size,
                                    precision=config.precision,
@@ -138,11 +140,11 @@ def run_trial(config, split: str, references: bool) -> dict:
         out["local-only"] = with_se(_weighted(local))
         plain = config.replace(dp=False)
         load_adapter_state(model, initial)
-        pooled = encode([e for d in data for e in d.teaching(config)], tokenizer)
+        pooled = encode([e for t in teaching for e in t], tokenizer)
         state = PrivacyState()
         for server_round in range(1, config.num_rounds + 1):
             train_round(model, pooled, plain, state, seed=_seed(config, server_round, 10_000),
-                        owners=[e.user_id for d in data for e in d.teaching(config)], output_rows=rows)
+                        owners=[u for o in owners for u in o], output_rows=rows)
         out["centralised"] = score(model)
     return out
 

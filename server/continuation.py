@@ -21,7 +21,7 @@ import torch
 from shared.config import FedShopConfig, load_config
 from shared.errors import UserError
 from shared.files import reading
-from shared.ledger import CONTINUED_FROM, MERCHANT_LEVEL, history_from_ledger, ledger_merchants
+from shared.ledger import CONTINUED_FROM, LEDGER, MERCHANT_LEVEL, history_from_ledger, ledger_merchants, read_privacy
 from shared.model import check_adapter_dir, read_json_object
 from shared.privacy import PrivacyBudget, epsilon_of
 
@@ -79,8 +79,9 @@ def record_origin(run_path: Path, config: FedShopConfig) -> dict:
 
     manifest = read_manifest(origin) if kind == "export" else {}
     histories, epsilons = {}, {}
+    rows = read_privacy(origin / LEDGER)  # read once for every merchant
     for merchant in ledger_merchants(origin):
-        noise, history = history_from_ledger(origin, merchant)
+        noise, history = history_from_ledger(origin, merchant, rows=rows)
         if not history:
             continue
         histories[merchant] = {"noise-multiplier": noise, "history": [list(h) for h in history]}

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 LEDGER = "privacy.csv"  # the ledger's name in a run directory or an export
 CONTINUED_FROM = "continued-from.json"  # a continued run's (and its export's) carried-over accountant histories
+CARRIED_WHAT = "the histories a continued run carried over (JSON, written by fedshop)"  # how errors name that file
 PRIVACY_COLUMNS = ("merchant", "round", "noise_multiplier", "sample_rate", "steps", "epsilon", "delta", "unit",
                    "accountant", "status")
 # a ledger row's status: trained / declined (a merchant's DP-SGD round), released / declined (the server's
@@ -185,26 +186,27 @@ def last_round_step(rows: list[dict[str, str]], merchant: str, before_round: int
 
 def carried_history(run_dir: str | Path, merchant: str) -> tuple[float | None, History]:
     """(noise multiplier, history) that a continued run carried over for `merchant` (none for a fresh run)."""
+    entry = _carried(run_dir).get(merchant)
+    if not entry:
+        return None, []
+    path = Path(run_dir) / CONTINUED_FROM
+    with reading(path, CARRIED_WHAT):
+        return entry["noise-multiplier"], [(float(n), float(q), int(s)) for n, q, s in entry["history"]]
+
+
+def _carried(run_dir: str | Path) -> dict[str, Any]:
+    """The accountant histories a continued run carried over, by merchant ({} for a fresh run)."""
     path = Path(run_dir) / CONTINUED_FROM
     if not path.is_file():
-        return None, []
-    with reading(path, "the histories a continued run carried over (JSON, written by fedshop)"):
-        entry = json.loads(path.read_text(encoding="utf-8")).get("histories", {}).get(merchant)
-        if not entry:
-            return None, []
-        return entry["noise-multiplier"], [(float(n), float(q), int(s)) for n, q, s in entry["history"]]
+        return {}
+    with reading(path, CARRIED_WHAT):
+        return json.loads(path.read_text(encoding="utf-8")).get("histories", {})
 
 
 def ledger_merchants(run_dir: str | Path) -> list[str]:
     """Every merchant (and `all`, the server's merchant-level rows) with a history in a run's or export's ledger,
     the carried-over ones included."""
-    names: set[str] = set()
-    path = Path(run_dir) / CONTINUED_FROM
-    if path.is_file():
-        with reading(path, "the histories a continued run carried over (JSON, written by fedshop)"):
-            names |= set(json.loads(path.read_text(encoding="utf-8")).get("histories", {}))
-    names |= {row["merchant"] for row in read_privacy(Path(run_dir) / LEDGER)}
-    return sorted(names)
+    return sorted(set(_carried(run_dir)) | {row["merchant"] for row in read_privacy(Path(run_dir) / LEDGER)})
 
 
 # --- epsilon spent ---------------------------------------------------------------------------------------------------
