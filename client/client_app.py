@@ -37,7 +37,7 @@ def _setup(msg: Message, context: Context):
     partition_id = int(context.node_config["partition-id"])
     merchant_id = merchant_name(context)
     base, tokenizer, _ = load_base(config.base_dir)
-    model = add_lora(base, config)
+    model = add_lora(base, config, tokenizer=tokenizer)
     load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
     model.to(resolve_device(config.device))  # the reply's tensors come back to the CPU (adapter_state)
     data = merchant_data(config, merchant_id)

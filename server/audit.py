@@ -20,7 +20,7 @@ from shared.canaries import CANARY_PREFIX, make_canaries
 from shared.config import FedShopConfig, load_config
 from shared.data import catalogue_facts, merchant_data, semantic_ids_for
 from shared.errors import UserError
-from shared.model import check_adapter_dir, load_base
+from shared.model import check_adapter_dir, load_base, load_saved_wide
 from shared.sources import load_world
 
 log = logging.getLogger("fedshop")
@@ -49,6 +49,7 @@ def audit_run(run_dir: str | Path) -> dict[str, float]:
         # peft 0.21 asks transformers 5.x a deprecated question while wrapping; nothing for a user to act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
         model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    load_saved_wide(model, tokenizer, run_dir / "adapter")
     data = load_world(config)
     members: dict[str, float] = {}
     nonmembers: dict[str, float] = {}

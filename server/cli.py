@@ -186,7 +186,8 @@ def _check_resumable(config: FedShopConfig) -> None:
     check_safetensors(previous / "adapter" / "adapter_model.safetensors", "the run's final LoRA adapter")
     before, now = load_config(previous / "config.toml").to_flat(), config.to_flat()
     different = [f"{k} = {before[k]!r} there, {now[k]!r} here" for k in
-                 ("seed", "num-merchants", "num-items", "num-categories", "base-dir", "lora-r", "lora-targets")
+                 ("seed", "num-merchants", "num-items", "num-categories", "base-dir", "lora-r", "lora-targets",
+                  "wide")
                  if before[k] != now[k]]
     if different:
         raise UserError(f"resume-from: {previous} cannot be continued with this config (" + "; ".join(different)

@@ -20,10 +20,10 @@ import torch
 
 from shared.config import FedShopConfig, load_config
 from shared.errors import UserError
-from shared.files import reading
 from shared.ledger import CONTINUED_FROM, LEDGER, MERCHANT_LEVEL, history_from_ledger, ledger_merchants, read_privacy
 from shared.model import check_adapter_dir, read_json_object
 from shared.privacy import PrivacyBudget, epsilon_of
+from shared.wide import WIDE_FILE
 
 
 def check_init_adapter(config: FedShopConfig) -> None:
@@ -47,9 +47,10 @@ def check_init_adapter(config: FedShopConfig) -> None:
     before = load_config(export / "run-config.toml")
     there = {"lora-r": adapter.get("r"), "lora-alpha": float(adapter.get("lora_alpha", math.nan)),
              "lora-targets": ",".join(sorted(adapter.get("target_modules") or [])),
-             "aggregation": before.aggregation}
+             "aggregation": before.aggregation, "wide": (export / WIDE_FILE).is_file()}
     here = {"lora-r": config.lora_r, "lora-alpha": config.lora_alpha,
-            "lora-targets": ",".join(sorted(config.lora_target_list)), "aggregation": config.aggregation}
+            "lora-targets": ",".join(sorted(config.lora_target_list)), "aggregation": config.aggregation,
+            "wide": config.wide}
     different = [f"{k} = {there[k]!r} there, {here[k]!r} here" for k in here if there[k] != here[k]]
     if different:
         raise UserError(f"init-adapter: the adapter of {export} does not fit this config (" + "; ".join(different)
@@ -58,15 +59,11 @@ def check_init_adapter(config: FedShopConfig) -> None:
 
 def starting_adapter(config: FedShopConfig) -> dict[str, torch.Tensor]:
     """The adapter tensors a continued run starts from (its origin's final, or the export's, adapter)."""
-    from safetensors.torch import load_file
-
     from shared.model import read_adapter
 
     if config.resume_from:
         return read_adapter(config.resume_from)
-    path = Path(config.init_adapter) / "adapter_model.safetensors"
-    with reading(path, "the LoRA adapter's weights (a complete safetensors file)"):
-        return load_file(str(path))
+    return read_adapter(config.init_adapter, ".")
 
 
 def record_origin(run_path: Path, config: FedShopConfig) -> dict:

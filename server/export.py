@@ -31,6 +31,7 @@ from shared.ledger import CONTINUED_FROM, MERCHANT_LEVEL, STATUS_TRAINED, epsilo
 from shared.model import BASE_META, check_adapter_dir, read_json_object
 from shared.rundir import CHECKPOINTS, RunDirectory
 from shared.semantic import SEMANTIC_FILE
+from shared.wide import WIDE_FILE
 
 BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", BASE_META, SEMANTIC_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -64,6 +65,8 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, round:
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, out / name)
     shutil.copy2(adapter_dir / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    if (adapter_dir / WIDE_FILE).is_file():
+        shutil.copy2(adapter_dir / WIDE_FILE, out / WIDE_FILE)
     # what `fedshop predict` builds inputs with, and what `init-adapter` checks and continues from
     shutil.copy2(run_dir / "config.toml", out / "run-config.toml")
     write_privacy(out / "privacy.csv", ledger)
@@ -151,6 +154,11 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
         "## Load it", "", "```python",
         "from peft import AutoPeftModelForSeq2SeqLM",
         "model = AutoPeftModelForSeq2SeqLM.from_pretrained(\"<this folder>\")  # base: ./base", "```", "",
+        *(["The adapter has a wide part (`wide.safetensors`, config key `wide`): one number per feature token of an "
+           "intent or churn question, added to its \"yes\" logit, which trained with the LoRA tensors under the same "
+           "DP-SGD. Plain PEFT does not load it: without it, intent and churn answers are the base's. "
+           "`fedshop predict` applies it; in Python, `shared.model.load_saved_wide(model, tokenizer, \"<this "
+           "folder>\")` after the lines above.", ""] if (out / WIDE_FILE).is_file() else []),
         "## Tasks and test metrics (leave-last-out in time per shopper, weighted over merchants)", "",
         f"Tasks `{config.tasks}` in one adapter, each with its task prefix (see `fedshop predict`); churn means no "
         f"event within {config.churn_horizon_days:g} days. \"federated model\" is this adapter"
@@ -164,7 +172,8 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
               f"{config.local_epochs} local epoch(s) per round, batch {config.batch_size}, learning rate "
               f"{config.learning_rate:g} (AdamW).",
               f"- LoRA r = {config.lora_r}, alpha = {config.lora_alpha:g}, dropout {config.lora_dropout:g}, targets "
-              f"{config.lora_targets}; base {base_words(base_meta, config)}{origin}; "
+              f"{config.lora_targets}{', with the wide part' if config.wide else ''}; trained on the "
+              f"{config.train_tasks} tasks' examples; base {base_words(base_meta, config)}{origin}; "
               f"{ITEM_ID_WORDS[config.item_ids]}."
               + (" `merged/` holds the base with the adapter folded in." if merged else ""), "",
               "## Privacy", ""]

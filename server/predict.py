@@ -91,7 +91,7 @@ class Predictor:
         if not (adapter / "manifest.json").is_file() or not (adapter / "run-config.toml").is_file():
             raise UserError(f"{adapter} is not a fedshop export (run `fedshop export RUN_DIR --out DIR` first)")
         from server.manifest import check_base
-        from shared.model import check_adapter_dir, check_base_files, load_tokenizer
+        from shared.model import check_adapter_dir, check_base_files, load_saved_wide, load_tokenizer
 
         check_base(adapter, adapter / "base" / "model.safetensors", "predict")
         check_base_files(adapter / "base")
@@ -115,6 +115,7 @@ class Predictor:
                                     category=FutureWarning)
             self.model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(adapter / "base"),
                                                    str(adapter))
+        load_saved_wide(self.model, self.tokenizer, adapter)
         self.model.to(resolve_device(device or self.config.device)).eval()
         self.history_length = history_length or self.config.history_length
         self.batch_size = batch_size or self.config.eval_batch_size

@@ -321,7 +321,9 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
         f"# fedshop run report — `{run_dir.path}`", "",
         f"{config.num_merchants} merchants x {config.num_rounds} rounds, {base_words(base_meta, config)} base from "
         f"`{config.base_dir}` (pretrained without DP on the public split), LoRA r={config.lora_r} "
-        f"alpha={config.lora_alpha:g} on {config.lora_targets}; {privacy_words}; tasks {config.tasks} (churn horizon "
+        f"alpha={config.lora_alpha:g} on {config.lora_targets}"
+        f"{' with the wide part (per-token yes weights of intent and churn, shared/wide.py)' if config.wide else ''}; "
+        f"{privacy_words}; tasks {config.tasks}, trained on {config.train_tasks} (churn horizon "
         f"{config.churn_horizon_days:g} days); {ITEM_ID_WORDS[config.item_ids]}.", "",
     ]
     resumed = sorted(int(p.stem.rsplit("-", 1)[1]) for p in run_dir.path.glob("config-before-round-*.toml"))

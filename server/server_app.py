@@ -14,10 +14,9 @@ from server.report import write_report
 from server.screening import TooFewMerchants
 from server.strategy import build_strategy
 from shared.config import FedShopConfig, from_run_config
-from shared.files import save_pretrained_atomic
 from shared.ledger import MERCHANT_LEVEL, history_from_ledger
 from shared.locks import directory_lock
-from shared.model import adapter_state, add_lora, load_adapter_state, load_base, read_adapter
+from shared.model import adapter_state, add_lora, load_adapter_state, load_base, read_adapter, save_adapter
 from shared.rundir import CHECKPOINTS, RunDirectory
 
 app = ServerApp()
@@ -49,9 +48,9 @@ def run(grid: Grid, config: FedShopConfig) -> None:
         offset = run_dir.start(config)  # resuming in place: rounds number on after the last recorded one
         rounds, evaluated = config.num_rounds, config.resumes_in_place
     preflight(config)
-    base, _, base_meta = load_base(config.base_dir)
+    base, tokenizer, base_meta = load_base(config.base_dir)
     # B = 0: the starting adapter leaves the base unchanged; under ffa its A stays frozen for the whole run
-    model = add_lora(base, config, seed=config.seed)
+    model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer)
     if config.resume_unfinished:
         load_adapter_state(model, read_adapter(run_dir.path, f"{CHECKPOINTS}/round-{point.checkpoint}"))
         run_dir.record_resume(point)
@@ -78,7 +77,7 @@ def run(grid: Grid, config: FedShopConfig) -> None:
         if server_round == 0 and offset in run_dir.complete_checkpoints():  # the starting adapter, already kept
             return  # (resuming past a round under way, round `offset` has none: the adapter it left is kept)
         load_adapter_state(model, ledger.final_arrays(arrays).to_torch_state_dict())
-        save_pretrained_atomic(model, run_dir.checkpoint_dir(server_round + offset))
+        save_adapter(model, run_dir.checkpoint_dir(server_round + offset))
 
     final = initial
     if rounds:
@@ -98,6 +97,6 @@ def run(grid: Grid, config: FedShopConfig) -> None:
             final = result.arrays
     final = ledger.final_arrays(final)  # ffa: the server's A re-attached
     load_adapter_state(model, final.to_torch_state_dict())
-    save_pretrained_atomic(model, run_dir.adapter_dir)
+    save_adapter(model, run_dir.adapter_dir)
     write_report(run_dir, config, base_meta)
     log.info("run directory: %s", run_dir.path)

@@ -153,6 +153,11 @@ class FedShopConfig:
     lora_r: int = _spec(8, "LoRA rank", low=1, high=1024)
     lora_alpha: float = _spec(16.0, "LoRA alpha (update scale alpha / r)", low=0.0, low_open=True, high=1e4)
     lora_dropout: float = _spec(0.0, "dropout on the LoRA branch", low=0.0, high=1.0, high_open=True)
+    wide: bool = _spec(False, "a wide part beside the T5 (shared/wide.py): one trainable number per feature token of "
+                       "a yes/no question added to its yes logit (intent: the candidate item, its category, bands "
+                       "and price level; churn: the activity bands), trained with the LoRA tensors under the same "
+                       "DP-SGD; what lets intent and churn learn per-item purchase rates and the merchants' leaving "
+                       "behaviour, which no LoRA weight of an lm_head-only adapter feeds")
     lora_targets: str = _spec("q,v", "comma-separated T5 layers LoRA adapts: linear layers of the attention "
                               "(q, k, v, o) and feed-forward (wi, wo); lm_head, the output layer, which gives every "
                               "item token r adaptable output weights; embed, the encoder's input embedding, which "
@@ -288,11 +293,12 @@ class FedShopConfig:
         if self.resume_from and self.init_adapter:
             raise ConfigError("config keys 'resume-from' and 'init-adapter' cannot both be set: resume-from continues "
                               "a run directory, init-adapter an export folder; set one of them")
-        if self.lora_target_list == ["lm_head"] and "next-item" not in self.train_task_list:
+        if self.lora_target_list == ["lm_head"] and "next-item" not in self.train_task_list and not self.wide:
             raise ConfigError(f"config key 'train-tasks' = {self.train_tasks!r} with lora-targets = "
-                              "'lm_head': that adapter moves only the items' output rows, which no yes/no answer "
-                              "reads, so training would leave the model at its base; add next-item to the tasks, or "
-                              "a layer that intent and churn pass through to lora-targets (e.g. \"q,v,lm_head\")")
+                              "'lm_head' and wide = false: that adapter moves only the items' output rows, which no "
+                              "yes/no answer reads, so training would leave the model at its base; set wide = true, "
+                              "add next-item to the tasks, or a layer that intent and churn pass through to "
+                              "lora-targets (e.g. \"q,v,lm_head\")")
         if not set(self.train_task_list) <= set(self.task_list):
             raise ConfigError(f"config key 'train-tasks' = {self.train_tasks!r}: every task trained must be in "
                               f"tasks = {self.tasks!r}")

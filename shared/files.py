@@ -11,7 +11,7 @@ import hashlib
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -95,14 +95,17 @@ def append_line(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
-def save_pretrained_atomic(model: Any, directory: str | Path) -> Path:
+def save_pretrained_atomic(model: Any, directory: str | Path, also: Callable[[Path], None] | None = None) -> Path:
     """`model.save_pretrained(directory)` (PEFT) with every file replaced atomically: written into a temporary
-    sibling folder, synced, then each file renamed into `directory` (created if needed)."""
+    sibling folder, synced, then each file renamed into `directory` (created if needed). `also(folder)` writes
+    more files into the temporary folder first."""
     directory = Path(directory)
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if temporary.exists():  # left by a killed earlier attempt of this same process id
         shutil.rmtree(temporary)
     model.save_pretrained(temporary, save_embedding_layers=False)  # the base's embedding is not the adapter's
+    if also is not None:
+        also(temporary)
     directory.mkdir(parents=True, exist_ok=True)
     # the weights last: a reader that finds them finds the config that goes with them
     for file in sorted(temporary.iterdir(), key=lambda f: (f.suffix == ".safetensors", f.name)):

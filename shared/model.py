@@ -21,8 +21,9 @@ from transformers.utils import logging as hf_logging
 
 from shared.config import FedShopConfig
 from shared.errors import UserError
-from shared.files import reading, sha256
+from shared.files import reading, save_pretrained_atomic, sha256
 from shared.tokenizer import add_domain_tokens, load_checkpoint_tokenizer
+from shared.wide import WIDE_FILE, WIDE_KEY, build_wide, read_wide, save_wide, wide_of
 
 PRESETS: dict[str, dict[str, int]] = {
     # tests and CI: ~0.1 M parameters besides the embeddings
@@ -225,8 +226,10 @@ def lora_config(config: FedShopConfig) -> LoraConfig:
                       lora_dropout=config.lora_dropout, target_modules=targets, bias="none")
 
 
-def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int | None = None) -> PeftModel:
-    """Wrap the base with LoRA; only LoRA tensors train (embeddings, lm_head, relative bias stay frozen)."""
+def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int | None = None,
+             tokenizer: PreTrainedTokenizerFast | None = None) -> PeftModel:
+    """Wrap the base with LoRA; only LoRA tensors train (embeddings, lm_head, relative bias stay frozen). With
+    `wide` the model also gets its wide part (`shared.wide`, zero at first), which reads the base's `tokenizer`."""
     if seed is not None:
         torch.manual_seed(seed)
     with warnings.catch_warnings():
@@ -239,14 +242,39 @@ def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int 
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and "lora_" not in name:
             raise RuntimeError(f"non-LoRA parameter {name} is trainable")
+    if config.wide:
+        if tokenizer is None:
+            raise ValueError("wide = true: add_lora needs the base's tokenizer")
+        model.wide = build_wide(tokenizer, base.get_input_embeddings().num_embeddings).to(base.device)
     return model
+
+
+def load_saved_wide(model: PeftModel, tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> None:
+    """Give a model loaded with plain PEFT (`PeftModel.from_pretrained`) the wide part saved beside its adapter in
+    `directory`, if there is one."""
+    saved = read_wide(Path(directory))
+    if saved:
+        head = build_wide(tokenizer, model.get_input_embeddings().num_embeddings)
+        with torch.no_grad():
+            head.table.weight.copy_(saved[WIDE_KEY])
+        model.wide = head.to(next(model.parameters()).device)
+
+
+def save_adapter(model: PeftModel, directory: str | Path) -> Path:
+    """PEFT's adapter files and, with a wide part, `WIDE_FILE` beside them, each replaced atomically."""
+    head = wide_of(model)
+    return save_pretrained_atomic(model, directory, also=None if head is None else lambda d: save_wide(head, d))
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The tensors that travel: exactly `get_peft_model_state_dict`, without the frozen base embedding that PEFT
     would otherwise add when `lm_head` (tied to it) is a target (`save_embedding_layers`)."""
-    return {k: v.detach().cpu().clone().contiguous()  # on the CPU, whatever the model's device: they travel
-            for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    state = {k: v.detach().cpu().clone().contiguous()  # on the CPU, whatever the model's device: they travel
+             for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    head = wide_of(model)
+    if head is not None:
+        state[WIDE_KEY] = head.table.weight.detach().cpu().clone().contiguous()
+    return state
 
 
 def is_frozen_key(key: str, aggregation: str) -> bool:
@@ -321,6 +349,14 @@ def mask_grad_samples(model: PeftModel, rows: list[int] | None) -> None:
 
 
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    state = dict(state)
+    head, wide = wide_of(model), state.pop(WIDE_KEY, None)
+    if (head is None) != (wide is None):
+        raise ValueError(f"adapter keys differ: the model {'has no' if head is None else 'has a'} wide part, the "
+                         f"adapter {'has' if head is None else 'has no'} {WIDE_KEY}")
+    if head is not None:
+        with torch.no_grad():
+            head.table.weight.copy_(wide)
     expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
     if set(state) != expected:
         raise ValueError(f"adapter keys differ: missing {sorted(expected - set(state))[:3]}, "
@@ -340,4 +376,6 @@ def read_adapter(run_dir: str | Path, folder: str = "adapter") -> dict[str, torc
     if not path.is_file():
         raise UserError(f"{path} does not exist: {run_dir} is not a finished fedshop run")
     with reading(path, "the LoRA adapter's weights (a complete safetensors file)"):
-        return load_file(str(path))
+        state = load_file(str(path))
+    with reading(path.with_name(WIDE_FILE), "the wide part's weights (a complete safetensors file)"):
+        return {**state, **read_wide(path.parent)}

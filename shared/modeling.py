@@ -20,6 +20,7 @@ from shared.config import DEVICES, PRECISIONS, ConfigError
 from shared.metrics import binary_metrics, elasticity, ranking_metrics, target_rank
 from shared.outputs import Outputs
 from shared.tasks import PRICE_LEVELS, CatalogueFacts, Example, level_token
+from shared.wide import wide_of
 
 IGNORE = -100  # a target position past the end of a shorter target
 
@@ -84,8 +85,9 @@ def model_device(model: nn.Module) -> torch.device:
 def first_step_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits of the first decoder step, (B, vocab): all a one-token target (yes/no, an item token) needs."""
     start = torch.full((input_ids.shape[0], 1), model_start_token(model), dtype=torch.long, device=input_ids.device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=start)
-    return out.logits[:, 0, :]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=start).logits[:, 0, :]
+    head = wide_of(model)
+    return logits if head is None else head.add_to(logits, input_ids)
 
 
 def model_config(model: nn.Module):

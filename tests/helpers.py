@@ -50,7 +50,7 @@ def run_logits(run: Path, source: str) -> torch.Tensor:
 
     config = load_config(run / "config.toml")
     base, tokenizer, _ = load_base(config.base_dir)
-    model = add_lora(base, config)
+    model = add_lora(base, config, tokenizer=tokenizer)
     load_adapter_state(model, read_adapter(run))
     model.eval()
     batch = tokenizer([source], return_tensors="pt")
@@ -64,7 +64,7 @@ def tiny_lora_model(config: FedShopConfig, seed: int = 0):
     data = generate(config)
     merchant = merchant_data(config, "m0", data)
     tokenizer = build_tokenizer(*vocabulary(merchant.facts))
-    model = add_lora(build_base(config.model_size, tokenizer, seed=seed), config, seed=seed)
+    model = add_lora(build_base(config.model_size, tokenizer, seed=seed), config, seed=seed, tokenizer=tokenizer)
     return model, tokenizer, merchant
 
 

@@ -63,13 +63,17 @@ def test_bad_values_are_refused_naming_key_and_range(key, value, words):
     ({"pretrain-task-weights": "intent=2"}, "entry 'intent=2': expected task:weight"),
     ({"train-tasks": "churn", "tasks": "intent,next-item,price"}, "'train-tasks' = 'churn': every task trained must "
                                                                    "be in tasks"),
-    ({"tasks": "churn", "lora-targets": "lm_head"}, "'train-tasks' = 'all' with lora-targets = 'lm_head': that "
-                                                    "adapter moves only the items' output rows"),
+    ({"tasks": "churn", "lora-targets": "lm_head"}, "'train-tasks' = 'all' with lora-targets = 'lm_head' and wide "
+                                                    "= false: that adapter moves only the items' output rows"),
     ({"train-tasks": "price"}, "comma-separated list of all, intent, next-item, churn"),
 ])
 def test_combinations_that_cannot_work_are_refused(values, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         from_mapping(values)
+
+
+def test_a_churn_only_output_layer_adapter_is_accepted_with_the_wide_part_that_trains_churn():
+    assert from_mapping({"tasks": "churn", "lora-targets": "lm_head", "wide": True}).wide
 
 
 def test_aggregation_keys_accepted_and_norm_bound_off_at_zero_or_inf():

@@ -1,0 +1,123 @@
+"""The wide part (shared/wide.py): which tokens it reads, that it starts as the base, that DP-SGD's per-sample
+gradients of its weights are exact, that it trains, and that it travels and is saved with the adapter."""
+
+import math
+
+import pytest
+import torch
+
+from shared.config import FedShopConfig
+from shared.dptrain import PrivacyState, train_round
+from shared.model import adapter_state, load_adapter_state, load_saved_wide, read_adapter, save_adapter
+from shared.modeling import binary_probability, encode, first_step_logits
+from shared.wide import WIDE_FILE, WIDE_KEY, wide_of
+from tests.helpers import assert_opacus_per_sample_gradients_exact, first, nonzero_lora, tiny_lora_model
+
+CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,
+                       num_items=40, num_categories=4, history_length=6, batch_size=16, num_rounds=2,
+                       lora_targets="lm_head", lora_r=4, wide=True, target_epsilon=8.0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=1)
+    return model, tokenizer, merchant
+
+
+def _tokens(tokenizer, head, source: str) -> list[str]:
+    ids = tokenizer([source], return_tensors="pt")["input_ids"]
+    rows, mask = head.features(ids)
+    return tokenizer.convert_ids_to_tokens(ids[0][mask[0]].tolist())
+
+
+def test_it_reads_the_candidate_for_intent_the_bands_for_churn_and_nothing_for_next_item(setup):
+    model, tokenizer, merchant = setup
+    head = wide_of(model)
+    by_task = {}
+    for example in merchant.train:
+        by_task.setdefault(example.task, example.source)
+    intent = by_task["intent"].split()
+    assert _tokens(tokenizer, head, by_task["intent"]) == intent[intent.index("cand") + 1:]
+    churn = _tokens(tokenizer, head, by_task["churn"])
+    assert churn == by_task["churn"].split()[-5:] and len(churn) == 5  # sessions, views, gap, days, bought
+    assert _tokens(tokenizer, head, by_task["next-item"]) == []
+
+
+def test_intent_and_churn_read_separate_weights(setup):
+    model, tokenizer, _ = setup
+    head = wide_of(model)
+    ids = tokenizer(["intent: cand b0", "churn: b0"], return_tensors="pt", padding=True)["input_ids"]
+    rows, mask = head.features(ids)
+    intent_row, churn_row = rows[0][mask[0]].tolist(), rows[1][mask[1]].tolist()
+    assert len(intent_row) == len(churn_row) == 1 and intent_row[0] != churn_row[0]
+
+
+def test_a_new_wide_part_leaves_the_base_s_answers_unchanged(setup):
+    model, tokenizer, merchant = setup
+    data = first(encode(merchant.train[:12], tokenizer), 12)
+    with torch.no_grad():
+        with_wide = first_step_logits(model, data.input_ids, data.attention_mask)
+        head = model.wide
+        del model.wide
+        try:
+            without = first_step_logits(model, data.input_ids, data.attention_mask)
+        finally:
+            model.wide = head
+    assert torch.equal(with_wide, without)
+
+
+def test_per_sample_gradients_of_the_wide_weights_are_exact(setup):
+    model, tokenizer, merchant = setup
+    nonzero_lora(model)
+    with torch.no_grad():
+        model.wide.table.weight.normal_(0.0, 0.3)
+    examples = [e for e in merchant.train if e.task != "next-item"][:3] + merchant.train[:3]
+    assert_opacus_per_sample_gradients_exact(model, encode(examples, tokenizer))
+    with torch.no_grad():
+        model.wide.table.weight.zero_()
+
+
+def test_dp_sgd_trains_the_wide_weights_and_they_never_reach_a_next_item_input():
+    model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=2)
+    intent = [e.source for e in merchant.valid if e.task == "intent"][:20]
+    before = binary_probability(model, tokenizer, intent, batch_size=32)
+    result = train_round(model, encode(merchant.train, tokenizer), CONFIG.replace(train_tasks="intent,churn"),
+                         PrivacyState(), seed=0, owners=[e.user_id for e in merchant.train])
+    assert result.status == "trained" and math.isfinite(result.epsilon)
+    assert model.wide.table.weight.abs().sum() > 0
+    assert not torch.allclose(torch.as_tensor(before), torch.as_tensor(binary_probability(model, tokenizer, intent,
+                                                                                          batch_size=32)))
+    next_ids = encode([e for e in merchant.valid if e.task == "next-item"][:8], tokenizer).input_ids
+    assert torch.equal(model.wide(next_ids), torch.zeros(len(next_ids)))
+
+
+def test_the_wide_weights_travel_in_the_adapter_state_and_are_saved_beside_it(setup, tmp_path):
+    model, tokenizer, merchant = setup
+    with torch.no_grad():
+        model.wide.table.weight.normal_(0.0, 0.3)
+    state = adapter_state(model)
+    assert WIDE_KEY in state and torch.equal(state[WIDE_KEY], model.wide.table.weight)
+    save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / WIDE_FILE).is_file()
+    read = read_adapter(tmp_path)
+    assert set(read) == set(state) and torch.equal(read[WIDE_KEY], state[WIDE_KEY])
+    # a model built the same way loads it back exactly
+    other, _, _ = tiny_lora_model(CONFIG, seed=1)
+    load_adapter_state(other, read)
+    assert torch.equal(other.wide.table.weight, model.wide.table.weight)
+    # a model without a wide part refuses the state, with the key named
+    plain, _, _ = tiny_lora_model(CONFIG.replace(wide=False), seed=1)
+    with pytest.raises(ValueError, match=WIDE_KEY):
+        load_adapter_state(plain, read)
+    # plain PEFT's load of the same base, then load_saved_wide, answers intent and churn as fedshop's model does
+    from peft import PeftModel
+
+    from shared.model import build_base
+
+    loaded = PeftModel.from_pretrained(build_base(CONFIG.model_size, tokenizer, seed=1), str(tmp_path / "adapter"))
+    load_saved_wide(loaded, tokenizer, tmp_path / "adapter")
+    sources = [e.source for e in merchant.valid if e.task in ("intent", "churn")][:10]
+    assert torch.allclose(torch.as_tensor(binary_probability(loaded.eval(), tokenizer, sources, batch_size=16)),
+                          torch.as_tensor(binary_probability(model.eval(), tokenizer, sources, batch_size=16)))
+    with torch.no_grad():
+        model.wide.table.weight.zero_()
