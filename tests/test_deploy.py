@@ -21,6 +21,7 @@ import pytest
 from client.state import load_own_state
 from server.processes import Processes, alive, descendants, start_time
 from shared.privacy import epsilon_of
+from shared.wide import WIDE_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps",
@@ -200,9 +201,12 @@ def test_every_message_a_merchant_sends_carries_only_adapter_tensors_and_scalar_
         if message["message-type"] == "train":
             assert set(metrics) == TRAIN_METRICS
             assert set(message["arrays"]) == {"arrays"}
-            # with aggregation = ffa only the LoRA B matrices travel, with the adapter's shapes
-            assert all(re.fullmatch(r"base_model\.model\..+\.lora_B\.weight", k) and v["dtype"] == "float32"
-                       for k, v in message["arrays"]["arrays"].items())
+            # with aggregation = ffa only the LoRA B matrices travel, with the adapter's shapes, and (configs/tiny.toml
+            # has wide = true) the wide part's per-token weights
+            arrays = dict(message["arrays"]["arrays"])
+            assert arrays.pop(WIDE_KEY)["dtype"] == "float32"
+            assert arrays and all(re.fullmatch(r"base_model\.model\..+\.lora_B\.weight", k) and
+                                  v["dtype"] == "float32" for k, v in arrays.items())
         else:
             assert message["arrays"] == {} and all(EVALUATE_METRIC.match(k) for k in metrics), metrics
 
