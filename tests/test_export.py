@@ -251,3 +251,31 @@ def test_merging_an_adapter_of_a_tied_embedding_into_the_base_is_refused(tmp_pat
     with pytest.raises(UserError, match=f"adapts {targets.split(',')[-1]}, which T5 ties to its other embeddings"):
         export_run(run, tmp_path / "out", merge=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_export_carries_the_wide_part_and_predict_answers_with_it(run_dir, tmp_path):
+    # configs/tiny.toml has wide = true: the run trained the wide part, the export carries it, the card says how to
+    # load it, and predict's intent and churn answers are the fedshop model's (wide part included), not plain PEFT's
+    from server.predict import Predictor
+    from shared.config import load_config
+    from shared.model import add_lora, load_adapter_state, load_base, read_adapter
+    from shared.modeling import binary_probability
+    from shared.tasks import intent_source
+    from shared.wide import WIDE_FILE
+
+    out = export_run(run_dir, tmp_path / "export")
+    assert (out / WIDE_FILE).is_file() and "load_saved_wide" in (out / "README.md").read_text()
+    predictor = Predictor(out)
+    config = load_config(run_dir / "config.toml")
+    base, tokenizer, _ = load_base(config.base_dir)
+    model = add_lora(base, config, tokenizer=tokenizer)
+    load_adapter_state(model, read_adapter(run_dir))
+    model.eval()
+    assert model.wide.table.weight.abs().max() > 0  # trained
+    history, candidate = list(predictor.facts.item_ids[:4]), predictor.facts.item_ids[9]
+    score = predictor.predict(history, "intent", 1, [candidate], False)["predictions"][0]["score"]
+    sources = [intent_source(predictor._history_text(history), predictor.index[candidate], predictor.facts, 1.0)]
+    fedshop = float(binary_probability(model, tokenizer, sources, batch_size=4)[0])
+    assert abs(score - fedshop) < 1e-5
+    del model.wide  # plain PEFT's answer differs: the wide part moved it
+    assert abs(float(binary_probability(model, tokenizer, sources, batch_size=4)[0]) - score) > 1e-4
