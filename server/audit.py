@@ -9,18 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
-from peft import PeftModel
 
 from shared.audit import canary_audit, example_losses, mean_loss_by_shopper, membership_inference
 from shared.canaries import CANARY_PREFIX, make_canaries
 from shared.config import FedShopConfig, load_config
 from shared.data import catalogue_facts, merchant_data, semantic_ids_for
 from shared.errors import UserError
-from shared.model import check_adapter_dir, load_base, load_saved_wide
+from shared.model import check_adapter_dir, load_base, load_saved_adapter
 from shared.sources import load_world
 
 log = logging.getLogger("fedshop")
@@ -45,11 +43,7 @@ def audit_run(run_dir: str | Path) -> dict[str, float]:
     torch.set_num_threads(max(1, config.torch_threads))
     check_adapter_dir(run_dir / "adapter")
     base, tokenizer, _ = load_base(config.base_dir)
-    with warnings.catch_warnings():
-        # peft 0.21 asks transformers 5.x a deprecated question while wrapping; nothing for a user to act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
-        model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
-    load_saved_wide(model, tokenizer, run_dir / "adapter")
+    model = load_saved_adapter(base, tokenizer, run_dir / "adapter")
     data = load_world(config)
     members: dict[str, float] = {}
     nonmembers: dict[str, float] = {}

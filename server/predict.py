@@ -39,7 +39,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,12 +90,11 @@ class Predictor:
         if not (adapter / "manifest.json").is_file() or not (adapter / "run-config.toml").is_file():
             raise UserError(f"{adapter} is not a fedshop export (run `fedshop export RUN_DIR --out DIR` first)")
         from server.manifest import check_base
-        from shared.model import check_adapter_dir, check_base_files, load_saved_wide, load_tokenizer
+        from shared.model import check_adapter_dir, check_base_files, load_saved_adapter, load_tokenizer
 
         check_base(adapter, adapter / "base" / "model.safetensors", "predict")
         check_base_files(adapter / "base")
         check_adapter_dir(adapter)
-        from peft import PeftModel
         from transformers import T5ForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
@@ -110,12 +108,8 @@ class Predictor:
         self.facts = catalogue_facts(load_world(self.config), semantic_ids_for(self.config, adapter / "base"))
         self.index = self.facts.index()
         self.tokenizer = load_tokenizer(adapter)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
-                                    category=FutureWarning)
-            self.model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(adapter / "base"),
-                                                   str(adapter))
-        load_saved_wide(self.model, self.tokenizer, adapter)
+        self.model = load_saved_adapter(T5ForConditionalGeneration.from_pretrained(adapter / "base"), self.tokenizer,
+                                        adapter)
         self.model.to(resolve_device(device or self.config.device)).eval()
         self.history_length = history_length or self.config.history_length
         self.batch_size = batch_size or self.config.eval_batch_size

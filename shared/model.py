@@ -226,18 +226,34 @@ def lora_config(config: FedShopConfig) -> LoraConfig:
                       lora_dropout=config.lora_dropout, target_modules=targets, bias="none")
 
 
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """PEFT's two warnings on wrapping or loading a fedshop adapter, which no user can act on."""
+    with warnings.catch_warnings():
+        # peft 0.21 asks transformers 5.x a deprecated question while wrapping
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        # lm_head as a target: its LoRA is a separate delta, the tied base weight is never changed or saved here,
+        # and `fedshop export --merge` refuses such an adapter, so PEFT's note on merging tied weights does not apply
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.* and a tied layer is part of the")
+        yield
+
+
+def load_saved_adapter(base: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerFast,
+                       directory: str | Path) -> PeftModel:
+    """A saved adapter on `base` as plain PEFT loads it, plus its wide part when one is saved beside it."""
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, str(directory))
+    load_saved_wide(model, tokenizer, directory)
+    return model
+
+
 def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int | None = None,
              tokenizer: PreTrainedTokenizerFast | None = None) -> PeftModel:
     """Wrap the base with LoRA; only LoRA tensors train (embeddings, lm_head, relative bias stay frozen). With
     `wide` the model also gets its wide part (`shared.wide`, zero at first), which reads the base's `tokenizer`."""
     if seed is not None:
         torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        # peft 0.21 asks transformers 5.x a deprecated question while wrapping; nothing for a user to act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
-        # lm_head as a target: its LoRA is a separate delta, the tied base weight is never changed or saved here,
-        # and `fedshop export --merge` refuses such an adapter, so PEFT's note on merging tied weights does not apply
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.* and a tied layer is part of the")
+    with quiet_peft():
         model = get_peft_model(base, lora_config(config))
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and "lora_" not in name:

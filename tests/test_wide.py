@@ -8,7 +8,7 @@ import torch
 
 from shared.config import FedShopConfig
 from shared.dptrain import PrivacyState, train_round
-from shared.model import adapter_state, load_adapter_state, load_saved_wide, read_adapter, save_adapter
+from shared.model import adapter_state, load_adapter_state, load_saved_adapter, read_adapter, save_adapter
 from shared.modeling import binary_probability, encode, first_step_logits
 from shared.wide import WIDE_FILE, WIDE_KEY, wide_of
 from tests.helpers import assert_opacus_per_sample_gradients_exact, first, nonzero_lora, tiny_lora_model
@@ -109,13 +109,10 @@ def test_the_wide_weights_travel_in_the_adapter_state_and_are_saved_beside_it(se
     plain, _, _ = tiny_lora_model(CONFIG.replace(wide=False), seed=1)
     with pytest.raises(ValueError, match=WIDE_KEY):
         load_adapter_state(plain, read)
-    # plain PEFT's load of the same base, then load_saved_wide, answers intent and churn as fedshop's model does
-    from peft import PeftModel
-
+    # plain PEFT's load of the same base plus the saved wide part (load_saved_adapter) answers as fedshop's model
     from shared.model import build_base
 
-    loaded = PeftModel.from_pretrained(build_base(CONFIG.model_size, tokenizer, seed=1), str(tmp_path / "adapter"))
-    load_saved_wide(loaded, tokenizer, tmp_path / "adapter")
+    loaded = load_saved_adapter(build_base(CONFIG.model_size, tokenizer, seed=1), tokenizer, tmp_path / "adapter")
     sources = [e.source for e in merchant.valid if e.task in ("intent", "churn")][:10]
     assert torch.allclose(torch.as_tensor(binary_probability(loaded.eval(), tokenizer, sources, batch_size=16)),
                           torch.as_tensor(binary_probability(model.eval(), tokenizer, sources, batch_size=16)))
