@@ -35,7 +35,9 @@ def _threads():
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread_per_process():
     """The same for the processes the tests start (CLI commands, a simulation's driver with its references, a
-    pretraining): OMP_NUM_THREADS=1 through the environment they inherit. Merchants already take torch-threads = 1."""
+    pretraining): OMP_NUM_THREADS=1 through the environment they inherit. Merchants already take torch-threads = 1.
+    Set here as well for this process: session fixtures (the tiny base's pretraining) run before `_threads`."""
+    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
         yield
