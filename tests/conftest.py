@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,21 @@ def pytest_collection_modifyitems(items) -> None:
 
 @pytest.fixture(autouse=True)
 def _threads():
-    # one thread per parallel worker (two 2-thread torch processes on 2 cores slow each other down many times)
-    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+    # one torch thread in the test process, serial or not: a 2-thread torch process next to any other busy process
+    # on 2 cores waits on its descheduled thread at every op (measured under load: the tiny run's centralised
+    # reference took 155 s with 2 threads, 4.5 s with 1)
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_process():
+    """The same for the processes the tests start (CLI commands, a simulation's driver with its references, a
+    pretraining): OMP_NUM_THREADS=1 through the environment they inherit. Merchants already take torch-threads = 1.
+    Set here as well for this process: session fixtures (the tiny base's pretraining) run before `_threads`."""
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -25,7 +25,7 @@ from shared.ledger import history_from_ledger, merged_history
 pytestmark = pytest.mark.slow  # whole simulations through Flower: `pytest -m "not slow"` skips them
 
 ROOT = Path(__file__).resolve().parents[1]
-FIRST_BUDGET, SECOND_BUDGET = 1.0, 4.0
+FIRST_BUDGET, SECOND_BUDGET = 8.0, 16.0  # the session run's budget (configs/tiny.toml's default), then more
 
 
 def _simulate(run: Path, base: Path, *sets: str) -> None:
@@ -55,20 +55,19 @@ def _independent_epsilon(steps: list[tuple[float, float, int]], delta: float) ->
 
 
 @pytest.fixture(scope="module")
-def first_run(tiny_base, tmp_path_factory):
-    """A finished 2-round tiny run at a small budget (3 merchants, DP on), on a copy of the session's base."""
-    tmp = tmp_path_factory.mktemp("continue")
-    shutil.copytree(tiny_base.base_dir, tmp / "base")
-    _simulate(tmp / "run", tmp / "base", f"target-epsilon={FIRST_BUDGET}")
-    return tmp / "run"
+def first_run(tiny_run):
+    """The session's finished 2-round tiny run (3 merchants, DP on, budget FIRST_BUDGET, on the session's base):
+    read only; the tests export it, copy it or continue it elsewhere, never write into it."""
+    assert load_config(tiny_run.path / "config.toml").target_epsilon == FIRST_BUDGET
+    return tiny_run.path
 
 
 @pytest.fixture(scope="module")
-def continued(first_run, tmp_path_factory):
+def continued(first_run, tiny_base, tmp_path_factory):
     """The first run exported, then continued for one round on new data: a fourth merchant joins."""
     tmp = tmp_path_factory.mktemp("continued")
     export = export_run(first_run, tmp / "export")
-    _simulate(tmp / "run", first_run.parent / "base", "num-merchants=4", "num-rounds=1",
+    _simulate(tmp / "run", Path(tiny_base.base_dir), "num-merchants=4", "num-rounds=1",
               f"target-epsilon={SECOND_BUDGET}", f"init-adapter={export}")
     return export, tmp / "run"
 
@@ -142,10 +141,11 @@ def test_the_export_of_a_continued_run_states_and_carries_the_total(continued, t
     assert len(every_row) == 3 and history_from_ledger(again, "m0")[1] == merged_history(every_row)
 
 
-def test_init_adapter_refuses_a_changed_export_another_base_and_another_lora_shape(first_run, continued, tmp_path):
+def test_init_adapter_refuses_a_changed_export_another_base_and_another_lora_shape(first_run, continued, tiny_base,
+                                                                                 tmp_path):
     # Prepare
     export, _ = continued
-    base = first_run.parent / "base"
+    base = Path(tiny_base.base_dir)
     config = load_config(ROOT / "configs/tiny.toml", [f"base-dir={base}", f"init-adapter={export}"])
     check_init_adapter(config)  # the intact export fits
     tampered = tmp_path / "tampered"
@@ -192,14 +192,14 @@ def test_carried_histories_chain_and_include_the_servers_merchant_level_rows(tmp
     assert history_from_ledger(tmp_path, "m5") == (None, [])
 
 
-def test_resuming_in_place_appends_to_the_ledger_and_composes_epsilon_over_every_row(first_run, tmp_path):
-    # Prepare: a copy of the finished 2-round run (budget 1), resumed in its own directory for one round (budget 4)
+def test_resuming_in_place_appends_to_the_ledger_and_composes_epsilon_over_every_row(first_run, tiny_base, tmp_path):
+    # Prepare: a copy of the finished 2-round run (budget 8), resumed in its own directory for one round (budget 16)
     run = tmp_path / "run"
     shutil.copytree(first_run, run)
     ledger, metrics = (run / "privacy.csv").read_bytes(), (run / "metrics.jsonl").read_bytes()
     report = (run / "report.md").stat()
     # Execute
-    _simulate(run, first_run.parent / "base", f"resume-from={run}", "num-rounds=1", f"target-epsilon={SECOND_BUDGET}")
+    _simulate(run, Path(tiny_base.base_dir), f"resume-from={run}", "num-rounds=1", f"target-epsilon={SECOND_BUDGET}")
     # Assert: nothing before was rewritten; round 3 follows round 2 everywhere
     rows = _rows(run / "privacy.csv")
     assert (run / "privacy.csv").read_bytes().startswith(ledger) and (run / "metrics.jsonl").read_bytes().startswith(
