@@ -117,6 +117,9 @@ def per_sample_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
                        decoder_input_ids=torch.cat([start, previous], dim=1)).logits  # (B, T, V), causal decoder
     logits = logits.float()
+    head = wide_of(model)
+    if head is not None:  # a yes/no answer is the first step's token, as in first_step_logits
+        logits = torch.cat([head.add_to(logits[:, 0, :], input_ids).unsqueeze(1), logits[:, 1:, :]], dim=1)
     token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), target_ids, ignore_index=IGNORE,
                                              reduction="none")
     return token_loss.sum(1)

@@ -155,6 +155,26 @@ def test_the_loss_of_an_id_is_its_sequence_nll_and_dp_per_sample_gradients_stay_
     assert_opacus_per_sample_gradients_exact(model, first(encode(merchant.train, tokenizer), 6))
 
 
+def test_the_wide_part_answers_yes_no_examples_batched_with_semantic_targets_as_alone(world):
+    # a batch whose next-item targets are four-token ids takes per_sample_loss's multi-step path: the wide term must
+    # reach the yes/no examples there too, and their per-sample gradients stay exact
+    _, _, merchant, tokenizer = world
+    config = CONFIG.replace(wide=True, lora_targets="q,v,lm_head")
+    model = add_lora(build_base("tiny", tokenizer, seed=5), config, seed=5, tokenizer=tokenizer)
+    with torch.no_grad():
+        model.wide.table.weight.normal_(0.0, 0.5)
+    examples = [e for e in merchant.train if e.task == "next-item"][:2] + \
+        [e for e in merchant.train if e.task in ("intent", "churn")][:3]
+    batch = encode(examples, tokenizer)
+    assert batch.target_ids.shape[1] == 4
+    mixed = per_sample_loss(model, batch.input_ids, batch.attention_mask, batch.target_ids)
+    alone = encode(examples[2:], tokenizer)  # one-token targets only: the first-step path
+    assert alone.target_ids.shape[1] == 1
+    assert torch.allclose(mixed[2:], per_sample_loss(model, alone.input_ids, alone.attention_mask, alone.target_ids),
+                          atol=1e-5)
+    assert_opacus_per_sample_gradients_exact(model, batch)
+
+
 def test_a_base_written_one_way_is_refused_for_the_other():
     with pytest.raises(UserError, match="writes items as item-ids = 'token', the config asks for item-ids = "
                                         "'semantic'"):
