@@ -40,7 +40,7 @@ def main() -> None:
     world = load_world(config)
     data = [merchant_data(config, m, world) for m in world.merchant_ids]
     base, tokenizer, _ = load_base(config.base_dir)
-    model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer)
+    model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer, facts=data[0].facts)
     rows = item_rows(tokenizer, data[0].facts)
     train = encode([e for d in data for e in d.train if e.task == "intent"], tokenizer)
     valid = [e for d in data[:4] for e in d.valid]

@@ -78,7 +78,7 @@ def message_parts(config) -> tuple[list[tuple[str, float]], object, object, obje
     _, seconds = timed(lambda: merchant_data(config, merchant))
     parts.append(("the same, later messages (per-process cache)", seconds))
     (base, tokenizer, _), seconds = timed(lambda: load_base(config.base_dir))
-    model, more = timed(lambda: add_lora(base, config, tokenizer=tokenizer))
+    model, more = timed(lambda: add_lora(base, config, tokenizer=tokenizer, facts=data.facts))
     parts.append(("load the base, add LoRA", seconds + more))
     encoded, seconds = timed(lambda: encode(data.train, tokenizer))
     parts.append(("encode the training examples", seconds))
@@ -102,7 +102,7 @@ def step_costs(config, data, tokenizer, encoded, base_factory, valid: bool) -> l
     for dp in (False, True):
         for precision in ("fp32", "bf16"):
             run = config.replace(dp=dp, precision=precision)
-            model = add_lora(base_factory(), run, seed=run.seed, tokenizer=tokenizer)
+            model = add_lora(base_factory(), run, seed=run.seed, tokenizer=tokenizer, facts=data.facts)
             state = PrivacyState(noise_multiplier=calibrate(len(records_for(len(data.train), owners, run)), run)
                                  if dp else None)
             started = time.perf_counter()
@@ -120,11 +120,11 @@ def step_costs(config, data, tokenizer, encoded, base_factory, valid: bool) -> l
     return rows
 
 
-def step_flops(config, encoded, base_factory, tokenizer) -> float:
+def step_flops(config, encoded, base_factory, tokenizer, facts) -> float:
     """FLOPs of one plain forward and backward of an expected batch (LoRA model, fp32)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = add_lora(base_factory(), config, seed=config.seed, tokenizer=tokenizer)
+    model = add_lora(base_factory(), config, seed=config.seed, tokenizer=tokenizer, facts=facts)
     model.train()
     rows = max(1, round(config.batch_size * config.examples_per_shopper))
     idx = torch.arange(min(rows, len(encoded)))
@@ -165,14 +165,15 @@ def main() -> None:
     parts, data, tokenizer, encoded = message_parts(config)
     base_dir = config.base_dir
     steps = step_costs(config, data, tokenizer, encoded, lambda: load_base(base_dir)[0], valid=True)
-    flops = step_flops(config, encoded, lambda: load_base(base_dir)[0], tokenizer)
+    flops = step_flops(config, encoded, lambda: load_base(base_dir)[0], tokenizer, data.facts)
     plain32 = next(r for r in steps if not r["dp"] and r["precision"] == "fp32")
     extra = {}
     for size in [s for s in args.sizes.split(",") if s]:
         small = config.replace(model_size=size, batch_size=args.small_batch, examples_per_shopper=1, local_epochs=1)
         extra[size] = (small, step_costs(small, data, tokenizer, encoded,
                                          lambda s=size: build_base(s, tokenizer, seed=1), valid=False),
-                       step_flops(small, encoded, lambda s=size: build_base(s, tokenizer, seed=1), tokenizer))
+                       step_flops(small, encoded, lambda s=size: build_base(s, tokenizer, seed=1), tokenizer,
+                                  data.facts))
 
     total = sum(s for name, s in parts if "later messages" not in name and "import" not in name)
     sizes = args.sizes or '""'

@@ -41,7 +41,7 @@ def main() -> None:
     world = load_world(config)
     d = merchant_data(config, world.merchant_ids[0], world)
     base, tokenizer, _ = load_base(config.base_dir)
-    model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer)
+    model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer, facts=d.facts)
     freeze_for(model, config.aggregation)
     rows = item_rows(tokenizer, d.facts)
     encoded = encode(d.train, tokenizer)

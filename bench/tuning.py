@@ -79,7 +79,7 @@ def run_trial(config, split: str, references: bool) -> dict:
     world = load_world(config)
     data = [merchant_data(config, m, world) for m in world.merchant_ids]
     base, tokenizer, _ = load_base(config.base_dir)
-    model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer)
+    model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer, facts=data[0].facts)
     teaching = [d.teaching(config) for d in data]  # the examples each merchant trains on, and their shoppers
     owners = [[e.user_id for e in t] for t in teaching]
     encoded = [encode(t, tokenizer) for t in teaching]

@@ -36,11 +36,11 @@ def _setup(msg: Message, context: Context):
     torch.set_num_threads(config.torch_threads)
     partition_id = int(context.node_config["partition-id"])
     merchant_id = merchant_name(context)
+    data = merchant_data(config, merchant_id)
     base, tokenizer, _ = load_base(config.base_dir)
-    model = add_lora(base, config, tokenizer=tokenizer)
+    model = add_lora(base, config, tokenizer=tokenizer, facts=data.facts)
     load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
     model.to(resolve_device(config.device))  # the reply's tensors come back to the CPU (adapter_state)
-    data = merchant_data(config, merchant_id)
     return config, partition_id, model, tokenizer, data
 
 

@@ -20,6 +20,7 @@ from shared.data import catalogue_facts, merchant_data, semantic_ids_for
 from shared.errors import UserError
 from shared.model import check_adapter_dir, load_base, load_saved_adapter
 from shared.sources import load_world
+from shared.wide import without_wide
 
 log = logging.getLogger("fedshop")
 AUDIT_FILE = "audit.json"
@@ -43,8 +44,9 @@ def audit_run(run_dir: str | Path) -> dict[str, float]:
     torch.set_num_threads(max(1, config.torch_threads))
     check_adapter_dir(run_dir / "adapter")
     base, tokenizer, _ = load_base(config.base_dir)
-    model = load_saved_adapter(base, tokenizer, run_dir / "adapter")
     data = load_world(config)
+    facts = catalogue_facts(data, semantic_ids_for(config))
+    model = load_saved_adapter(base, tokenizer, run_dir / "adapter", facts)
     members: dict[str, float] = {}
     nonmembers: dict[str, float] = {}
     for merchant_id in data.merchant_ids:
@@ -59,12 +61,11 @@ def audit_run(run_dir: str | Path) -> dict[str, float]:
         members = {k: members[k] for k in keep}
     result: dict[str, float] = membership_inference(members, nonmembers)
     if config.audit_canaries:
-        facts = catalogue_facts(data, semantic_ids_for(config))
         canaries = make_canaries(config.audit_canaries, facts, list(data.merchant_ids), seed=config.seed,
                                  history_length=config.history_length)
         examples = [c.example for c in canaries]
         trained_loss = example_losses(model, tokenizer, examples, config.eval_batch_size)
-        with model.disable_adapter():
+        with model.disable_adapter(), without_wide(model):  # the base alone: no LoRA, no wide part
             base_loss = example_losses(model, tokenizer, examples, config.eval_batch_size)
         included = np.array([c.included for c in canaries])
         result.update(canary_audit(base_loss - trained_loss, included, config.target_delta))

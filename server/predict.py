@@ -109,7 +109,7 @@ class Predictor:
         self.index = self.facts.index()
         self.tokenizer = load_tokenizer(adapter)
         self.model = load_saved_adapter(T5ForConditionalGeneration.from_pretrained(adapter / "base"), self.tokenizer,
-                                        adapter)
+                                        adapter, self.facts)
         self.model.to(resolve_device(device or self.config.device)).eval()
         self.history_length = history_length or self.config.history_length
         self.batch_size = batch_size or self.config.eval_batch_size

@@ -68,7 +68,7 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
         if kind == "local-only":
             for index, (merchant, d) in enumerate(data.items()):
                 base, tokenizer, _ = load_base(base_dir)
-                model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer).to(device)
+                model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer, facts=d.facts).to(device)
                 teaching = d.teaching(config)
                 state, encoded = PrivacyState(), encode(teaching, tokenizer)
                 for server_round in range(1, config.num_rounds + 1):
@@ -80,7 +80,8 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
         elif kind == "centralised":
             plain = config.replace(dp=False)
             base, tokenizer, _ = load_base(base_dir)
-            model = add_lora(base, plain, seed=config.seed, tokenizer=tokenizer).to(device)
+            model = add_lora(base, plain, seed=config.seed, tokenizer=tokenizer,
+                             facts=next(iter(data.values())).facts).to(device)
             pooled = [e for d in data.values() for e in d.teaching(config)]
             encoded, state = encode(pooled, tokenizer), PrivacyState()
             for server_round in range(1, config.num_rounds + 1):
@@ -106,7 +107,8 @@ def paired(config: FedShopConfig, data: dict[str, MerchantData], references: dic
     on every merchant's test examples pooled (see `shared.outputs.paired_results`)."""
     base, tokenizer, _ = load_base(config.base_dir)
     # B = 0: the base alone, as the federation's round 0
-    model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer).to(resolve_device(config.device))
+    model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer,
+                     facts=next(iter(data.values())).facts).to(resolve_device(config.device))
     if config.continued_from:  # a continued run's round 0 is the adapter it started from
         from server.continuation import starting_adapter
 

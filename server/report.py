@@ -25,6 +25,8 @@ from shared.metrics import compare, decide, standard_errors
 from shared.rundir import RunDirectory
 
 REFERENCES_FILE = "references.json"
+WIDE_WORDS = (" with the wide part (per-token yes weights of intent and churn; next item's per-item biases and "
+              "per-category weights of staying in the last item's category; shared/wide.py)")
 PAIRED = "paired"  # the key of `references.json` that holds the paired comparisons, beside the reference runs
 
 
@@ -322,7 +324,7 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
         f"{config.num_merchants} merchants x {config.num_rounds} rounds, {base_words(base_meta, config)} base from "
         f"`{config.base_dir}` (pretrained without DP on the public split), LoRA r={config.lora_r} "
         f"alpha={config.lora_alpha:g} on {config.lora_targets}"
-        f"{' with the wide part (per-token yes weights of intent and churn, shared/wide.py)' if config.wide else ''}; "
+        f"{WIDE_WORDS if config.wide else ''}; "
         f"{privacy_words}; tasks {config.tasks}, trained on {config.train_tasks} (churn horizon "
         f"{config.churn_horizon_days:g} days); {ITEM_ID_WORDS[config.item_ids]}.", "",
     ]

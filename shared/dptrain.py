@@ -36,6 +36,7 @@ from shared.model import freeze_for, keep_item_rows, mask_grad_samples
 from shared.modeling import Encoded, model_device, per_sample_loss
 from shared.privacy import History, PoissonSampler, PrivacyBudget, Uniform, accountant_for, history_of, records_of
 from shared.privacy import schedule as _schedule
+from shared.wide import wide_of
 
 
 @dataclass
@@ -128,6 +129,9 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     each sampled batch moves there.
     """
     freeze_for(model, config.aggregation)
+    head = wide_of(model)
+    if head is not None:
+        head.train_only(config.train_task_list, output_rows)
     torch.manual_seed(seed)
     records = records_for(len(data), owners, config)
     sample_rate, steps = schedule(len(records), config)
@@ -177,9 +181,25 @@ def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.O
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        keep_item_rows(model, output_rows)
+        keep_rows(model, output_rows)
         losses.append(float(loss.detach()))
     return float(sum(losses) / max(1, len(losses)))
+
+
+def keep_rows(model: torch.nn.Module, output_rows: list[int] | None) -> None:
+    """After a step: the LoRA rows of non-item tokens back to zero, the wide part's held rows to their values."""
+    keep_item_rows(model, output_rows)
+    head = wide_of(model)
+    if head is not None:
+        head.hold()
+
+
+def mask_rows(model: torch.nn.Module, output_rows: list[int] | None) -> None:
+    """Before clipping: no share of the clipping norm for the rows `keep_rows` puts back."""
+    mask_grad_samples(model, output_rows)
+    head = wide_of(model)
+    if head is not None:
+        head.mask()
 
 
 def batch_of(data: Encoded, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -260,11 +280,11 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
                 for p in trainable:  # Opacus clips in the grad samples' dtype: clip and noise in float32
                     p.grad_sample = p.grad_sample.to(p.dtype)
                 losses.append(float(loss.detach()))
-            mask_grad_samples(model, output_rows)
+            mask_rows(model, output_rows)
             if reseed:
                 generator.manual_seed(uniform.seed())
             private_optimizer.step()
-            keep_item_rows(model, output_rows)
+            keep_rows(model, output_rows)
     finally:
         private_model._close()
     state.history = history_of(accountant)

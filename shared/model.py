@@ -23,7 +23,7 @@ from shared.config import FedShopConfig
 from shared.errors import UserError
 from shared.files import reading, save_pretrained_atomic, sha256
 from shared.tokenizer import add_domain_tokens, load_checkpoint_tokenizer
-from shared.wide import WIDE_FILE, WIDE_KEY, build_wide, read_wide, save_wide, wide_of
+from shared.wide import WIDE_FILE, WIDE_KEY, build_wide, read_wide, save_wide, set_wide_weights, wide_of
 
 PRESETS: dict[str, dict[str, int]] = {
     # tests and CI: ~0.1 M parameters besides the embeddings
@@ -239,18 +239,20 @@ def quiet_peft() -> Iterator[None]:
 
 
 def load_saved_adapter(base: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerFast,
-                       directory: str | Path) -> PeftModel:
-    """A saved adapter on `base` as plain PEFT loads it, plus its wide part when one is saved beside it."""
+                       directory: str | Path, facts=None) -> PeftModel:
+    """A saved adapter on `base` as plain PEFT loads it, plus its wide part when one is saved beside it (which
+    scores next-item questions given the catalogue's `facts`)."""
     with quiet_peft():
         model = PeftModel.from_pretrained(base, str(directory))
-    load_saved_wide(model, tokenizer, directory)
+    load_saved_wide(model, tokenizer, directory, facts)
     return model
 
 
 def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int | None = None,
-             tokenizer: PreTrainedTokenizerFast | None = None) -> PeftModel:
+             tokenizer: PreTrainedTokenizerFast | None = None, facts=None) -> PeftModel:
     """Wrap the base with LoRA; only LoRA tensors train (embeddings, lm_head, relative bias stay frozen). With
-    `wide` the model also gets its wide part (`shared.wide`, zero at first), which reads the base's `tokenizer`."""
+    `wide` the model also gets its wide part (`shared.wide`, zero at first), which reads the base's `tokenizer` and,
+    for next-item questions, the catalogue's `facts` (which item has which category)."""
     if seed is not None:
         torch.manual_seed(seed)
     with quiet_peft():
@@ -261,18 +263,17 @@ def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int 
     if config.wide:
         if tokenizer is None:
             raise ValueError("wide = true: add_lora needs the base's tokenizer")
-        model.wide = build_wide(tokenizer, base.get_input_embeddings().num_embeddings).to(base.device)
+        model.wide = build_wide(tokenizer, base.get_input_embeddings().num_embeddings, facts).to(base.device)
     return model
 
 
-def load_saved_wide(model: PeftModel, tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> None:
+def load_saved_wide(model: PeftModel, tokenizer: PreTrainedTokenizerFast, directory: str | Path, facts=None) -> None:
     """Give a model loaded with plain PEFT (`PeftModel.from_pretrained`) the wide part saved beside its adapter in
-    `directory`, if there is one."""
+    `directory`, if there is one (with the catalogue's `facts` it scores next-item questions too)."""
     saved = read_wide(Path(directory))
     if saved:
-        head = build_wide(tokenizer, model.get_input_embeddings().num_embeddings)
-        with torch.no_grad():
-            head.table.weight.copy_(saved[WIDE_KEY])
+        head = build_wide(tokenizer, model.get_input_embeddings().num_embeddings, facts)
+        set_wide_weights(head, saved[WIDE_KEY])
         model.wide = head.to(next(model.parameters()).device)
 
 
@@ -371,8 +372,7 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
         raise ValueError(f"adapter keys differ: the model {'has no' if head is None else 'has a'} wide part, the "
                          f"adapter {'has' if head is None else 'has no'} {WIDE_KEY}")
     if head is not None:
-        with torch.no_grad():
-            head.table.weight.copy_(wide)
+        set_wide_weights(head, wide)
     expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
     if set(state) != expected:
         raise ValueError(f"adapter keys differ: missing {sorted(expected - set(state))[:3]}, "

@@ -197,6 +197,7 @@ class ItemScorer:
         decoder = torch.cat([torch.full((count, 1), model_start_token(model), dtype=torch.long), self.prefixes],
                             1).to(hidden.device)
         positions = torch.arange(depth)
+        head = wide_of(model)
         out = []
         per_pass = max(1, self.chunk // count)
         for start in range(0, len(input_ids), per_pass):
@@ -205,7 +206,11 @@ class ItemScorer:
             logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=h.repeat_interleave(count, 0)),
                            attention_mask=m.repeat_interleave(count, 0),
                            decoder_input_ids=decoder.repeat(b, 1)).logits.float().cpu()  # (b * P, D, V)
-            logits = logits.reshape(b, count, depth, -1).masked_fill(~self.allowed, -torch.inf)
+            logits = logits.reshape(b, count, depth, -1)
+            if head is not None:  # the next-item biases reach the first step, as in training (first_step_logits)
+                bias = head(input_ids[start:start + per_pass])[1].float().cpu()
+                logits[:, :, 0, :] += bias[:, None, :logits.shape[-1]]
+            logits = logits.masked_fill(~self.allowed, -torch.inf)
             log_p = torch.log_softmax(logits, dim=-1)
             # item i: sum over steps j of log p(code_j | its prefix), read at its prefix's row
             steps = log_p[:, self.item_prefix[:, None], positions[None, :], self.codes]  # (b, I, D)

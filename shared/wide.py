@@ -11,16 +11,32 @@ beside the deep T5 (the "wide & deep" pattern of recommender systems):
 - intent: the tokens after "cand" (the candidate item, its category, price and rating bands, the offered price level);
 - churn: the activity-band tokens (sessions, views, mean gap, days since the last event, bought in the last session).
 
-The candidate item's weight enters at scale 1, every other (dense) feature's at `DENSE_SCALE`. Next-item inputs have
-no feature tokens, so their scores are untouched. The weights start at zero (round 0 is the base alone) and travel
-with the adapter under the key `WIDE_KEY`; a saved adapter keeps them in `WIDE_FILE` beside PEFT's files (plain PEFT
-does not read it: `shared.model.load_saved_wide`). They train in the same DP-SGD step as the LoRA tensors: one
-clipped, noised gradient per sampled shopper covers both, so they cost no privacy of their own.
+A next-item question has no feature tokens; its answer is an item, so the wide part gives it two terms over the
+output tokens instead, added to the first decoder step's logits:
+
+    logit(item) += NEXT_SCALE * (b[item] + [category(item) = category(last item)] * c[category(last item)])
+
+- b: one bias per item. A change of an item's popularity is exactly a change of its log-odds of being viewed next,
+  whatever came before; LoRA on `lm_head` can only approximate a constant through the decoder's varying state.
+- c: one "stays in its category" weight per category: how much more likely the next item is to share the category
+  of the most recent one (the category token written after `last`). Shoppers browse within a category; the small
+  base learns that only in part (BENCHMARKS.md, Tuning: the wide part).
+
+Which item has which category is public catalogue knowledge (`CatalogueFacts`): `set_catalogue` gives it to the
+head. With semantic ids the first decoder step is the id's first code, its category: b is then per category, and c
+the weight of keeping the last item's category.
+
+The candidate item's weight enters at scale 1, every other (dense) feature's at `DENSE_SCALE`. The weights start at
+zero (round 0 is the base alone) and travel with the adapter under the key `WIDE_KEY`; a saved adapter keeps them in
+`WIDE_FILE` beside PEFT's files (plain PEFT does not read it: `shared.model.load_saved_wide`). They train in the
+same DP-SGD step as the LoRA tensors: one clipped, noised gradient per sampled shopper covers both, so they cost no
+privacy of their own.
 `torch.nn.Embedding` is the table, so Opacus's own per-sample gradients apply (checked in tests/test_wide.py).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,26 +46,81 @@ from shared.tasks import churn_tokens
 
 WIDE_KEY = "wide.table.weight"  # its adapter-state key (not a PEFT key: PEFT does not save it)
 WIDE_FILE = "wide.safetensors"  # beside adapter_model.safetensors in a saved adapter
-TASKS = ("intent", "churn")
+BLOCKS = ("intent", "churn", "next-item", "stay")  # the table's row blocks, V rows each
 # A weight read by many examples of every shopper (a category, band or price level: "dense") enters at this scale, the
 # candidate item's own weight at 1. Adam steps every weight by about the learning rate whatever its gradient, so the
 # scale is the dense weights' step relative to the items': at 1 the churn bands swung by 0.07 AUC from round to
 # round and intent fell back in round 2, at 0.2 both rose steadily (BENCHMARKS.md, Tuning: the wide part).
 DENSE_SCALE = 0.2
+# The next-item terms' scale: a next-item example's gradient on a bias is NEXT_SCALE * (softmax - one-hot), so the
+# scale sets both their Adam step (in logits) and their share of a shopper's clipping norm. With the biases alone, at 1
+# next HR@10 rose fastest but drifted with the noise from round 2 on and intent lost 0.010 AUC; at 0.2 it gained half
+# as much; 0.5 gained most by round 4 (BENCHMARKS.md, Tuning: the wide part).
+NEXT_SCALE = 0.5
 
 
 class WideHead(nn.Module):
-    """Per-task linear weights over the vocabulary: rows [0, V) answer intent, rows [V, 2V) churn."""
+    """Linear weights over the vocabulary, one block of V rows each (`BLOCKS`): rows [0, V) answer intent, [V, 2V)
+    churn, [2V, 3V) are the next-item biases of the output tokens, [3V, 4V) the "stays in its category" weights, one
+    per category token."""
 
     def __init__(self, vocab_size: int, ids: dict[str, int], churn_ids: list[int]):
         super().__init__()
         self.vocab_size = vocab_size
-        self.table = nn.Embedding(len(TASKS) * vocab_size, 1)
+        self.table = nn.Embedding(len(BLOCKS) * vocab_size, 1)
         nn.init.zeros_(self.table.weight)
-        self.ids = dict(ids)  # intent:, churn:, cand, yes, pad, eos
+        self.ids = dict(ids)  # intent:, next:, churn:, cand, yes, last, pad, eos
         churn = torch.zeros(vocab_size, dtype=torch.bool)
         churn[churn_ids] = True
         self.register_buffer("churn_feature", churn, persistent=False)
+        # the category token of each item token, each category token itself, -1 for every other token
+        self.register_buffer("category_of", torch.full((vocab_size,), -1, dtype=torch.long), persistent=False)
+        self.has_catalogue = False
+
+    def set_catalogue(self, tokenizer, facts) -> None:
+        """Which item has which category (public catalogue facts), for the next-item "stay" term."""
+        unknown = tokenizer.unk_token_id
+        category_of = torch.full((self.vocab_size,), -1, dtype=torch.long)
+        categories = [c for c in tokenizer.convert_tokens_to_ids(sorted(set(facts.category))) if c != unknown]
+        category_of[categories] = torch.tensor(categories, dtype=torch.long)
+        pairs = [(i, c) for i, c in zip(tokenizer.convert_tokens_to_ids(list(facts.item_ids)),
+                                        tokenizer.convert_tokens_to_ids(list(facts.category)), strict=True)
+                 if i != unknown and c != unknown]  # with semantic ids the items have no token of their own
+        if pairs:
+            items, item_categories = zip(*pairs)
+            category_of[list(items)] = torch.tensor(item_categories, dtype=torch.long)
+        self.category_of = category_of.to(self.table.weight.device)
+        self.has_catalogue = True
+
+    def train_only(self, tasks: list[str] | tuple[str, ...], item_rows: list[int] | None) -> None:
+        """Let only the rows that `tasks` read move in the training that follows: the blocks of the tasks trained and,
+        of next item's, the items' biases (`item_rows`; None: every token) and the categories' "stay" weights. The
+        other rows get no share of the clipping norm (`mask`) and are put back to their values after every step
+        (`hold`): the noise on a row no trained example reads would only move answers at random (restoring them is
+        post-processing, no privacy)."""
+        vocab, weight = self.vocab_size, self.table.weight
+        live = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+        live[:vocab] = "intent" in tasks
+        live[vocab:2 * vocab] = "churn" in tasks
+        if "next-item" in tasks:
+            live[2 * vocab + torch.as_tensor(item_rows, dtype=torch.long, device=weight.device)
+                 if item_rows is not None else slice(2 * vocab, 3 * vocab)] = True
+            categories = torch.nonzero(self.category_of == torch.arange(vocab, device=weight.device)).flatten()
+            live[3 * vocab + categories] = True
+        self.frozen = torch.nonzero(~live).flatten()
+        self.held = weight.detach()[self.frozen].clone()
+
+    def mask(self) -> None:
+        """Zero the held rows of the table's per-sample gradients (before DP-SGD clips them)."""
+        sample = getattr(self.table.weight, "grad_sample", None)
+        if sample is not None and getattr(self, "frozen", None) is not None:
+            sample[:, self.frozen] = 0.0
+
+    def hold(self) -> None:
+        """Put the held rows back to their values before training (after an optimizer step)."""
+        if getattr(self, "frozen", None) is not None:
+            with torch.no_grad():
+                self.table.weight[self.frozen] = self.held
 
     def features(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(table rows, mask), both (B, L): the row each position would read and whether it is a feature token."""
@@ -70,26 +141,67 @@ class WideHead(nn.Module):
         scale = torch.where(candidate, 1.0, DENSE_SCALE).to(self.table.weight.dtype)
         return rows, mask.to(self.table.weight.dtype) * scale
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The wide term of each example, (B,): 0 for an example without feature tokens."""
+    def last_category(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,): the first category token after the `last` mark (the most recent item's category), -1 if none."""
+        after = torch.cumsum((input_ids == self.ids["last"]).to(torch.int64), dim=1) > 0
+        found = after & (self.category_of[input_ids] == input_ids)
+        first = torch.argmax(found.to(torch.int64), dim=1, keepdim=True)
+        return torch.where(found.any(1), input_ids.gather(1, first).squeeze(1), -1)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the "yes" term of each example (B,), the output-token terms of each example (B, V)): zero for an example
+        without feature tokens, and the output terms zero but for next-item questions. One lookup of the table, so
+        Opacus sees one use of it per example."""
         rows, weight = self.weights(input_ids)
-        return (self.table(rows).squeeze(-1) * weight).sum(1)
+        (batch, length), vocab = input_ids.shape, self.vocab_size
+        is_next = (input_ids[:, :1] == self.ids["next:"]).to(weight.dtype)  # (B, 1)
+        if is_next.any() and not self.has_catalogue:
+            raise ValueError("the wide part scores next-item questions only with the catalogue's categories "
+                             "(WideHead.set_catalogue, or add_lora / load_saved_adapter with facts)")
+        tokens = torch.arange(vocab, device=input_ids.device)
+        last = self.last_category(input_ids)
+        same = (self.category_of[None, :] == last[:, None]) & (last[:, None] >= 0)  # (B, V)
+        values = self.table(torch.cat([rows, (2 * vocab + tokens).expand(batch, -1),
+                                       (3 * vocab + last.clamp(min=0))[:, None].expand(batch, vocab)], 1)).squeeze(-1)
+        scale = NEXT_SCALE * is_next
+        values = values * torch.cat([weight, scale.expand(-1, vocab), scale * same.to(weight.dtype)], 1)
+        return values[:, :length].sum(1), values[:, length:length + vocab] + values[:, length + vocab:]
 
     def add_to(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """`logits` (B, V) of the first decoder step with the wide term added to "yes"."""
+        """`logits` (B, V) of the first decoder step with the wide term added to "yes" and a next-item question's
+        terms to every output token."""
+        yes_term, bias = self(input_ids)
         yes = torch.tensor([self.ids["yes"]], device=logits.device)
-        return logits.index_add(1, yes, self(input_ids).to(logits.dtype).unsqueeze(1))
+        logits = logits.index_add(1, yes, yes_term.to(logits.dtype).unsqueeze(1))
+        return logits + bias[:, :logits.shape[1]].to(logits.dtype)
 
 
-def build_wide(tokenizer, vocab_size: int) -> WideHead:
-    names = ["intent:", "churn:", "cand", "yes"]
+def set_wide_weights(head: WideHead, weights: torch.Tensor) -> None:
+    """Copy saved or received weights into `head`. A wide part saved before the next-item terms existed (the intent
+    and churn blocks alone) loads with them zero, which is the model it was."""
+    rows, old = head.table.weight.shape[0], 2 * head.vocab_size
+    if weights.shape[1:] != head.table.weight.shape[1:] or weights.shape[0] not in (rows, old):
+        raise ValueError(f"{WIDE_KEY} has shape {tuple(weights.shape)}; this base's wide part needs "
+                         f"({rows}, 1) (or ({old}, 1), saved without the next-item terms)")
+    with torch.no_grad():
+        head.table.weight.zero_()
+        head.table.weight[:weights.shape[0]].copy_(weights)
+
+
+def build_wide(tokenizer, vocab_size: int, facts=None) -> WideHead:
+    """The wide part for a base's tokenizer; with the catalogue's `facts` it can score next-item questions too (the
+    server, which only averages the weights, builds it without)."""
+    names = ["intent:", "next:", "churn:", "cand", "yes", "last"]
     ids = dict(zip(names, tokenizer.convert_tokens_to_ids(names), strict=True))
     if tokenizer.unk_token_id in ids.values():
         missing = [n for n, i in ids.items() if i == tokenizer.unk_token_id]
         raise ValueError(f"the base's tokenizer lacks the task tokens {missing} that the wide part reads")
     ids.update(pad=int(tokenizer.pad_token_id), eos=int(tokenizer.eos_token_id))
     churn_ids = [i for i in tokenizer.convert_tokens_to_ids(churn_tokens()) if i != tokenizer.unk_token_id]
-    return WideHead(vocab_size, ids, churn_ids)
+    head = WideHead(vocab_size, ids, churn_ids)
+    if facts is not None:
+        head.set_catalogue(tokenizer, facts)
+    return head
 
 
 def wide_of(model: nn.Module) -> WideHead | None:
@@ -98,6 +210,22 @@ def wide_of(model: nn.Module) -> WideHead | None:
         model = model._module
     head = getattr(model, "wide", None)
     return head if isinstance(head, WideHead) else None
+
+
+@contextmanager
+def without_wide(model: nn.Module):
+    """The model without its wide part inside the block (with PEFT's `disable_adapter`: the base alone)."""
+    while hasattr(model, "_module"):
+        model = model._module
+    head = getattr(model, "wide", None)
+    if not isinstance(head, WideHead):
+        yield
+        return
+    del model.wide
+    try:
+        yield
+    finally:
+        model.wide = head
 
 
 def save_wide(head: WideHead, directory: Path) -> None:

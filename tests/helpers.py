@@ -64,7 +64,8 @@ def tiny_lora_model(config: FedShopConfig, seed: int = 0):
     data = generate(config)
     merchant = merchant_data(config, "m0", data)
     tokenizer = build_tokenizer(*vocabulary(merchant.facts))
-    model = add_lora(build_base(config.model_size, tokenizer, seed=seed), config, seed=seed, tokenizer=tokenizer)
+    model = add_lora(build_base(config.model_size, tokenizer, seed=seed), config, seed=seed, tokenizer=tokenizer,
+                     facts=merchant.facts)
     return model, tokenizer, merchant
 
 

@@ -160,7 +160,8 @@ def test_the_wide_part_answers_yes_no_examples_batched_with_semantic_targets_as_
     # reach the yes/no examples there too, and their per-sample gradients stay exact
     _, _, merchant, tokenizer = world
     config = CONFIG.replace(wide=True, lora_targets="q,v,lm_head")
-    model = add_lora(build_base("tiny", tokenizer, seed=5), config, seed=5, tokenizer=tokenizer)
+    model = add_lora(build_base("tiny", tokenizer, seed=5), config, seed=5, tokenizer=tokenizer,
+                     facts=merchant.facts)
     with torch.no_grad():
         model.wide.table.weight.normal_(0.0, 0.5)
     examples = [e for e in merchant.train if e.task == "next-item"][:2] + \

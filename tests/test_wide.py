@@ -8,9 +8,9 @@ import torch
 
 from shared.config import FedShopConfig
 from shared.dptrain import PrivacyState, train_round
-from shared.model import adapter_state, load_adapter_state, load_saved_adapter, read_adapter, save_adapter
+from shared.model import adapter_state, item_rows, load_adapter_state, load_saved_adapter, read_adapter, save_adapter
 from shared.modeling import binary_probability, encode, first_step_logits
-from shared.wide import WIDE_FILE, WIDE_KEY, wide_of
+from shared.wide import NEXT_SCALE, WIDE_FILE, WIDE_KEY, set_wide_weights, wide_of, without_wide
 from tests.helpers import assert_opacus_per_sample_gradients_exact, first, nonzero_lora, tiny_lora_model
 
 CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,
@@ -66,6 +66,23 @@ def test_a_new_wide_part_leaves_the_base_s_answers_unchanged(setup):
     assert torch.equal(with_wide, without)
 
 
+def test_without_wide_leaves_the_t5_alone_inside_the_block_and_restores_the_wide_part(setup):
+    # the audit's "base alone" (PEFT's disable_adapter) must drop the wide part too: its canaries are next-item examples
+    model, tokenizer, merchant = setup
+    data = first(encode(merchant.train[:12], tokenizer), 12)
+    head = model.wide
+    with torch.no_grad():
+        head.table.weight.normal_(0.0, 0.3)
+        trained = first_step_logits(model, data.input_ids, data.attention_mask)
+        with without_wide(model):
+            alone = first_step_logits(model, data.input_ids, data.attention_mask)
+            assert wide_of(model) is None
+        assert model.wide is head and torch.equal(first_step_logits(model, data.input_ids, data.attention_mask),
+                                                  trained)
+        head.table.weight.zero_()
+        assert torch.equal(first_step_logits(model, data.input_ids, data.attention_mask), alone)
+
+
 def test_per_sample_gradients_of_the_wide_weights_are_exact(setup):
     model, tokenizer, merchant = setup
     nonzero_lora(model)
@@ -78,6 +95,7 @@ def test_per_sample_gradients_of_the_wide_weights_are_exact(setup):
 
 
 def test_dp_sgd_trains_the_wide_weights_and_they_never_reach_a_next_item_input():
+    """Intent and churn trained: their rows move; the next-item biases (not trained) stay exactly zero."""
     model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=2)
     intent = [e.source for e in merchant.valid if e.task == "intent"][:20]
     before = binary_probability(model, tokenizer, intent, batch_size=32)
@@ -88,7 +106,55 @@ def test_dp_sgd_trains_the_wide_weights_and_they_never_reach_a_next_item_input()
     assert not torch.allclose(torch.as_tensor(before), torch.as_tensor(binary_probability(model, tokenizer, intent,
                                                                                           batch_size=32)))
     next_ids = encode([e for e in merchant.valid if e.task == "next-item"][:8], tokenizer).input_ids
-    assert torch.equal(model.wide(next_ids), torch.zeros(len(next_ids)))
+    yes_term, bias = model.wide(next_ids)
+    assert torch.equal(yes_term, torch.zeros(len(next_ids))) and not bias.any()
+    assert not model.wide.table.weight[2 * model.wide.vocab_size:].any()
+
+
+def test_next_item_training_moves_only_the_items_and_categories_rows_and_they_reach_only_next_item_answers():
+    model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=3)
+    rows = item_rows(tokenizer, merchant.facts)
+    data = encode(merchant.train, tokenizer)
+    result = train_round(model, data, CONFIG.replace(train_tasks="next-item"), PrivacyState(), seed=0,
+                         owners=[e.user_id for e in merchant.train], output_rows=rows)
+    assert result.status == "trained"
+    head = model.wide
+    vocab, table = head.vocab_size, head.table.weight.detach()[:, 0]
+    assert not table[:2 * vocab].any()  # intent and churn not trained: their rows held at zero despite the noise
+    biases, stay = table[2 * vocab:3 * vocab], table[3 * vocab:]
+    categories = tokenizer.convert_tokens_to_ids(sorted(set(merchant.facts.category)))
+    for moved, live in ((biases, rows), (stay, categories)):
+        others = torch.ones(vocab, dtype=torch.bool)
+        others[live] = False
+        assert moved[live].abs().min() > 0 and not moved[others].any()
+    examples = merchant.valid[:24]
+    valid = encode(examples, tokenizer)
+    yes_term, terms = head(valid.input_ids)
+    is_next = torch.tensor([e.task == "next-item" for e in examples])
+    assert 0 < is_next.sum() < len(is_next) and not terms[~is_next].any() and not yes_term.any()
+    for example, row in zip(examples, terms, strict=True):
+        if example.task != "next-item":
+            continue
+        # the category written after "last" is the most recent item's: items of that category get its stay weight
+        words = example.source.split()
+        last = tokenizer.convert_tokens_to_ids(words[words.index("last") + 2])
+        same = torch.tensor([c == words[words.index("last") + 2] for c in merchant.facts.category])
+        items = torch.tensor(tokenizer.convert_tokens_to_ids(list(merchant.facts.item_ids)))
+        expected = NEXT_SCALE * (biases[items] + same * stay[last])
+        assert torch.allclose(row[items], expected)
+
+
+def test_a_wide_part_saved_without_next_item_biases_loads_with_them_zero(setup):
+    model, _, _ = setup
+    head = model.wide
+    old = torch.randn(2 * head.vocab_size, 1)  # intent and churn rows only
+    set_wide_weights(head, old)
+    vocab = head.vocab_size
+    assert torch.equal(head.table.weight[:2 * vocab], old) and not head.table.weight[2 * vocab:].any()
+    with pytest.raises(ValueError, match="shape"):
+        set_wide_weights(head, torch.zeros(head.vocab_size, 1))
+    with torch.no_grad():
+        head.table.weight.zero_()
 
 
 def test_the_wide_weights_travel_in_the_adapter_state_and_are_saved_beside_it(setup, tmp_path):
