@@ -155,9 +155,10 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
         "from peft import AutoPeftModelForSeq2SeqLM",
         "model = AutoPeftModelForSeq2SeqLM.from_pretrained(\"<this folder>\")  # base: ./base", "```", "",
         *(["The adapter has a wide part (`wide.safetensors`, config key `wide`): one number per feature token of an "
-           "intent or churn question, added to its \"yes\" logit, and one bias per output token of a next-item "
-           "answer, which trained with the LoRA tensors under the same DP-SGD. Plain PEFT does not load it: without "
-           "it, intent and churn answers are the base's and next-item answers lack the biases. "
+           "intent or churn question, added to its \"yes\" logit, and for a next-item answer one bias per item and "
+           "one weight per category for staying in the most recent item's category, which trained with the LoRA "
+           "tensors under the same DP-SGD. Plain PEFT does not load it: without it, intent and churn answers are the "
+           "base's and next-item answers lack those terms. "
            "`fedshop predict` applies it; in Python, `shared.model.load_saved_wide(model, tokenizer, \"<this "
            "folder>\")` after the lines above.", ""] if (out / WIDE_FILE).is_file() else []),
         "## Tasks and test metrics (leave-last-out in time per shopper, weighted over merchants)", "",

@@ -155,10 +155,11 @@ class FedShopConfig:
     lora_dropout: float = _spec(0.0, "dropout on the LoRA branch", low=0.0, high=1.0, high_open=True)
     wide: bool = _spec(False, "a wide part beside the T5 (shared/wide.py): one trainable number per feature token of "
                        "a yes/no question added to its yes logit (intent: the candidate item, its category, bands "
-                       "and price level; churn: the activity bands), and one bias per item added to a next-item "
-                       "answer's logits, trained with the LoRA tensors under the same DP-SGD; what lets intent and "
-                       "churn learn per-item purchase rates and the merchants' leaving behaviour, which no LoRA "
-                       "weight of an lm_head-only adapter feeds, and next item the items' drifted popularity")
+                       "and price level; churn: the activity bands), and for a next-item answer one bias per item and "
+                       "one weight per category for staying in the most recent item's category, trained with the "
+                       "LoRA tensors under the same DP-SGD; what lets intent and churn learn per-item purchase rates "
+                       "and the merchants' leaving behaviour, which no LoRA weight of an lm_head-only adapter feeds, "
+                       "and next item the items' drifted popularity and category following")
     lora_targets: str = _spec("q,v", "comma-separated T5 layers LoRA adapts: linear layers of the attention "
                               "(q, k, v, o) and feed-forward (wi, wo); lm_head, the output layer, which gives every "
                               "item token r adaptable output weights; embed, the encoder's input embedding, which "

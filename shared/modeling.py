@@ -207,7 +207,7 @@ class ItemScorer:
                            attention_mask=m.repeat_interleave(count, 0),
                            decoder_input_ids=decoder.repeat(b, 1)).logits.float().cpu()  # (b * P, D, V)
             logits = logits.reshape(b, count, depth, -1)
-            if head is not None:  # the next-item biases reach the first step, as in training (first_step_logits)
+            if head is not None:  # the wide part's next-item terms reach the first step, as in first_step_logits
                 bias = head(input_ids[start:start + per_pass])[1].float().cpu()
                 logits[:, :, 0, :] += bias[:, None, :logits.shape[-1]]
             logits = logits.masked_fill(~self.allowed, -torch.inf)
