@@ -76,6 +76,8 @@ class WideHead(nn.Module):
         # the category token of each item token, each category token itself, -1 for every other token
         self.register_buffer("category_of", torch.full((vocab_size,), -1, dtype=torch.long), persistent=False)
         self.has_catalogue = False
+        self.frozen: torch.Tensor | None = None  # rows held during training (`train_only`), and their values
+        self.held: torch.Tensor | None = None
 
     def set_catalogue(self, tokenizer, facts) -> None:
         """Which item has which category (public catalogue facts), for the next-item "stay" term."""
@@ -113,12 +115,12 @@ class WideHead(nn.Module):
     def mask(self) -> None:
         """Zero the held rows of the table's per-sample gradients (before DP-SGD clips them)."""
         sample = getattr(self.table.weight, "grad_sample", None)
-        if sample is not None and getattr(self, "frozen", None) is not None:
+        if sample is not None and self.frozen is not None:
             sample[:, self.frozen] = 0.0
 
     def hold(self) -> None:
         """Put the held rows back to their values before training (after an optimizer step)."""
-        if getattr(self, "frozen", None) is not None:
+        if self.frozen is not None:
             with torch.no_grad():
                 self.table.weight[self.frozen] = self.held
 
