@@ -1,7 +1,8 @@
 """fedshop ClientApp: one merchant. Receives the global adapter, trains it with DP-SGD on its own events, replies.
 
 Only LoRA tensors and scalar metrics leave the merchant (with aggregation = ffa only the B tensors: A stays frozen at
-the server's initialisation, loaded from the message every round). The accountant's history lives in
+the server's initialisation, loaded from the message every round); with secure-aggregation, only its masked update
+(`client.secure`). The accountant's history lives in
 `context.state`.
 """
 
@@ -15,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client.faults import corrupted, strike
 from client.outbox import record_outgoing
+from client.secure import secure_rounds
 from client.state import load_own_state, save_own_state, state_file, with_ledger_charges, within_own_budget
 from shared.baselines import fit_baselines
 from shared.config import FedShopConfig, from_run_config
@@ -25,7 +27,7 @@ from shared.model import add_lora, item_rows, load_adapter_state, load_base, upl
 from shared.modeling import encode, evaluate, resolve_device
 from shared.privacy import PRIVACY_RECORD, PrivacyBudget, load_history, save_history
 
-app = ClientApp(mods=[record_outgoing])
+app = ClientApp(mods=[record_outgoing, secure_rounds])  # secure_rounds: SecAgg+ (secure-aggregation)
 PRIVACY_STATE_KEY = "fedshop-privacy"
 
 

@@ -57,6 +57,7 @@ class LedgerFedAvg(FedAvg):
         self._train_sent: float | None = None  # perf_counter when this round's train messages left (round-seconds)
         self._train_nodes: list[int] = []  # the nodes this round's train messages went to (a missing reply: failed)
         self.node_merchants: dict[int, str] = dict(self.merchant_names or {})  # node id -> merchant, as learned
+        self.secure = None  # secure-aggregation: the `server.secure.SecureGrid` this round's replies came through
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
@@ -137,6 +138,10 @@ class LedgerFedAvg(FedAvg):
             entry["uplink-bytes"] = 0 if sent is None else payload_bytes(numpy_of(sent))
             if downlink is not None:
                 entry["downlink-bytes"] = downlink
+            if self.secure is not None and self.secure.traffic:  # the arrays are the mean: count the protocol's bytes
+                traffic = self.secure.traffic[-1]
+                entry["uplink-bytes"] = traffic["bytes-received"] / max(1, traffic["merchants"])
+                entry["downlink-bytes"] = traffic["bytes-sent"] / max(1, traffic["merchants"])
             merchants[merchant] = entry
             if bool(metrics["declined"]):
                 log.warning("round %d: merchant %s declined: one more round would exceed epsilon %g",
@@ -170,6 +175,10 @@ class LedgerFedAvg(FedAvg):
             metrics = self.train_metrics_aggr_fn([msg.content for _, msg in valid], self.weighted_by_key)
             summary.update({k: v for k, v in metrics.items() if k not in PER_MERCHANT_ONLY})
             summary.update(extra)
+        if self.secure is not None and self.secure.traffic:  # what the SecAgg+ protocol itself cost this round
+            traffic = self.secure.traffic[-1]
+            summary.update({f"secure-{k}": float(traffic[k])
+                            for k in ("bytes-sent", "bytes-received", "arrays-received", "seconds")})
         self._stamp_round_seconds(summary)
         self.recorder.train_record(server_round, summary, merchants, trained, valid, rejected, failed)
         return arrays, metrics

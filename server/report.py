@@ -83,9 +83,18 @@ def aggregation_lines(config: FedShopConfig, trains: list[dict]) -> list[str]:
     uplink = [number(t["metrics"].get("uplink-bytes-mean")) for t in trains]
     downlink = [number(t["metrics"].get("downlink-bytes-mean")) for t in trains]
     uplink, downlink = [v for v in uplink if math.isfinite(v)], [v for v in downlink if math.isfinite(v)]
+    secure = [t["metrics"] for t in trains if "secure-bytes-received" in t["metrics"]]
     if uplink:
-        lines.append(f"- bytes per merchant per round (tensor data): uplink {sum(uplink) / len(uplink):,.0f}, "
+        what = "all four SecAgg+ stages" if secure else "tensor data"
+        lines.append(f"- bytes per merchant per round ({what}): uplink {sum(uplink) / len(uplink):,.0f}, "
                      f"downlink {sum(downlink) / max(1, len(downlink)):,.0f}")
+    if secure:
+        seconds = _mean([number(m["secure-seconds"]) for m in secure])
+        lines.append(f"- secure aggregation (SecAgg+, `secure-aggregation = true`): the server received only masked "
+                     f"updates ({sum(int(number(m['secure-arrays-received'])) for m in secure)} tensors received in "
+                     f"{len(secure)} round(s)) and unmasked their weighted mean, {seconds:.1f} s a round for the "
+                     "protocol including the training inside it; the update-norm bound and the screening of "
+                     "updates applied to that mean, and each merchant checked its own update before masking it")
     dropped = [number(t["metrics"]["svd-dropped-energy-max"]) for t in trains
                if "svd-dropped-energy-max" in t["metrics"]]
     if dropped:

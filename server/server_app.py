@@ -12,6 +12,7 @@ from server.continuation import record_origin, starting_adapter
 from server.preflight import preflight
 from server.report import write_report
 from server.screening import TooFewMerchants
+from server.secure import SecureGrid
 from server.strategy import build_strategy
 from shared.config import FedShopConfig, from_run_config
 from shared.ledger import MERCHANT_LEVEL, history_from_ledger
@@ -32,7 +33,7 @@ def main(grid: Grid, context: Context) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     with directory_lock(config.run_dir, "run directory"):  # re-entrant: `fedshop simulate` already holds it
-        run(grid, config)
+        run(SecureGrid(grid, context, config.secure_max_weight) if config.secure_aggregation else grid, config)
 
 
 def run(grid: Grid, config: FedShopConfig) -> None:
@@ -65,6 +66,7 @@ def run(grid: Grid, config: FedShopConfig) -> None:
     initial = ArrayRecord(adapter_state(model))
 
     ledger, strategy = build_strategy(run_dir, config, initial)
+    ledger.secure = grid if isinstance(grid, SecureGrid) else None
     ledger.round_offset = offset
     if config.continued_from and ledger.central is not None:  # read before this run appends any row
         ledger.central.history = history_from_ledger(config.continued_from, MERCHANT_LEVEL)[1]

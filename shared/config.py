@@ -194,6 +194,12 @@ class FedShopConfig:
                         choices=ROBUST_CHOICES)
     trim_fraction: float = _spec(0.2, "robust = trimmed-mean: fraction of merchants cut at each end per coordinate "
                                  "(floor(fraction x merchants))", low=0.0, high=0.5, high_open=True)
+    secure_aggregation: bool = _spec(False, "each train round through Flower's SecAgg+ protocol: merchants send "
+                                     "masked updates and the server learns only their weighted mean (fedavg or ffa, "
+                                     "robust = none, no central DP; max-update-norm then bounds the mean only)")
+    secure_max_weight: float = _spec(100_000.0, "secure-aggregation: the largest num-examples a merchant may weigh "
+                                     "with (SecAgg+ encodes weights as fractions of it in fixed point)",
+                                     low=1.0, high=1e9)
     max_update_norm: float = _spec(1e4, "a merchant's update (L2 norm over all its tensors of what it sent minus what "
                                    "the server sent) above this is rejected; 0 or inf = no bound", low=0.0)
     min_merchants: int = _spec(1, "a round aggregates only if at least this many merchants replied, trained and sent "
@@ -289,6 +295,14 @@ class FedShopConfig:
             raise ConfigError(f"config key 'server-learning-rate' = {self.server_learning_rate:g} works with "
                               "aggregation fedavg or ffa without central DP (svd re-factorises the mean of the "
                               "products; central DP's noise is calibrated to the plain mean); set it to 1")
+        if self.secure_aggregation and (self.aggregation == "svd" or self.central or self.robust != "none"):
+            raise ConfigError("config key 'secure-aggregation' = true needs aggregation fedavg or ffa, robust = none "
+                              f"and no {central}: the server then sees only the sum of the updates, while svd, "
+                              "robust aggregation and central DP's per-merchant clipping need each update")
+        if self.secure_aggregation and int(self.num_merchants * self.fraction_train) < 2:
+            raise ConfigError("config key 'secure-aggregation' = true needs at least 2 merchants a round "
+                              f"(num-merchants {self.num_merchants} x fraction-train {self.fraction_train:g}): "
+                              "SecAgg+ masks each update with the others'")
         if self.resume_unfinished and not self.resumes_in_place:
             raise ConfigError("config key 'resume-unfinished' needs resume-from = run-dir (the stopped run itself); "
                               "use `fedshop simulate --resume RUN_DIR`")

@@ -1,0 +1,59 @@
+"""Secure aggregation (`secure-aggregation = true`): every train round through Flower's SecAgg+ workflow and mod."""
+
+import pytest
+from helpers import simulate
+from safetensors.torch import load_file
+
+from shared.config import ConfigError, FedShopConfig
+from shared.ledger import read_privacy
+from shared.rundir import RunDirectory
+from shared.secure import CLIPPING_RANGE, QUANTISATION
+
+
+@pytest.mark.parametrize("keys", [{"aggregation": "svd"}, {"robust": "median"}, {"central_dp": True},
+                                  {"privacy_unit": "merchant"}, {"num_merchants": 1},
+                                  {"num_merchants": 10, "fraction_train": 0.1}])
+def test_secure_aggregation_is_refused_where_the_server_would_need_each_update(keys):
+    with pytest.raises(ConfigError, match="secure-aggregation"):
+        FedShopConfig(secure_aggregation=True, **keys)
+
+
+def _adapter(round_dir):
+    return {**load_file(round_dir / "adapter_model.safetensors"), **load_file(round_dir / "wide.safetensors")}
+
+
+@pytest.mark.slow
+def test_the_secure_mean_is_the_plain_weighted_mean_and_the_server_receives_no_update(tiny_run, tiny_base, tmp_path):
+    """The same tiny run as the session's plain one (same seed, data and merchants' training) with SecAgg+: after
+    round 1 the global adapter equals the plain run's within SecAgg+'s quantisation error, while the server received
+    no tensor from any merchant (only masked bytes), and the ledger is the plain run's."""
+    run = tmp_path / "secure"
+    done = simulate(run, f"base-dir={tiny_base.base_dir}", "secure-aggregation=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    trains = [r for r in RunDirectory(run).read_metrics() if r["scope"] == "train"]
+    assert len(trains) == 2
+    for record in trains:
+        assert record["metrics"]["secure-arrays-received"] == 0  # no merchant's tensor reached the server
+        assert record["metrics"]["secure-bytes-received"] > 0  # the masked vectors did
+        assert sorted(record["merchants"]) == ["m0", "m1", "m2"] and record["failed"] == [] == record["rejected"]
+
+    # SecAgg+ encodes n_i / max-weight times each update in QUANTISATION levels over +-CLIPPING_RANGE (stochastic
+    # rounding: under one level each) and unmasks the weighted mean: one level per merchant over the sum of the
+    # weights bounds the error
+    weights = [m["num-examples"] / 100_000.0 for m in trains[0]["merchants"].values()]
+    bound = len(weights) * (2 * CLIPPING_RANGE / QUANTISATION) / sum(weights) + 1e-6  # + float32 storage
+    plain, secure = _adapter(tiny_run.path / "checkpoints/round-1"), _adapter(run / "checkpoints/round-1")
+    start = _adapter(tiny_run.path / "checkpoints/round-0")
+    assert plain.keys() == secure.keys()
+    error = max(float((secure[k] - plain[k]).abs().max()) for k in plain)
+    moved = max(float((plain[k] - start[k]).abs().max()) for k in plain)
+    assert error <= bound, (error, bound)
+    assert moved > 20 * bound, (moved, bound)  # the round moved the adapter far beyond the tolerance
+
+    def ledger(path):
+        rows = read_privacy(path / "privacy.csv")
+        return sorted((r["round"], r["merchant"], r["status"], r["epsilon"]) for r in rows)
+
+    assert ledger(run) == ledger(tiny_run.path)
+    assert "secure aggregation (SecAgg+" in (run / "report.md").read_text()
