@@ -1,5 +1,8 @@
 """Secure aggregation (`secure-aggregation = true`): every train round through Flower's SecAgg+ workflow and mod."""
 
+import json
+from pathlib import Path
+
 import pytest
 from helpers import simulate
 from safetensors.torch import load_file
@@ -8,6 +11,8 @@ from shared.config import ConfigError, FedShopConfig
 from shared.ledger import read_privacy
 from shared.rundir import RunDirectory
 from shared.secure import CLIPPING_RANGE, QUANTISATION
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("keys", [{"aggregation": "svd"}, {"robust": "median"}, {"central_dp": True},
@@ -57,3 +62,31 @@ def test_the_secure_mean_is_the_plain_weighted_mean_and_the_server_receives_no_u
 
     assert ledger(run) == ledger(tiny_run.path)
     assert "secure aggregation (SecAgg+" in (run / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_deployed_merchants_send_their_updates_only_masked(tmp_path, tiny_base):
+    """The deployment engine (a SuperLink and 3 SuperNodes on 127.0.0.1): every message a merchant sends in a train
+    round carries no tensor, only SecAgg+'s records (the masked vector as bytes) beside its scalar metrics."""
+    from test_deploy import _deploy
+
+    run_dir, outbox = tmp_path / "run", tmp_path / "outbox.jsonl"
+    log = tmp_path / "deploy.log"
+    code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--set",
+                    f"base-dir={tiny_base.base_dir}", "--set", "secure-aggregation=true", "--run-dir", str(run_dir),
+                    "--node-config", f"message-log={outbox}"], log, timeout_s=600)
+    assert code == 0, log.read_text()[-4000:]
+    sent = [json.loads(line) for line in outbox.read_text().splitlines()]
+    train = [m for m in sent if m["message-type"] == "train"]
+    assert len(train) == 4 * 3 * 2  # four SecAgg+ stages x 3 merchants x 2 rounds
+    for message in train:
+        assert not message["error"]
+        assert all(record == {} for record in message["arrays"].values())  # no tensor leaves a merchant
+        assert "secaggplus_configs" in message["configs"]
+        assert all(kind in ("int", "float") for kind in message["metrics"].get("metrics", {}).values())
+    with_metrics = [m for m in train if "metrics" in m["metrics"]]
+    assert len(with_metrics) == 3 * 2  # the masked-vector stage, once per merchant and round
+    assert all(m["configs"]["secaggplus_configs"]["masked_params"] == "list" for m in with_metrics)
+    trains = [r for r in RunDirectory(run_dir).read_metrics() if r["scope"] == "train"]
+    assert [r["metrics"]["secure-arrays-received"] for r in trains] == [0, 0]
+    assert {r["status"] for r in read_privacy(run_dir / "privacy.csv")} == {"trained"}
