@@ -35,6 +35,7 @@ from shared.model import add_lora, item_rows, load_adapter_state, load_base, rea
 from shared.modeling import encode, evaluate_with_outputs, resolve_device
 from shared.outputs import Outputs, paired_results, pool
 from shared.sources import load_world
+from shared.tasks import CatalogueFacts
 
 log = logging.getLogger("fedshop")
 
@@ -78,16 +79,15 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
                     epsilons[merchant] = result.epsilon
                 merchants[merchant], outputs[kind][merchant] = _evaluate(model, tokenizer, d, config)
         elif kind == "centralised":
-            plain = config.replace(dp=False)
+            plain, facts = config.replace(dp=False), catalogue(data)
             base, tokenizer, _ = load_base(base_dir)
-            model = add_lora(base, plain, seed=config.seed, tokenizer=tokenizer,
-                             facts=next(iter(data.values())).facts).to(device)
+            model = add_lora(base, plain, seed=config.seed, tokenizer=tokenizer, facts=facts).to(device)
             pooled = [e for d in data.values() for e in d.teaching(config)]
             encoded, state = encode(pooled, tokenizer), PrivacyState()
             for server_round in range(1, config.num_rounds + 1):
                 train_round(model, encoded, plain, state, seed=_seed(config, server_round, 10_000),
                             owners=[e.user_id for e in pooled],
-                            output_rows=item_rows(tokenizer, next(iter(data.values())).facts))
+                            output_rows=item_rows(tokenizer, facts))
             for merchant, d in data.items():
                 merchants[merchant], outputs[kind][merchant] = _evaluate(model, tokenizer, d, config)
         else:
@@ -102,13 +102,18 @@ def run_references(config: FedShopConfig, kinds: list[str]) -> dict:
     return out
 
 
+def catalogue(data: dict[str, MerchantData]) -> CatalogueFacts:
+    """The catalogue facts (public, the same at every merchant)."""
+    return next(iter(data.values())).facts
+
+
 def paired(config: FedShopConfig, data: dict[str, MerchantData], references: dict[str, dict[str, Outputs]]) -> dict:
     """The federated final adapter of `config.run_dir` against round 0, the `references`' outputs and the baselines,
     on every merchant's test examples pooled (see `shared.outputs.paired_results`)."""
     base, tokenizer, _ = load_base(config.base_dir)
     # B = 0: the base alone, as the federation's round 0
     model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer,
-                     facts=next(iter(data.values())).facts).to(resolve_device(config.device))
+                     facts=catalogue(data)).to(resolve_device(config.device))
     if config.continued_from:  # a continued run's round 0 is the adapter it started from
         from server.continuation import starting_adapter
 
