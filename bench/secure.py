@@ -7,8 +7,8 @@ plain and secure, and prints a table: the round's wall time at the server, the m
 handler, the bytes each merchant sent and received per round (tensor data when plain; every record of the four
 SecAgg+ stages when secure), the final next HR@10 and intent AUC with their standard errors, and the largest
 difference between the two runs' global adapters after round 1 against SecAgg+'s quantisation bound (one level per
-merchant over the sum of their weights). The merchants' training is the same in both runs (same seeds), so round 1
-differs only by the aggregation.
+merchant over the sum of their weights, times `server-learning-rate`). The merchants' training is the same in both
+runs (same seeds), so round 1 differs only by the aggregation.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def main() -> int:
     parser.add_argument("--out", default="runs/bench-secure")
     parser.add_argument("--write", action="store_true", help="also write the table into BENCHMARKS.md")
     args = parser.parse_args()
-    max_weight = load_config(args.config).secure_max_weight
+    base_config = load_config(args.config)
+    max_weight, step = base_config.secure_max_weight, base_config.server_learning_rate
     lines = ["| merchants | aggregation | round s | train handler s | bytes / merchant / round up | down | "
              + " | ".join(f"{name} ± se" for _, name in METRICS) + " | max abs diff after round 1 | bound | wall s |",
              "|" + "---|" * (9 + len(METRICS))]
@@ -89,7 +90,8 @@ def main() -> int:
         plain, secure = adapter(ROOT / args.out / f"{count}-plain", 1), adapter(ROOT / args.out / f"{count}-secure", 1)
         difference = max(float(abs(secure[k] - plain[k]).max()) for k in plain)
         weights = [w / max_weight for w in rows["plain"]["weights"]]
-        bound = len(weights) * (2 * CLIPPING_RANGE / QUANTISATION) / sum(weights)
+        # one level per merchant over the sum of the weights, times the server's step along the mean update
+        bound = step * len(weights) * (2 * CLIPPING_RANGE / QUANTISATION) / sum(weights)
         for mode, r in rows.items():
             cells = [f"{r['final'].get(k, math.nan):.3f} ± {r['final'].get(f'{k}-se', math.nan):.3f}"
                      for k, _ in METRICS]
@@ -114,7 +116,7 @@ def main() -> int:
                       "the largest difference between the two runs' global adapters (LoRA and wide part) after "
                       "round 1, where the merchants' training was identical, against SecAgg+'s bound of one "
                       "quantisation level per merchant over the sum of their weights (num-examples / "
-                      "secure-max-weight).\n\n" + text)
+                      f"secure-max-weight), times the server's step along the mean update ({step:g}).\n\n" + text)
     return 0
 
 

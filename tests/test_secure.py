@@ -7,7 +7,7 @@ import pytest
 from helpers import simulate
 from safetensors.torch import load_file
 
-from shared.config import ConfigError, FedShopConfig
+from shared.config import ConfigError, FedShopConfig, load_config
 from shared.ledger import read_privacy
 from shared.rundir import RunDirectory
 from shared.secure import CLIPPING_RANGE, QUANTISATION
@@ -47,7 +47,8 @@ def test_the_secure_mean_is_the_plain_weighted_mean_and_the_server_receives_no_u
     # rounding: under one level each) and unmasks the weighted mean: one level per merchant over the sum of the
     # weights bounds the error
     weights = [m["num-examples"] / 100_000.0 for m in trains[0]["merchants"].values()]
-    bound = len(weights) * (2 * CLIPPING_RANGE / QUANTISATION) / sum(weights) + 1e-6  # + float32 storage
+    step = load_config(run / "config.toml").server_learning_rate  # the server moves step x the mean update
+    bound = step * len(weights) * (2 * CLIPPING_RANGE / QUANTISATION) / sum(weights) + 1e-6  # + float32 storage
     plain, secure = _adapter(tiny_run.path / "checkpoints/round-1"), _adapter(run / "checkpoints/round-1")
     start = _adapter(tiny_run.path / "checkpoints/round-0")
     assert plain.keys() == secure.keys()
@@ -90,3 +91,18 @@ def test_deployed_merchants_send_their_updates_only_masked(tmp_path, tiny_base):
     trains = [r for r in RunDirectory(run_dir).read_metrics() if r["scope"] == "train"]
     assert [r["metrics"]["secure-arrays-received"] for r in trains] == [0, 0]
     assert {r["status"] for r in read_privacy(run_dir / "privacy.csv")} == {"trained"}
+
+
+@pytest.mark.slow
+def test_a_merchant_that_drops_out_mid_protocol_is_unmasked_around(tmp_path, tiny_base):
+    """m1 raises in round 1 after training, inside SecAgg+'s masked-vector stage: the others' pairwise masks with it
+    are removed from their shares, the round aggregates m0 and m2, m1 is recorded as failed, and round 2 has all."""
+    run = tmp_path / "run"
+    done = simulate(run, f"base-dir={tiny_base.base_dir}", "secure-aggregation=true", "fault-injection=raise@m1:1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trains = [r for r in RunDirectory(run).read_metrics() if r["scope"] == "train"]
+    assert [r["metrics"]["merchants-aggregated"] for r in trains] == [2, 3]
+    assert [f["merchant"] for f in trains[0]["failed"]] == ["m1"] and trains[1]["failed"] == []
+    assert [r["metrics"]["secure-arrays-received"] for r in trains] == [0, 0]
+    rows = {(r["merchant"], r["round"]): r["status"] for r in read_privacy(run / "privacy.csv")}
+    assert rows[("m1", "1")] == "failed" and rows[("m0", "1")] == rows[("m2", "1")] == "trained"
