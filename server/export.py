@@ -170,7 +170,9 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
     references = read_references(run_dir) if round is None else {}  # the references match the final round
     lines += task_tables(final, start, references)
     lines += ["## Training", "",
-              f"- {config.num_merchants} merchants x {rounds} rounds, aggregation `{config.aggregation}`, "
+              f"- {config.num_merchants} merchants x {rounds} rounds, aggregation `{config.aggregation}`"
+              + (" under secure aggregation (SecAgg+: the server saw only the mean of the updates)"
+                 if config.secure_aggregation else "") + ", "
               f"{config.local_epochs} local epoch(s) per round, batch {config.batch_size}, learning rate "
               f"{config.learning_rate:g} (AdamW).",
               f"- LoRA r = {config.lora_r}, alpha = {config.lora_alpha:g}, dropout {config.lora_dropout:g}, targets "
