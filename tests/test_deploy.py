@@ -26,6 +26,8 @@ from shared.wide import WIDE_KEY
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps",
                  "declined", "partition-id", "train-seconds", "message-seconds"}
+# a killed SuperNode can rejoin under its key once the SuperLink marked it offline (two missed heartbeats: ~40 s)
+OFFLINE_S = 75
 EVALUATE_METRIC = re.compile(r"^(num-examples|partition-id|(intent|next|churn|price)-[a-z0-9@.\-]+)$")
 
 
@@ -319,3 +321,61 @@ def test_absolute_paths_resolves_the_world_cache_folder_with_its_environment_ove
     assert absolute_paths(FedShopConfig()).world_cache_dir == ""
     monkeypatch.delenv("FEDSHOP_WORLD_CACHE_DIR")
     assert absolute_paths(FedShopConfig()).world_cache_dir == str(Path.home() / ".cache" / "fedshop" / "worlds")
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_and_restarted_mid_run_keeps_its_spent_budget(tmp_path, tiny_base):
+    """3 merchants x 3 rounds with TLS and authentication. Once round 1 is aggregated, m1's SuperNode is killed (its
+    whole process tree, SIGKILL), and started again with the same command (its key, its state directory) once the
+    SuperLink can have marked it offline. m1 trains again later in the run, and its epsilon there composes on what it
+    spent before the kill: its own state holds every trained round's steps."""
+    run_dir = tmp_path / "run"
+    restarted: dict = {}
+
+    def kill_then_restart_m1(process):
+        if "killed" not in restarted:
+            metrics = run_dir / "metrics.jsonl"
+            if not metrics.is_file() or '"scope": "train"' not in metrics.read_text():
+                return None
+            node = next((pid for pid in descendants(process.pid) if "flower-supernode" in _cmdline(pid)
+                         and 'merchant="m1"' in _cmdline(pid)), None)
+            if node is None:
+                return None
+            restarted["argv"] = Path(f"/proc/{node}/cmdline").read_bytes().decode().split("\0")[:-1]
+            environ = Path(f"/proc/{node}/environ").read_bytes().decode(errors="replace").split("\0")
+            restarted["env"] = dict(e.split("=", 1) for e in environ if "=" in e)
+            tree = [node, *descendants(node)]
+            for pid in tree:
+                os.kill(pid, signal.SIGKILL)
+            restarted.update(killed=time.monotonic(), old=tree)
+        elif "process" not in restarted and time.monotonic() - restarted["killed"] > OFFLINE_S:
+            with (tmp_path / "m1-again.log").open("w") as out:
+                restarted["process"] = subprocess.Popen(restarted["argv"], env=restarted["env"], stdout=out,
+                                                        stderr=subprocess.STDOUT, start_new_session=True)
+        return None
+
+    try:
+        code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--tls", "--auth",
+                        "--set", f"base-dir={tiny_base.base_dir}", "--set", "num-rounds=3", "--run-dir",
+                        str(run_dir), "--no-progress"], tmp_path / "deploy.log", timeout_s=600,
+                       interrupt=kill_then_restart_m1)
+    finally:
+        again = restarted.get("process")
+        if again is not None:
+            for pid in [again.pid, *descendants(again.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            again.wait()
+    assert code == 0, (tmp_path / "deploy.log").read_text()[-4000:]
+    assert "process" in restarted and not any(alive(pid) for pid in restarted["old"])
+
+    rows = [r for r in csv.DictReader((run_dir / "privacy.csv").open()) if r["merchant"] == "m1"]
+    print("\nm1's ledger rows:\n" + "\n".join(str(r) for r in rows))
+    trained = [r for r in rows if r["status"] == "trained"]
+    assert trained[0]["round"] == "1" and int(trained[-1]["round"]) >= 2  # trained again after the restart
+    own = load_own_state(run_dir / ".deploy" / "state" / "m1" / "privacy-state.json", "m1", "rdp")
+    assert sum(s for _, _, s in own.history) == sum(int(r["steps"]) for r in trained)  # every trained round, kept
+    assert math.isclose(float(trained[-1]["epsilon"]), epsilon_of(own.history, 1e-5, "rdp"), rel_tol=1e-9)
+    assert float(trained[-1]["epsilon"]) > float(trained[0]["epsilon"])  # composed on, not a fresh budget
