@@ -3,8 +3,8 @@ it with DP-SGD on its own events, replies.
 
 Only LoRA tensors and scalar metrics leave the merchant (with aggregation = ffa only the B tensors: A stays frozen at
 the server's initialisation, loaded from the message every round); with secure-aggregation, only its masked update
-(`client.secure`). The accountant's history lives in
-`context.state`.
+(`client.secure`). The accountant's history lives in `context.state` (and, deployed, in the merchant's own
+state directory: `client.state`).
 """
 
 from __future__ import annotations
