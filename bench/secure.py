@@ -23,11 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from safetensors.numpy import load_file  # noqa: E402
-
 from bench.sections import write_section  # noqa: E402
 from server.report import with_standard_errors  # noqa: E402
 from shared.config import load_config  # noqa: E402
+from shared.model import read_adapter  # noqa: E402
 from shared.rundir import RunDirectory  # noqa: E402
 from shared.secure import CLIPPING_RANGE, QUANTISATION  # noqa: E402
 
@@ -58,14 +57,6 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def adapter(run_dir: Path, round_number: int) -> dict:
-    folder = run_dir / "checkpoints" / f"round-{round_number}"
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    if (folder / "wide.safetensors").is_file():
-        tensors.update(load_file(str(folder / "wide.safetensors")))
-    return tensors
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/default.toml")
@@ -87,7 +78,8 @@ def main() -> int:
             print(f"{count} merchants, {mode} ...", file=sys.stderr, flush=True)
             rows[mode] = run_one(args.config, [*sets, f"secure-aggregation={str(mode == 'secure').lower()}"],
                                  ROOT / args.out / f"{count}-{mode}")
-        plain, secure = adapter(ROOT / args.out / f"{count}-plain", 1), adapter(ROOT / args.out / f"{count}-secure", 1)
+        plain, secure = (read_adapter(ROOT / args.out / f"{count}-{mode}", "checkpoints/round-1")
+                         for mode in ("plain", "secure"))
         difference = max(float(abs(secure[k] - plain[k]).max()) for k in plain)
         weights = [w / max_weight for w in rows["plain"]["weights"]]
         # one level per merchant over the sum of the weights, times the server's step along the mean update

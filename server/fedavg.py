@@ -128,6 +128,8 @@ class LedgerFedAvg(FedAvg):
         trained, merchants = [], {}
         downlink = None if self._current is None else payload_bytes(numpy_of(self._current))
         failed, answered = failures(self._train_nodes, replies, self._merchant_at, self.config.round_timeout)
+        # secure-aggregation: what the SecAgg+ protocol cost this round (the replies' arrays are then the mean)
+        traffic = self.secure.traffic[-1] if self.secure is not None and self.secure.traffic else None
         self._train_nodes = []
         for msg in answered:
             metrics = msg.content["metrics"]
@@ -138,8 +140,7 @@ class LedgerFedAvg(FedAvg):
             entry["uplink-bytes"] = 0 if sent is None else payload_bytes(numpy_of(sent))
             if downlink is not None:
                 entry["downlink-bytes"] = downlink
-            if self.secure is not None and self.secure.traffic:  # the arrays are the mean: count the protocol's bytes
-                traffic = self.secure.traffic[-1]
+            if traffic is not None:  # the arrays are the mean: count the protocol's bytes
                 entry["uplink-bytes"] = traffic["bytes-received"] / max(1, traffic["merchants"])
                 entry["downlink-bytes"] = traffic["bytes-sent"] / max(1, traffic["merchants"])
             merchants[merchant] = entry
@@ -175,8 +176,7 @@ class LedgerFedAvg(FedAvg):
             metrics = self.train_metrics_aggr_fn([msg.content for _, msg in valid], self.weighted_by_key)
             summary.update({k: v for k, v in metrics.items() if k not in PER_MERCHANT_ONLY})
             summary.update(extra)
-        if self.secure is not None and self.secure.traffic:  # what the SecAgg+ protocol itself cost this round
-            traffic = self.secure.traffic[-1]
+        if traffic is not None:
             summary.update({f"secure-{k}": float(traffic[k])
                             for k in ("bytes-sent", "bytes-received", "arrays-received", "seconds")})
         self._stamp_round_seconds(summary)

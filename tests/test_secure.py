@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 from helpers import simulate
-from safetensors.torch import load_file
 
 from shared.config import ConfigError, FedShopConfig, load_config
 from shared.ledger import read_privacy
+from shared.model import read_adapter
 from shared.rundir import RunDirectory
 from shared.secure import CLIPPING_RANGE, QUANTISATION
 
@@ -21,10 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_secure_aggregation_is_refused_where_the_server_would_need_each_update(keys):
     with pytest.raises(ConfigError, match="secure-aggregation"):
         FedShopConfig(secure_aggregation=True, **keys)
-
-
-def _adapter(round_dir):
-    return {**load_file(round_dir / "adapter_model.safetensors"), **load_file(round_dir / "wide.safetensors")}
 
 
 @pytest.mark.slow
@@ -49,8 +45,8 @@ def test_the_secure_mean_is_the_plain_weighted_mean_and_the_server_receives_no_u
     weights = [m["num-examples"] / 100_000.0 for m in trains[0]["merchants"].values()]
     step = load_config(run / "config.toml").server_learning_rate  # the server moves step x the mean update
     bound = step * len(weights) * (2 * CLIPPING_RANGE / QUANTISATION) / sum(weights) + 1e-6  # + float32 storage
-    plain, secure = _adapter(tiny_run.path / "checkpoints/round-1"), _adapter(run / "checkpoints/round-1")
-    start = _adapter(tiny_run.path / "checkpoints/round-0")
+    plain, secure = read_adapter(tiny_run.path, "checkpoints/round-1"), read_adapter(run, "checkpoints/round-1")
+    start = read_adapter(tiny_run.path, "checkpoints/round-0")
     assert plain.keys() == secure.keys()
     error = max(float((secure[k] - plain[k]).abs().max()) for k in plain)
     moved = max(float((plain[k] - start[k]).abs().max()) for k in plain)
