@@ -20,7 +20,7 @@ from shared.data import catalogue_facts, merchant_data, semantic_ids_for
 from shared.errors import UserError
 from shared.model import check_adapter_dir, load_base, load_saved_adapter
 from shared.sources import load_world
-from shared.wide import without_wide
+from shared.wide import at_base
 
 log = logging.getLogger("fedshop")
 AUDIT_FILE = "audit.json"
@@ -65,7 +65,7 @@ def audit_run(run_dir: str | Path) -> dict[str, float]:
                                  history_length=config.history_length)
         examples = [c.example for c in canaries]
         trained_loss = example_losses(model, tokenizer, examples, config.eval_batch_size)
-        with model.disable_adapter(), without_wide(model):  # the base alone: no LoRA, no wide part
+        with model.disable_adapter(), at_base(model):  # the base alone: no LoRA, the base's wide part
             base_loss = example_losses(model, tokenizer, examples, config.eval_batch_size)
         included = np.array([c.included for c in canaries])
         result.update(canary_audit(base_loss - trained_loss, included, config.target_delta))

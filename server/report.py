@@ -315,6 +315,13 @@ def failure_lines(ledger: list[dict[str, str]], trains: list[dict], records: lis
     return lines
 
 
+def wide_words(config: FedShopConfig, base_meta: dict) -> str:
+    if not config.wide:
+        return ""
+    start = "the weights pretrained with the base" if base_meta.get("wide") else "zero (a base pretrained without it)"
+    return f"{WIDE_WORDS}, starting from {start}"
+
+
 def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) -> None:
     records = run_dir.read_metrics()
     evaluations = {r["round"]: r for r in records if r["scope"] == "evaluate"}
@@ -333,7 +340,7 @@ def write_report(run_dir: RunDirectory, config: FedShopConfig, base_meta: dict) 
         f"{config.num_merchants} merchants x {config.num_rounds} rounds, {base_words(base_meta, config)} base from "
         f"`{config.base_dir}` (pretrained without DP on the public split), LoRA r={config.lora_r} "
         f"alpha={config.lora_alpha:g} on {config.lora_targets}"
-        f"{WIDE_WORDS if config.wide else ''}; "
+        f"{wide_words(config, base_meta)}; "
         f"{privacy_words}; tasks {config.tasks}, trained on {config.train_tasks} (churn horizon "
         f"{config.churn_horizon_days:g} days); {ITEM_ID_WORDS[config.item_ids]}.", "",
     ]

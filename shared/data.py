@@ -144,6 +144,10 @@ def check_base_matches(meta: dict, config: FedShopConfig, data: SyntheticData | 
         raise UserError(f"base directory {config.base_dir} writes items as item-ids = {written!r}, the config asks for "
                         f"item-ids = {config.item_ids!r}: pretrain a base with this config (`fedshop pretrain`) or "
                         "set base-dir to one made for it")
+    if meta.get("wide") and not config.wide:
+        raise UserError(f"base directory {config.base_dir} was pretrained with its wide part (wide = true), which "
+                        "its T5 alone lacks: set wide = true, or pretrain a base with wide = false into another "
+                        "base-dir")
     if config.base_model and meta.get("base-model") != str(Path(config.base_model).expanduser().resolve()):
         origin = (f"from the checkpoint {meta['base-model']}" if meta.get("base-model") else
                   f"as a fresh T5 `{meta.get('model-size')}`")

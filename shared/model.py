@@ -146,12 +146,18 @@ def check_special_ids(model: T5ForConditionalGeneration, tokenizer: PreTrainedTo
 
 
 def save_base(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, directory: str | Path,
-              meta: dict) -> None:
+              meta: dict, wide=None) -> None:
+    """The base's T5, tokenizer and metadata, and the wide part pretrained with it (`WIDE_FILE`; an earlier base's
+    is removed when there is none)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_logging.disable_progress_bar()
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    if wide is not None:
+        save_wide(wide, directory)
+    else:
+        (directory / WIDE_FILE).unlink(missing_ok=True)
     (directory / BASE_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -187,6 +193,9 @@ def check_safetensors(path: Path, what: str) -> None:
         list(handle.keys())
 
 
+BASE_WIDE = "fedshop_wide"  # a loaded base's attribute: the wide part pretrained with it (WIDE_FILE in its directory)
+
+
 def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast, dict]:
     directory = Path(directory)
     meta = read_base_meta(directory)
@@ -196,7 +205,15 @@ def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTra
         model = T5ForConditionalGeneration.from_pretrained(directory)
     tokenizer = load_tokenizer(directory)
     model.eval()
+    if (directory / WIDE_FILE).is_file():  # the wide part pretrained with it: where a model's wide part starts
+        with reading(directory / WIDE_FILE, "the base's wide part (a complete safetensors file)"):
+            setattr(model, BASE_WIDE, read_wide(directory)[WIDE_KEY])
     return model, tokenizer, meta
+
+
+def base_wide(base: torch.nn.Module) -> torch.Tensor | None:
+    """The wide part's weights a base was pretrained with (`load_base`), or None."""
+    return getattr(base, BASE_WIDE, None)
 
 
 def check_base_files(directory: Path) -> None:
@@ -251,8 +268,10 @@ def load_saved_adapter(base: T5ForConditionalGeneration, tokenizer: PreTrainedTo
 def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int | None = None,
              tokenizer: PreTrainedTokenizerFast | None = None, facts=None) -> PeftModel:
     """Wrap the base with LoRA; only LoRA tensors train (embeddings, lm_head, relative bias stay frozen). With
-    `wide` the model also gets its wide part (`shared.wide`, zero at first), which reads the base's `tokenizer` and,
-    for next-item questions, the catalogue's `facts` (which item has which category)."""
+    `wide` the model also gets its wide part (`shared.wide`; at the base's pretrained weights, zero for a base
+    without them), which reads the base's `tokenizer` and, for next-item questions, the catalogue's `facts` (which
+    item has which category). A base pretrained with its wide part is refused without it: its T5 alone is half a
+    model."""
     if seed is not None:
         torch.manual_seed(seed)
     with quiet_peft():
@@ -263,7 +282,10 @@ def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int 
     if config.wide:
         if tokenizer is None:
             raise ValueError("wide = true: add_lora needs the base's tokenizer")
-        model.wide = build_wide(tokenizer, base.get_input_embeddings().num_embeddings, facts).to(base.device)
+        model.wide = build_wide(tokenizer, base.get_input_embeddings().num_embeddings, facts,
+                                start=base_wide(base)).to(base.device)
+    elif base_wide(base) is not None:
+        raise ValueError("this base was pretrained with its wide part: build its model with wide = true")
     return model
 
 
@@ -272,7 +294,8 @@ def load_saved_wide(model: PeftModel, tokenizer: PreTrainedTokenizerFast, direct
     `directory`, if there is one (with the catalogue's `facts` it scores next-item questions too)."""
     saved = read_wide(Path(directory))
     if saved:
-        head = build_wide(tokenizer, model.get_input_embeddings().num_embeddings, facts)
+        head = build_wide(tokenizer, model.get_input_embeddings().num_embeddings, facts,
+                          start=base_wide(model.get_base_model()))
         set_wide_weights(head, saved[WIDE_KEY])
         model.wide = head.to(next(model.parameters()).device)
 

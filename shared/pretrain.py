@@ -3,6 +3,11 @@
 Merchants' private shoppers are never seen here: the public split's shoppers are disjoint from every merchant's,
 and the catalogue facts (item, category, price band, rating band) are public. Supervised pretraining on the same
 tasks teaches the item embeddings what an item is, which frozen embeddings under LoRA could not learn later.
+
+With wide = true the wide part (`shared.wide`) trains together with the T5 and is saved beside it (`WIDE_FILE`): the
+public items' purchase rates and popularity, the bands' churn risk and the categories' stay weights. Fitted after
+the T5 instead, on the examples the T5 had already fitted, the churn weights learnt the T5's overconfidence and lost
+churn AUC; fitted with it, every task gains (BENCHMARKS.md, The base's wide part).
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from shared.sources import load_world
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, SyntheticData
 from shared.tasks import CatalogueFacts, Example
 from shared.tokenizer import build_tokenizer, check_whole_words, domain_tokens
+from shared.wide import build_wide, wide_of
 
 log = logging.getLogger("fedshop")
 RELATIVE_BIAS_LR_SCALE = 30.0  # the relative attention bias learns this much faster than the other weights
+WIDE_LR_SCALE = 10.0  # the wide part's weights likewise (one number per token; no weight decay)
 CATEGORY_INIT_SHARE = 0.8  # an item's initial embedding: this share of its category's, the rest its own noise
 
 
@@ -102,6 +109,8 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
                           f"config key 'base-model' = {config.base_model!r}")
     if not public.facts.semantic:  # semantic ids are made of category, band and code tokens: nothing per item
         init_items_from_categories(model, tokenizer, public.facts)
+    if config.wide:  # a submodule while training (first_step_logits adds it), saved apart from the T5
+        model.wide = build_wide(tokenizer, model.get_input_embeddings().num_embeddings, public.facts)
     device = resolve_device(config.device)
     model.to(device)
     train = encode(public.train, tokenizer)
@@ -111,12 +120,16 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
     # common lr they move ~lr per Adam step and stay near 0 for the whole of a short schedule.
     lr = config.pretrain_learning_rate
     bias = [p for n, p in model.named_parameters() if "relative_attention_bias" in n]
-    rest = [p for n, p in model.named_parameters() if "relative_attention_bias" not in n]
-    optimizer = torch.optim.AdamW([dict(params=rest, lr=lr, weight_decay=0.01),
-                                   dict(params=bias, lr=lr * RELATIVE_BIAS_LR_SCALE, weight_decay=0.0)])
+    wide = [p for n, p in model.named_parameters() if n.startswith("wide.")]
+    rest = [p for n, p in model.named_parameters() if "relative_attention_bias" not in n and not n.startswith("wide.")]
+    groups = [dict(params=rest, lr=lr, weight_decay=0.01),
+              dict(params=bias, lr=lr * RELATIVE_BIAS_LR_SCALE, weight_decay=0.0)]
+    if wide:
+        groups.append(dict(params=wide, lr=lr * WIDE_LR_SCALE, weight_decay=0.0))
+    optimizer = torch.optim.AdamW(groups)
     steps_per_epoch = max(1, -(-len(train) // config.pretrain_batch_size))
     total_steps = steps_per_epoch * config.pretrain_epochs
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, lr * RELATIVE_BIAS_LR_SCALE],
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
                                                     total_steps=max(1, total_steps), pct_start=0.1)
     generator = torch.Generator().manual_seed(config.seed)
     shoppers = public_shopper_count(data)  # on a real log the split's own size, not the synthetic knob
@@ -144,6 +157,9 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
     metrics = evaluate(model, tokenizer, public.valid, public.facts, batch_size=config.eval_batch_size,
                        tasks=config.task_list, precision=config.precision)
     model.to("cpu")  # the base directory holds CPU tensors, whatever device trained it
+    head = wide_of(model)
+    if head is not None:
+        del model.wide  # saved apart: the T5's own files must not hold it
     metrics["pretrain-seconds"] = time.perf_counter() - started
     meta = {
         **origin, "seed": config.seed, "trained-on": "public platform split (no DP)",
@@ -151,11 +167,11 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
         "num-categories": config.num_categories, "pretrain-epochs": config.pretrain_epochs,
         "pretrain-task-weights": config.pretrain_weights,
         "catalogue-sha256": catalogue_fingerprint(public.facts), "item-ids": config.item_ids,
-        "public-valid-metrics": metrics,
+        "public-valid-metrics": metrics, "wide": head is not None,
     }
     if semantic is not None:
         meta["semantic-clusters"] = config.semantic_clusters
-    save_base(model, tokenizer, base_dir, meta)
+    save_base(model, tokenizer, base_dir, meta, wide=head)
     if semantic is not None:
         semantic.save(base_dir)
     log.info("base written to %s (%.0f s): public valid %s", base_dir, metrics["pretrain-seconds"],

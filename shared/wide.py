@@ -26,8 +26,11 @@ Which item has which category is public catalogue knowledge (`CatalogueFacts`): 
 head. With semantic ids the first decoder step is the id's first code, its category: b is then per category, and c
 the weight of keeping the last item's category.
 
-The candidate item's weight enters at scale 1, every other (dense) feature's at `DENSE_SCALE`. The weights start at
-zero (round 0 is the base alone) and travel with the adapter under the key `WIDE_KEY`; a saved adapter keeps them in
+The candidate item's weight enters at scale 1, every other (dense) feature's at `DENSE_SCALE`. The base's pretraining
+on the public split trains the wide part together with the T5 (`fedshop pretrain` with wide = true) and writes it as
+`WIDE_FILE` in the base directory: the public items' purchase rates, their popularity, the bands' churn risk and the
+categories' stay weights, learnt without DP from public data. Round 0 starts there (`WideHead.start`; zero for a base
+pretrained without it). The weights travel with the adapter under the key `WIDE_KEY`; a saved adapter keeps them in
 `WIDE_FILE` beside PEFT's files (plain PEFT does not read it: `shared.model.load_saved_wide`). They train in the
 same DP-SGD step as the LoRA tensors: one clipped, noised gradient per sampled shopper covers both, so they cost no
 privacy of their own.
@@ -69,6 +72,8 @@ class WideHead(nn.Module):
         self.vocab_size = vocab_size
         self.table = nn.Embedding(len(BLOCKS) * vocab_size, 1)
         nn.init.zeros_(self.table.weight)
+        # the base's weights (pretrained with the T5 on the public split; zero without): where round 0 starts
+        self.register_buffer("start", torch.zeros_like(self.table.weight), persistent=False)
         self.ids = dict(ids)  # intent:, next:, churn:, cand, yes, last, pad, eos
         churn = torch.zeros(vocab_size, dtype=torch.bool)
         churn[churn_ids] = True
@@ -178,9 +183,10 @@ class WideHead(nn.Module):
         return logits + bias[:, :logits.shape[1]].to(logits.dtype)
 
 
-def set_wide_weights(head: WideHead, weights: torch.Tensor) -> None:
-    """Copy saved or received weights into `head`. A wide part saved before the next-item terms existed (the intent
-    and churn blocks alone) loads with them zero, which is the model it was."""
+def set_wide_weights(head: WideHead, weights: torch.Tensor, *, start: bool = False) -> None:
+    """Copy saved or received weights into `head` (with `start`, also as the base's weights it starts from). A wide
+    part saved before the next-item terms existed (the intent and churn blocks alone) loads with them zero, which is
+    the model it was."""
     rows, old = head.table.weight.shape[0], 2 * head.vocab_size
     if weights.shape[1:] != head.table.weight.shape[1:] or weights.shape[0] not in (rows, old):
         raise ValueError(f"{WIDE_KEY} has shape {tuple(weights.shape)}; this base's wide part needs "
@@ -188,11 +194,13 @@ def set_wide_weights(head: WideHead, weights: torch.Tensor) -> None:
     with torch.no_grad():
         head.table.weight.zero_()
         head.table.weight[:weights.shape[0]].copy_(weights)
+        if start:
+            head.start.copy_(head.table.weight)
 
 
-def build_wide(tokenizer, vocab_size: int, facts=None) -> WideHead:
-    """The wide part for a base's tokenizer; with the catalogue's `facts` it can score next-item questions too (the
-    server, which only averages the weights, builds it without)."""
+def build_wide(tokenizer, vocab_size: int, facts=None, start: torch.Tensor | None = None) -> WideHead:
+    """The wide part for a base's tokenizer, at the base's weights `start` (zero if None); with the catalogue's
+    `facts` it can score next-item questions too (the server, which only averages the weights, builds it without)."""
     names = ["intent:", "next:", "churn:", "cand", "yes", "last"]
     ids = dict(zip(names, tokenizer.convert_tokens_to_ids(names), strict=True))
     if tokenizer.unk_token_id in ids.values():
@@ -201,6 +209,8 @@ def build_wide(tokenizer, vocab_size: int, facts=None) -> WideHead:
     ids.update(pad=int(tokenizer.pad_token_id), eos=int(tokenizer.eos_token_id))
     churn_ids = [i for i in tokenizer.convert_tokens_to_ids(churn_tokens()) if i != tokenizer.unk_token_id]
     head = WideHead(vocab_size, ids, churn_ids)
+    if start is not None:
+        set_wide_weights(head, start, start=True)
     if facts is not None:
         head.set_catalogue(tokenizer, facts)
     return head
@@ -215,19 +225,21 @@ def wide_of(model: nn.Module) -> WideHead | None:
 
 
 @contextmanager
-def without_wide(model: nn.Module):
-    """The model without its wide part inside the block (with PEFT's `disable_adapter`: the base alone)."""
-    while hasattr(model, "_module"):
-        model = model._module
-    head = getattr(model, "wide", None)
-    if not isinstance(head, WideHead):
+def at_base(model: nn.Module):
+    """The model's wide part at the base's weights inside the block (with PEFT's `disable_adapter`: the base alone);
+    its trained weights are put back after."""
+    head = wide_of(model)
+    if head is None:
         yield
         return
-    del model.wide
+    trained = head.table.weight.detach().clone()
+    with torch.no_grad():
+        head.table.weight.copy_(head.start)
     try:
         yield
     finally:
-        model.wide = head
+        with torch.no_grad():
+            head.table.weight.copy_(trained)
 
 
 def save_wide(head: WideHead, directory: Path) -> None:

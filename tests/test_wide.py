@@ -1,5 +1,6 @@
-"""The wide part (shared/wide.py): which tokens it reads, that it starts as the base, that DP-SGD's per-sample
-gradients of its weights are exact, that it trains, and that it travels and is saved with the adapter."""
+"""The wide part (shared/wide.py): which tokens it reads, that it starts as the base (pretrained with the T5, or zero),
+that DP-SGD's per-sample gradients of its weights are exact, that it trains, and that it travels and is saved with
+the adapter."""
 
 import math
 
@@ -10,7 +11,7 @@ from shared.config import FedShopConfig
 from shared.dptrain import PrivacyState, train_round
 from shared.model import adapter_state, item_rows, load_adapter_state, load_saved_adapter, read_adapter, save_adapter
 from shared.modeling import binary_probability, encode, first_step_logits
-from shared.wide import NEXT_SCALE, WIDE_FILE, WIDE_KEY, set_wide_weights, wide_of, without_wide
+from shared.wide import NEXT_SCALE, WIDE_FILE, WIDE_KEY, at_base, set_wide_weights, wide_of
 from tests.helpers import assert_opacus_per_sample_gradients_exact, first, nonzero_lora, tiny_lora_model
 
 CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,
@@ -66,21 +67,24 @@ def test_a_new_wide_part_leaves_the_base_s_answers_unchanged(setup):
     assert torch.equal(with_wide, without)
 
 
-def test_without_wide_leaves_the_t5_alone_inside_the_block_and_restores_the_wide_part(setup):
-    # the audit's "base alone" (PEFT's disable_adapter) must drop the wide part too: its canaries are next-item examples
+def test_at_base_puts_the_base_s_wide_weights_back_inside_the_block_and_restores_the_trained_ones(setup):
+    # the audit's "base alone" (PEFT's disable_adapter) must hold the wide part at the base's weights too: its canaries
+    # are next-item examples, which the wide part scores
     model, tokenizer, merchant = setup
     data = first(encode(merchant.train[:12], tokenizer), 12)
     head = model.wide
     with torch.no_grad():
+        head.start.normal_(0.0, 0.3)
+        head.table.weight.copy_(head.start)
+        base = first_step_logits(model, data.input_ids, data.attention_mask)
         head.table.weight.normal_(0.0, 0.3)
         trained = first_step_logits(model, data.input_ids, data.attention_mask)
-        with without_wide(model):
-            alone = first_step_logits(model, data.input_ids, data.attention_mask)
-            assert wide_of(model) is None
-        assert model.wide is head and torch.equal(first_step_logits(model, data.input_ids, data.attention_mask),
-                                                  trained)
+        assert not torch.equal(base, trained)
+        with at_base(model):
+            assert torch.equal(first_step_logits(model, data.input_ids, data.attention_mask), base)
+        assert torch.equal(first_step_logits(model, data.input_ids, data.attention_mask), trained)
+        head.start.zero_()
         head.table.weight.zero_()
-        assert torch.equal(first_step_logits(model, data.input_ids, data.attention_mask), alone)
 
 
 def test_per_sample_gradients_of_the_wide_weights_are_exact(setup):
@@ -184,3 +188,36 @@ def test_the_wide_weights_travel_in_the_adapter_state_and_are_saved_beside_it(se
                           torch.as_tensor(binary_probability(model.eval(), tokenizer, sources, batch_size=16)))
     with torch.no_grad():
         model.wide.table.weight.zero_()
+
+
+def test_pretraining_with_the_wide_part_saves_it_beside_the_t5_and_round_0_starts_from_it(tmp_path):
+    from shared.data import check_base_matches, merchant_data
+    from shared.errors import UserError
+    from shared.model import add_lora, load_base
+    from shared.modeling import evaluate
+    from shared.pretrain import pretrain
+    from shared.synthetic import PUBLIC_MERCHANT
+
+    config = CONFIG.replace(base_dir=str(tmp_path / "base"), public_shoppers=60, pretrain_epochs=2)
+    pretrain(config)
+    base, tokenizer, meta = load_base(config.base_dir)
+    assert meta["wide"] is True and (tmp_path / "base" / WIDE_FILE).is_file()
+    assert not any("wide" in name for name, _ in base.named_parameters())  # the T5's files hold only the T5
+    public = merchant_data(config, PUBLIC_MERCHANT)
+    model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer, facts=public.facts)
+    table, vocab = model.wide.table.weight.detach()[:, 0], model.wide.vocab_size
+    assert torch.equal(model.wide.start, model.wide.table.weight)
+    for block in range(4):  # intent, churn, next-item biases, stay weights: each learnt something
+        assert table[block * vocab:(block + 1) * vocab].abs().max() > 0.01
+    # round 0 is the model pretraining evaluated: the same public valid figures
+    again = evaluate(model.eval(), tokenizer, public.valid, public.facts, tasks=config.task_list)
+    for key in ("intent-auc", "churn-auc", "next-hr@10"):
+        assert again[key] == pytest.approx(meta["public-valid-metrics"][key], abs=1e-6)
+    # its T5 alone is not the model: a config without the wide part is refused, naming the key
+    with pytest.raises(UserError, match="wide = true"):
+        check_base_matches(meta, config.replace(wide=False))
+    with pytest.raises(ValueError, match="wide = true"):
+        add_lora(load_base(config.base_dir)[0], config.replace(wide=False))
+    # pretrained again without it, the base loses the file
+    pretrain(config.replace(wide=False, pretrain_epochs=1))
+    assert not (tmp_path / "base" / WIDE_FILE).exists() and load_base(config.base_dir)[2]["wide"] is False
