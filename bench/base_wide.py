@@ -27,7 +27,7 @@ from sections import write_section  # noqa: E402
 from shared.config import load_config  # noqa: E402
 from shared.data import merchant_data  # noqa: E402
 from shared.model import add_lora, load_base  # noqa: E402
-from shared.modeling import encode, evaluate  # noqa: E402
+from shared.modeling import encode, evaluate, first_step_logits  # noqa: E402
 from shared.pretrain import task_weights  # noqa: E402
 from shared.sources import load_world  # noqa: E402
 from shared.synthetic import PUBLIC_MERCHANT  # noqa: E402
@@ -37,10 +37,9 @@ KEYS = ("intent-auc", "next-hr@10", "churn-auc")
 TASKS = ["intent", "next-item", "churn"]
 
 
-def scores(model, tokenizer, world, config, public) -> list[float]:
+def scores(model, tokenizer, merchants, public) -> list[float]:
     per = {k: [] for k in KEYS}
-    for merchant in world.merchant_ids:
-        data = merchant_data(config, merchant, world)
+    for data in merchants:
         result = evaluate(model, tokenizer, data.test, data.facts, tasks=TASKS)
         for key in KEYS:
             per[key].append(result[key])
@@ -53,10 +52,8 @@ def fit_after(model, tokenizer, public, config, epochs: int, lr: float) -> None:
     head = wide_of(model)
     train = encode(public.train, tokenizer)
     weight = task_weights(public.train, config.pretrain_weights)
-    with torch.no_grad():
-        start = torch.zeros((len(train), 1), dtype=torch.long)
-        logits = torch.cat([model(input_ids=train.input_ids[i:i + 512], attention_mask=train.attention_mask[i:i + 512],
-                                  decoder_input_ids=start[i:i + 512]).logits[:, 0, :]
+    with torch.no_grad():  # the T5's logits (the wide part, built for a base without one, is still zero)
+        logits = torch.cat([first_step_logits(model, train.input_ids[i:i + 512], train.attention_mask[i:i + 512])
                             for i in range(0, len(train), 512)])
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -86,6 +83,7 @@ def main() -> None:
     config = load_config(args.config, ["wide=true"])
     world = load_world(config)
     public = merchant_data(config, PUBLIC_MERCHANT, world)
+    merchants = [merchant_data(config, merchant, world) for merchant in world.merchant_ids]  # once, for every row
     rows = []
     for directory in args.bases.split(","):
         started = time.perf_counter()
@@ -93,17 +91,17 @@ def main() -> None:
         model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer, facts=public.facts).eval()
         pretrained = bool(meta.get("wide"))
         label = f"`{directory}`: " + ("T5 and wide part pretrained together" if pretrained else "T5 pretrained alone")
-        rows.append((label, scores(model, tokenizer, world, config, public)))
+        rows.append((label, scores(model, tokenizer, merchants, public)))
         if pretrained:
             head = model.wide
             del model.wide
             rows.append((f"`{directory}`: its T5 without the wide part",
-                         scores(model, tokenizer, world, config, public)))
+                         scores(model, tokenizer, merchants, public)))
             model.wide = head
         elif args.after:
             fit_after(model, tokenizer, public, config, args.epochs, args.lr)
             rows.append((f"`{directory}`: wide part fitted after the T5 ({args.epochs} epochs, Adam {args.lr})",
-                         scores(model, tokenizer, world, config, public)))
+                         scores(model, tokenizer, merchants, public)))
         print(f"{directory}: {time.perf_counter() - started:.0f} s", flush=True)
     lines = ["| round-0 model | test intent AUC | test next HR@10 | test churn AUC | public valid intent AUC | "
              "public valid next HR@10 | public valid churn AUC |", "|---|---|---|---|---|---|---|"]
