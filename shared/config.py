@@ -150,6 +150,11 @@ class FedShopConfig:
                                        "loss times its weight (task:weight, comma-separated; a task not named weighs "
                                        "1). Averaging over examples instead let next-item, the largest loss, drown "
                                        "the yes/no tasks")
+    train_task_weights: str = _spec("intent:1,next-item:1,churn:1", "merchant training (and the reference runs): "
+                                    "a sampled shopper's gradient is the weighted mean of its examples' gradients, "
+                                    "each example weighing its task's weight (task:weight, comma-separated; a task "
+                                    "not named weighs 1), so a task with few examples per shopper (churn) keeps a "
+                                    "share of the clipped gradient")
     lora_r: int = _spec(8, "LoRA rank", low=1, high=1024)
     lora_alpha: float = _spec(16.0, "LoRA alpha (update scale alpha / r)", low=0.0, low_open=True, high=1e4)
     lora_dropout: float = _spec(0.0, "dropout on the LoRA branch", low=0.0, high=1.0, high_open=True)
@@ -160,6 +165,11 @@ class FedShopConfig:
                        "LoRA tensors under the same DP-SGD; what lets intent and churn learn per-item purchase rates "
                        "and the merchants' leaving behaviour, which no LoRA weight of an lm_head-only adapter feeds, "
                        "and next item the items' drifted popularity and category following")
+    wide_dense_step: float = _spec(1.0, "with wide = true: the share of each optimizer step that the wide part's "
+                                   "dense weights keep (intent's features other than the candidate item, the churn "
+                                   "bands, the categories' stay weights: each read by many examples of every "
+                                   "shopper); below 1 they move less than the per-item weights (shared/wide.py, "
+                                   "WideHead.train_only)", low=0.0, high=1.0)
     lora_targets: str = _spec("q,v", "comma-separated T5 layers LoRA adapts: linear layers of the attention "
                               "(q, k, v, o) and feed-forward (wi, wo); lm_head, the output layer, which gives every "
                               "item token r adaptable output weights; embed, the encoder's input embedding, which "
@@ -341,6 +351,7 @@ class FedShopConfig:
         if self.new_items >= self.num_items:
             raise ConfigError(f"config key 'new-items' = {self.new_items} must be below num-items = {self.num_items}")
         _ = self.pretrain_weights  # parsed here so that a malformed entry is refused with the config, key named
+        _ = self.train_weights
         if self.min_merchants > self.num_merchants:
             raise ConfigError(f"config key 'min-merchants' = {self.min_merchants} exceeds num-merchants "
                               f"= {self.num_merchants}")
@@ -365,18 +376,12 @@ class FedShopConfig:
     @property
     def pretrain_weights(self) -> dict[str, float]:
         """`pretrain-task-weights` as {task: weight} over the tasks that have examples (price has none)."""
-        weights = {task: 1.0 for task in ("intent", "next-item", "churn")}
-        for pair in _split(self.pretrain_task_weights):
-            task, _, raw = pair.partition(":")
-            try:
-                weight = float(raw)
-            except ValueError:
-                weight = float("nan")
-            if task.strip() not in weights or not (math.isfinite(weight) and weight > 0):
-                raise ConfigError(f"config key 'pretrain-task-weights' entry {pair!r}: expected task:weight with "
-                                  f"task one of {', '.join(weights)} and a weight > 0 (e.g. \"intent:3,churn:2\")")
-            weights[task.strip()] = weight
-        return weights
+        return _task_weights("pretrain-task-weights", self.pretrain_task_weights)
+
+    @property
+    def train_weights(self) -> dict[str, float]:
+        """`train-task-weights` as {task: weight} over the tasks that have examples (price has none)."""
+        return _task_weights("train-task-weights", self.train_task_weights)
 
     @property
     def task_list(self) -> list[str]:
@@ -669,3 +674,19 @@ def _toml_value(value: Any) -> str:
 
 
 _TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _task_weights(key: str, value: str) -> dict[str, float]:
+    """A `task:weight` list (config key `key`) as {task: weight} over the tasks that have examples; unnamed: 1."""
+    weights = {task: 1.0 for task in ("intent", "next-item", "churn")}
+    for pair in _split(value):
+        task, _, raw = pair.partition(":")
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = float("nan")
+        if task.strip() not in weights or not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"config key {key!r} entry {pair!r}: expected task:weight with task one of "
+                              f"{', '.join(weights)} and a weight > 0 (e.g. \"intent:3,churn:2\")")
+        weights[task.strip()] = weight
+    return weights

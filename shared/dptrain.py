@@ -131,7 +131,7 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     freeze_for(model, config.aggregation)
     head = wide_of(model)
     if head is not None:
-        head.train_only(config.train_task_list, output_rows)
+        head.train_only(config.train_task_list, output_rows, config.wide_dense_step)
     torch.manual_seed(seed)
     records = records_for(len(data), owners, config)
     sample_rate, steps = schedule(len(records), config)
@@ -141,7 +141,8 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     if not config.local_dp:
         started = time.perf_counter()
-        loss = _train_plain(model, data, optimizer, sampler, steps, output_rows, config.precision)
+        loss = _train_plain(model, data, optimizer, sampler, steps, output_rows, config.precision,
+                            row_task_weights(data, config.train_weights))
         return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, 0.0, math.inf, config.target_delta, loss,
                            train_seconds=time.perf_counter() - started)
     admitted = admit(state, len(records), config)
@@ -166,7 +167,8 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
 
 
 def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.Optimizer, sampler: PoissonSampler,
-                 steps: int, output_rows: list[int] | None, precision: str) -> float:
+                 steps: int, output_rows: list[int] | None, precision: str, task_weight: torch.Tensor | None
+                 ) -> float:
     """The non-private comparison: the same sampler and number of steps, no clipping, no noise."""
     model.train()
     losses = []
@@ -175,11 +177,13 @@ def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.O
         if len(rows) == 0:
             continue
         idx, owner_t = torch.from_numpy(rows), torch.from_numpy(owner).to(model_device(model))
-        weight = per_shopper_weight(owner_t) / (int(owner_t.max()) + 1)
+        weight = per_shopper_weight(owner_t, None if task_weight is None else task_weight[idx]) / (
+            int(owner_t.max()) + 1)
         # the mean over records of their mean example loss (one example each: the mean)
         loss = (per_sample_loss(model, *batch_of(data, idx, model_device(model)), precision) * weight).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        mask_rows(model, output_rows)
         optimizer.step()
         keep_rows(model, output_rows)
         losses.append(float(loss.detach()))
@@ -195,11 +199,13 @@ def keep_rows(model: torch.nn.Module, output_rows: list[int] | None) -> None:
 
 
 def mask_rows(model: torch.nn.Module, output_rows: list[int] | None) -> None:
-    """Before clipping: no share of the clipping norm for the rows `keep_rows` puts back."""
+    """Before the optimizer step: no share of the clipping norm for the rows `keep_rows` puts back, and the wide
+    part's damped rows remembered."""
     mask_grad_samples(model, output_rows)
     head = wide_of(model)
     if head is not None:
         head.mask()
+        head.snapshot()
 
 
 def batch_of(data: Encoded, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -207,20 +213,34 @@ def batch_of(data: Encoded, idx: torch.Tensor, device: torch.device) -> tuple[to
     return tuple(t[idx].to(device) for t in (data.input_ids, data.attention_mask, data.target_ids))
 
 
-def per_shopper_weight(owner: torch.Tensor) -> torch.Tensor:
-    """1 / (rows of the same shopper) for each row: the weights that make a shopper's rows sum to their mean."""
-    return 1.0 / torch.bincount(owner).to(torch.float32)[owner]
+def per_shopper_weight(owner: torch.Tensor, task_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's weight in its shopper's mean: 1 / (rows of the same shopper), or with `task_weight` (one per row)
+    that weight over the sum of the shopper's rows' weights. A shopper's rows' weights sum to 1."""
+    if task_weight is None:
+        return 1.0 / torch.bincount(owner).to(torch.float32)[owner]
+    task_weight = task_weight.to(device=owner.device, dtype=torch.float32)
+    sums = torch.zeros(int(owner.max()) + 1, dtype=torch.float32, device=owner.device).index_add_(0, owner, task_weight)
+    return task_weight / sums[owner]
+
+
+def row_task_weights(data: Encoded, weights: dict[str, float]) -> torch.Tensor | None:
+    """Config key `train-task-weights` as one weight per row of `data`; None when every row weighs the same."""
+    if not data.tasks or len({weights.get(t, 1.0) for t in set(data.tasks)}) <= 1:
+        return None
+    return torch.tensor([weights.get(t, 1.0) for t in data.tasks], dtype=torch.float32)
 
 
 def shopper_backward(private_model: LoraGradSampleModule, trainable: list[torch.nn.Parameter], data: Encoded,
-                     idx: torch.Tensor, owner: torch.Tensor, precision: str = "fp32") -> float:
+                     idx: torch.Tensor, owner: torch.Tensor, precision: str = "fp32",
+                     task_weight: torch.Tensor | None = None) -> float:
     """Leave in each trainable tensor's `grad_sample` one row per sampled shopper: the mean gradient of that
-    shopper's examples in the batch (`owner[i]` is the shopper 0..G-1 of row `idx[i]`), which DP-SGD then clips as one
-    vector. `private_model` must use the "sum" loss reduction. Returns the batch's mean example loss."""
+    shopper's examples in the batch (`owner[i]` is the shopper 0..G-1 of row `idx[i]`), weighted by `task_weight[idx]`
+    when given (`row_task_weights`), which DP-SGD then clips as one vector. `private_model` must use the "sum" loss
+    reduction. Returns the batch's mean example loss."""
     device = model_device(private_model)
     owner = owner.to(device)
     shoppers = int(owner.max()) + 1
-    weight = per_shopper_weight(owner)
+    weight = per_shopper_weight(owner, None if task_weight is None else task_weight[idx])
     loss = per_sample_loss(private_model, *batch_of(data, idx, device), precision)
     (loss * weight).sum().backward()  # per-row gradients, each already divided by its shopper's count
     for p in trainable:  # summed in float32 (the grad samples of a bf16 forward are bfloat16)
@@ -260,6 +280,7 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
                                     generator=generator, secure_mode=config.secure_mode)
     accountant = accountant_for(state.history, config.accountant)
     private_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sampler.sample_rate))
+    task_weight = row_task_weights(data, config.train_weights)
     losses: list[float] = []
     try:
         for _ in range(steps):
@@ -273,7 +294,7 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             elif grouped:
                 losses.append(shopper_backward(private_model, trainable, data, idx, torch.from_numpy(owner),
-                                               config.precision))
+                                               config.precision, task_weight))
             else:
                 loss = per_sample_loss(private_model, *batch_of(data, idx, device), config.precision).mean()
                 loss.backward()

@@ -30,6 +30,7 @@ class Encoded:
     input_ids: torch.Tensor  # (N, L) int64, right-padded
     attention_mask: torch.Tensor  # (N, L) int64
     target_ids: torch.Tensor  # (N, T) int64: T is 1 unless a semantic item id is a target; IGNORE past the end
+    tasks: tuple[str, ...] = ()  # the task of each row (empty: unknown)
 
     def __len__(self) -> int:
         return len(self.target_ids)
@@ -52,7 +53,7 @@ def encode(examples: list[Example], tokenizer: PreTrainedTokenizerFast) -> Encod
     for row, piece in enumerate(pieces):
         targets[row, :len(piece)] = torch.tensor(flat[at:at + len(piece)], dtype=torch.long)
         at += len(piece)
-    return Encoded(batch["input_ids"], batch["attention_mask"], targets)
+    return Encoded(batch["input_ids"], batch["attention_mask"], targets, tuple(e.task for e in examples))
 
 
 def autocast(precision: str, device: torch.device | str = "cpu"):

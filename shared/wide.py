@@ -83,6 +83,9 @@ class WideHead(nn.Module):
         self.has_catalogue = False
         self.frozen: torch.Tensor | None = None  # rows held during training (`train_only`), and their values
         self.held: torch.Tensor | None = None
+        self.dense: torch.Tensor | None = None  # live dense rows whose step is damped (`train_only`), and
+        self.dense_step = 1.0  # the share of each optimizer step they keep; their values before the step
+        self.before: torch.Tensor | None = None
 
     def set_catalogue(self, tokenizer, facts) -> None:
         """Which item has which category (public catalogue facts), for the next-item "stay" term."""
@@ -99,12 +102,19 @@ class WideHead(nn.Module):
         self.category_of = category_of.to(self.table.weight.device)
         self.has_catalogue = True
 
-    def train_only(self, tasks: list[str] | tuple[str, ...], item_rows: list[int] | None) -> None:
+    def train_only(self, tasks: list[str] | tuple[str, ...], item_rows: list[int] | None,
+                   dense_step: float = 1.0) -> None:
         """Let only the rows that `tasks` read move in the training that follows: the blocks of the tasks trained and,
         of next item's, the items' biases (`item_rows`; None: every token) and the categories' "stay" weights. The
         other rows get no share of the clipping norm (`mask`) and are put back to their values after every step
         (`hold`): the noise on a row no trained example reads would only move answers at random (restoring them is
-        post-processing, no privacy)."""
+        post-processing, no privacy).
+
+        `dense_step` (config key `wide-dense-step`): the live dense rows (intent's features other than the candidate
+        item, every churn band, the categories' stay weights: each read by many examples of every shopper) keep this
+        share of each optimizer step (`snapshot` before it, `hold` after). Adam moves every weight by about the
+        learning rate whatever its gradient, so under DP noise the few dense weights a whole task reads wander; the
+        first-order gain of a step scales with it, the second-order loss from the noise with its square."""
         vocab, weight = self.vocab_size, self.table.weight
         live = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
         live[:vocab] = "intent" in tasks
@@ -116,6 +126,18 @@ class WideHead(nn.Module):
             live[3 * vocab + categories] = True
         self.frozen = torch.nonzero(~live).flatten()
         self.held = weight.detach()[self.frozen].clone()
+        dense = torch.zeros_like(live)
+        dense[:2 * vocab] = True
+        if item_rows is not None:
+            dense[torch.as_tensor(item_rows, dtype=torch.long, device=weight.device)] = False
+        dense[3 * vocab:] = True
+        self.dense = torch.nonzero(dense & live).flatten() if dense_step != 1.0 else None
+        self.dense_step = float(dense_step)
+
+    def snapshot(self) -> None:
+        """Before an optimizer step: remember the damped rows' values (`train_only` with dense_step below 1)."""
+        if self.dense is not None:
+            self.before = self.table.weight.detach()[self.dense].clone()
 
     def mask(self) -> None:
         """Zero the held rows of the table's per-sample gradients (before DP-SGD clips them)."""
@@ -124,10 +146,15 @@ class WideHead(nn.Module):
             sample[:, self.frozen] = 0.0
 
     def hold(self) -> None:
-        """Put the held rows back to their values before training (after an optimizer step)."""
-        if self.frozen is not None:
-            with torch.no_grad():
+        """After an optimizer step: put the held rows back to their values before training, and let the damped rows
+        keep `dense_step` of the step they took since `snapshot`."""
+        with torch.no_grad():
+            if self.frozen is not None:
                 self.table.weight[self.frozen] = self.held
+            if self.dense is not None and self.before is not None:
+                weight = self.table.weight
+                weight[self.dense] = self.before + self.dense_step * (weight[self.dense] - self.before)
+                self.before = None
 
     def features(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(table rows, mask), both (B, L): the row each position would read and whether it is a feature token."""

@@ -326,3 +326,23 @@ def test_the_write_ahead_state_charges_exactly_the_round_train_round_then_takes(
     assert sum(s for _, _, s in ahead.history) == sum(s for _, _, s in state.history) == trained.steps
     assert math.isclose(PrivacyBudget.for_merchants(config).spent(ahead.history), trained.epsilon, rel_tol=1e-12)
     assert beyond is None and charged_ahead(PrivacyState(), len(data), None, config.replace(dp=False)) is None
+
+
+def test_train_task_weights_set_each_task_s_share_of_a_shopper_s_gradient():
+    """A shopper's rows weigh task weight / the sum over its rows (summing to 1 per shopper); equal weights give the
+    plain mean; a malformed entry is refused naming the key."""
+    from shared.config import ConfigError
+    from shared.dptrain import per_shopper_weight, row_task_weights
+    from shared.modeling import Encoded
+
+    owner = torch.tensor([0, 0, 0, 1, 1])
+    tasks = ("intent", "churn", "next-item", "churn", "churn")
+    data = Encoded(torch.zeros((5, 2), dtype=torch.long), torch.ones((5, 2), dtype=torch.long),
+                   torch.zeros((5, 1), dtype=torch.long), tasks)
+    weights = row_task_weights(data, FedShopConfig(train_task_weights="churn:3").train_weights)
+    got = per_shopper_weight(owner, weights)
+    assert torch.allclose(got, torch.tensor([0.2, 0.6, 0.2, 0.5, 0.5]))
+    assert row_task_weights(data, FedShopConfig().train_weights) is None
+    assert torch.allclose(per_shopper_weight(owner), torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.5, 0.5]))
+    with pytest.raises(ConfigError, match="train-task-weights.*'churn:0'"):
+        FedShopConfig(train_task_weights="churn:0")
