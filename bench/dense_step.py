@@ -71,7 +71,8 @@ def main() -> None:
                       "weights); `train-task-weights` weighs each task's examples in a shopper's clipped gradient. "
                       "Test metrics of round 0 and of round 4, weighted over merchants (one SE: about 0.009 intent "
                       "AUC, 0.008 HR@10, 0.011 churn AUC between unpaired figures; a paired churn difference "
-                      "against round 0 on the same test shoppers has SE 0.002-0.004 in the demo's reports).\n\n" + table)
+                      "against round 0 on the same test shoppers has SE 0.002-0.004 in the demo's reports).\n\n"
+                      + table)
 
 
 if __name__ == "__main__":
