@@ -92,7 +92,7 @@ def message_parts(config) -> tuple[list[tuple[str, float]], object, object, obje
                                                 output_rows=item_rows(tokenizer, data.facts)))
     parts.append((f"DP-SGD round ({result.steps} steps)", seconds))
     _, seconds = timed(lambda: evaluate(model, tokenizer, data.test, data.facts, batch_size=config.eval_batch_size,
-                                        tasks=config.task_list, precision=config.precision))
+                                        tasks=config.task_list, precision=config.eval_precision))
     parts.append(("evaluate the test split (evaluate message)", seconds))
     return parts, data, tokenizer, encoded
 

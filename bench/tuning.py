@@ -91,7 +91,7 @@ def run_trial(config, split: str, references: bool) -> dict:
         for d, b in zip(data, baselines, strict=True):
             examples = d.valid if split == "valid" else d.test
             metrics = evaluate(model, tokenizer, examples, d.facts, batch_size=config.eval_batch_size,
-                               precision=config.precision,
+                               precision=config.eval_precision,
                                tasks=config.task_list, baselines=b)
             per.append((metrics, len({e.user_id for e in examples})))
         return with_se(_weighted(per))
@@ -135,7 +135,7 @@ def run_trial(config, split: str, references: bool) -> dict:
                             owners=owners[index], output_rows=rows)
             examples = d.valid if split == "valid" else d.test
             local.append((evaluate(model, tokenizer, examples, d.facts, batch_size=config.eval_batch_size,
-                                   precision=config.precision,
+                                   precision=config.eval_precision,
                                    tasks=config.task_list), len({e.user_id for e in examples})))
         out["local-only"] = with_se(_weighted(local))
         plain = config.replace(dp=False)

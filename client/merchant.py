@@ -116,7 +116,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     config, partition_id, model, tokenizer, data = _setup(msg, context)
     metrics = evaluate(model, tokenizer, data.test, data.facts, batch_size=config.eval_batch_size,
                        baselines=fit_baselines(data.train, data.facts, data.popularity), tasks=config.task_list,
-                       precision=config.precision)
+                       precision=config.eval_precision)
     shoppers = len({e.user_id for e in data.test})
     record = MetricRecord({**metrics, "num-examples": shoppers, "partition-id": partition_id})
     return Message(content=RecordDict({"metrics": record}), reply_to=msg)

@@ -258,7 +258,7 @@ class Predictor:
 
         from shared.modeling import autocast, model_device
 
-        with autocast(self.config.precision, model_device(self.model)):
+        with autocast(self.config.eval_precision, model_device(self.model)):
             logits = self.scorer.score_sources(self.model, self.tokenizer,
                                                [f"next: {self._history_text(h)}" for h in histories], self.batch_size)
         for row, history in enumerate(histories):
@@ -281,7 +281,7 @@ class Predictor:
 
         from shared.modeling import autocast, binary_probability, model_device
 
-        with autocast(self.config.precision, model_device(self.model)):
+        with autocast(self.config.eval_precision, model_device(self.model)):
             return torch.from_numpy(binary_probability(self.model, self.tokenizer, sources, self.batch_size)).float()
 
 

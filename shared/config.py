@@ -26,7 +26,7 @@ LORA_TARGET_CHOICES = ("q", "k", "v", "o", "wi", "wo", "lm_head", "embed")
 TASK_CHOICES = ("intent", "next-item", "churn", "price")
 AGGREGATIONS = ("fedavg", "ffa", "svd")
 ROBUST_CHOICES = ("none", "median", "trimmed-mean")
-PRECISIONS = ("fp32", "bf16")  # shared.modeling.autocast
+PRECISIONS = ("fp32", "bf16", "bf16-train")  # FedShopConfig.train_precision, eval_precision
 DEVICES = ("auto", "cpu", "cuda")  # shared.modeling.resolve_device
 REFERENCE_CHOICES = ("none", "local-only", "centralised")
 DATA_FORMATS = ("auto", "canonical", "parquet", "retailrocket", "taobao", "rees46", "recbole", "transactions")
@@ -277,10 +277,11 @@ class FedShopConfig:
     merchant_gpu_share: float = _spec(0.25, "simulation with device cuda: the share of one GPU each merchant actor "
                                       "reserves (Ray's client_resources num_gpus; 0.25 = four merchants train on a "
                                       "GPU at once); unused on the CPU", low=0.0, high=1.0, low_open=True)
-    precision: str = _spec("fp32", "arithmetic of the model's forward passes in training and evaluation (merchants, "
-                           "pretraining, reference runs, predict): fp32, or bf16 (autocast: matmuls in bfloat16, "
-                           "weights, losses and the clipped, noised DP gradients stay float32)",
-                           choices=PRECISIONS)
+    precision: str = _spec("fp32", "arithmetic of the model's forward passes (merchants, pretraining, reference "
+                           "runs, predict): fp32; bf16 for training and evaluation (autocast: matmuls in bfloat16, "
+                           "weights, losses and the clipped, noised DP gradients stay float32); or bf16-train, bf16 "
+                           "for training steps only, every evaluation and predict in fp32 (a base's evaluated "
+                           "figures then do not depend on bfloat16 rounding)", choices=PRECISIONS)
     device: str = _spec("auto", "where models train and evaluate (pretraining, merchants, reference runs, predict): "
                         "cuda, cpu, or auto (cuda when torch sees a CUDA device, else cpu); cuda on a machine without "
                         "one is refused when a model is placed", choices=DEVICES)
@@ -392,6 +393,16 @@ class FedShopConfig:
         """The tasks merchants and reference runs train on (`train-tasks`, or every task but price)."""
         named = _split(self.train_tasks)
         return [t for t in self.task_list if t != "price"] if "all" in named else named
+
+    @property
+    def train_precision(self) -> str:
+        """The arithmetic of training steps' forward passes (shared.modeling.autocast): bf16 for bf16 and bf16-train."""
+        return "fp32" if self.precision == "fp32" else "bf16"
+
+    @property
+    def eval_precision(self) -> str:
+        """The arithmetic of evaluation and predict: bf16 only for `precision = bf16`."""
+        return "bf16" if self.precision == "bf16" else "fp32"
 
     @property
     def local_dp(self) -> bool:

@@ -141,7 +141,7 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     if not config.local_dp:
         started = time.perf_counter()
-        loss = _train_plain(model, data, optimizer, sampler, steps, output_rows, config.precision,
+        loss = _train_plain(model, data, optimizer, sampler, steps, output_rows, config.train_precision,
                             row_task_weights(data, config.train_weights))
         return RoundResult(STATUS_TRAINED, len(data), steps, sample_rate, 0.0, math.inf, config.target_delta, loss,
                            train_seconds=time.perf_counter() - started)
@@ -294,9 +294,9 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             elif grouped:
                 losses.append(shopper_backward(private_model, trainable, data, idx, torch.from_numpy(owner),
-                                               config.precision, task_weight))
+                                               config.train_precision, task_weight))
             else:
-                loss = per_sample_loss(private_model, *batch_of(data, idx, device), config.precision).mean()
+                loss = per_sample_loss(private_model, *batch_of(data, idx, device), config.train_precision).mean()
                 loss.backward()
                 for p in trainable:  # Opacus clips in the grad samples' dtype: clip and noise in float32
                     p.grad_sample = p.grad_sample.to(p.dtype)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from shared.baselines import Baselines
-from shared.config import DEVICES, PRECISIONS, ConfigError
+from shared.config import DEVICES, ConfigError
 from shared.metrics import binary_metrics, elasticity, ranking_metrics, target_rank
 from shared.outputs import Outputs
 from shared.tasks import PRICE_LEVELS, CatalogueFacts, Example, level_token
@@ -59,9 +59,10 @@ def encode(examples: list[Example], tokenizer: PreTrainedTokenizerFast) -> Encod
 def autocast(precision: str, device: torch.device | str = "cpu"):
     """The context of a forward pass at `precision` (config key `precision`): bf16 is torch's autocast (matmuls run
     in bfloat16 on bfloat16 copies, the weights stay float32; callers read the logits as float32), fp32 does
-    nothing. Backward passes run outside it."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    nothing. Backward passes run outside it. `precision` is what the config's train_precision or eval_precision
+    gives."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"autocast's precision must be fp32 or bf16, got {precision!r}")
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

@@ -145,7 +145,7 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
             width = int(train.attention_mask[idx].sum(1).max())  # drop columns that are padding in the whole batch
             losses = per_sample_loss(model, train.input_ids[idx, :width].to(device),
                                      train.attention_mask[idx, :width].to(device), train.target_ids[idx].to(device),
-                                     config.precision)
+                                     config.train_precision)
             loss = (weight[idx.to(device)] * losses).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -155,7 +155,7 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
             total += float(loss.detach())
         log.info("pretrain epoch %d/%d: loss %.4f", epoch + 1, config.pretrain_epochs, total / steps_per_epoch)
     metrics = evaluate(model, tokenizer, public.valid, public.facts, batch_size=config.eval_batch_size,
-                       tasks=config.task_list, precision=config.precision)
+                       tasks=config.task_list, precision=config.eval_precision)
     model.to("cpu")  # the base directory holds CPU tensors, whatever device trained it
     head = wide_of(model)
     if head is not None:

@@ -296,6 +296,35 @@ def test_evaluation_in_bf16_keeps_the_fp32_metrics():
     assert kept["bf16"]["intent-logloss"] != kept["fp32"]["intent-logloss"]  # the bf16 forward really ran
 
 
+def test_bf16_train_runs_the_training_steps_in_bf16_and_every_evaluation_in_fp32():
+    # Prepare: one DP round from the same start and seed at each precision, then the reference runs' evaluation
+    from server.references import _evaluate
+    from shared.model import adapter_state, load_adapter_state
+
+    config = CONFIG.replace(privacy_unit="shopper", examples_per_shopper=4, num_rounds=1, learning_rate=0.05)
+    assert [(config.replace(precision=p).train_precision, config.replace(precision=p).eval_precision)
+            for p in ("fp32", "bf16", "bf16-train")] == [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")]
+    model, tokenizer, merchant = tiny_lora_model(config, seed=5)
+    start, data, owners = adapter_state(model), encode(merchant.train, tokenizer), [e.user_id for e in merchant.train]
+    trained, metrics = {}, {}
+    for precision in ("fp32", "bf16-train", "bf16"):
+        run = config.replace(precision=precision)
+        load_adapter_state(model, start)
+        # Execute
+        train_round(model, data, run, PrivacyState(), seed=8, owners=owners)
+        trained[precision] = torch.cat([t.flatten() for t in adapter_state(model).values()])
+        load_adapter_state(model, start)
+        metrics[precision] = _evaluate(model, tokenizer, merchant, run, tasks=["intent", "next-item"])[0]
+    # Assert: bf16-train trains exactly as bf16 does (same forward, same noise) and not as fp32; it evaluates exactly
+    # as fp32 does, and bf16 does not
+    assert torch.equal(trained["bf16-train"], trained["bf16"])
+    assert not torch.equal(trained["bf16-train"], trained["fp32"])
+    assert (trained["bf16-train"] - trained["fp32"]).norm() <= 0.1 * (trained["fp32"] - torch.cat(
+        [t.flatten() for t in start.values()])).norm()
+    assert metrics["bf16-train"] == metrics["fp32"]
+    assert metrics["bf16"]["intent-logloss"] != metrics["fp32"]["intent-logloss"]
+
+
 def test_per_sample_gradients_are_exact_on_the_t5_small_shape_with_every_lora_target():
     # Google's t5-small shape (d_model 512, 6 + 6 layers): every target fedshop offers, A and B non-zero. In float64:
     # through 12 layers float32 rounding alone (which differs with the thread count) moves some entries by more than

@@ -181,3 +181,40 @@ def test_simulation_with_references_writes_paired_comparisons_and_the_report_use
     assert "- time per train round: " in report and "training share" in report
     assert "local-only (each merchant alone, same DP budget)" in report
     assert f"(paired bootstrap over {row['shoppers']} test shoppers: on all {row['examples']} test examples" in report
+
+
+@pytest.mark.slow
+def test_reference_jobs_in_worker_processes_give_what_they_give_one_after_the_other(tiny_run):
+    # Prepare: the session's run, whose references ran as jobs in worker processes of one torch thread each on a
+    # machine with 2 cores (centralised first, then local-only one merchant a job, taken as workers freed up)
+    import os
+
+    import torch
+
+    from server.references import _job, _jobs
+    from shared.config import load_config
+    from shared.data import merchant_data
+    from shared.sources import load_world
+
+    assert (os.cpu_count() or 1) >= 2  # else the run took the in-process path and this compares it with itself
+    config = load_config(tiny_run.path / "config.toml")
+    recorded = json.loads((tiny_run.path / "references.json").read_text())
+    world = load_world(config)
+    data = {m: merchant_data(config, m, world) for m in world.merchant_ids}
+    jobs = _jobs(["local-only", "centralised"], list(data))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # Execute: every job here, one after the other, in this process
+        done = [_job(config, *job, data) for job in jobs]
+    finally:
+        torch.set_num_threads(threads)
+    # Assert: the jobs were centralised whole first, then each merchant alone; each merchant's test metrics and
+    # local-only epsilon equal the recorded ones exactly
+    assert [(k, m) for k, m, _ in jobs] == [("centralised", "")] + [("local-only", m) for m in data]
+    for (kind, merchant, _), part in zip(jobs, done, strict=True):
+        assert set(part["merchants"]) == ({merchant} if merchant else set(data))
+        for name, metrics in part["merchants"].items():
+            assert metrics == recorded[kind]["merchants"][name]
+        if kind == "local-only":
+            assert part["epsilons"][merchant] == pytest.approx(recorded[kind]["epsilon"][merchant], rel=1e-12)
