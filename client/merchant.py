@@ -18,11 +18,11 @@ from client.faults import corrupted, strike
 from client.state import load_own_state, save_own_state, state_file, with_ledger_charges, within_own_budget
 from shared.baselines import fit_baselines
 from shared.config import FedShopConfig, from_run_config
-from shared.data import merchant_data, merchant_id_for_partition
+from shared.data import merchant_id_for_partition, served_merchant_data
 from shared.dptrain import STATUS_DECLINED, PrivacyState, charged_ahead, train_round
 from shared.ledger import history_from_ledger
 from shared.model import add_lora, item_rows, load_adapter_state, load_base, uplink_state
-from shared.modeling import encode, evaluate, resolve_device
+from shared.modeling import encode_teaching, evaluate, resolve_device
 from shared.privacy import PRIVACY_RECORD, PrivacyBudget, load_history, save_history
 
 PRIVACY_STATE_KEY = "fedshop-privacy"
@@ -35,7 +35,7 @@ def _setup(msg: Message, context: Context):
     torch.set_num_threads(config.torch_threads)
     partition_id = int(context.node_config["partition-id"])
     merchant_id = merchant_name(context)
-    data = merchant_data(config, merchant_id)
+    data = served_merchant_data(config, merchant_id)
     base, tokenizer, _ = load_base(config.base_dir)
     model = add_lora(base, config, tokenizer=tokenizer, facts=data.facts)
     load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
@@ -85,8 +85,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     merchant = merchant_name(context)
     state = _load_state(context, config, merchant, server_round)
-    teaching = data.teaching(config)
-    encoded, owners = encode(teaching, tokenizer), [e.user_id for e in teaching]
+    teaching, encoded = encode_teaching(data, config, tokenizer)
+    owners = [e.user_id for e in teaching]
     ahead = charged_ahead(state, len(encoded), owners, config)
     if ahead is not None:  # write-ahead: the round counts in the merchant's history before its first noised step
         _save_state(context, config, merchant, ahead)

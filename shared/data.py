@@ -12,8 +12,8 @@ import numpy as np
 from shared.canaries import make_canaries
 from shared.config import FedShopConfig
 from shared.errors import UserError
-from shared.semantic import SemanticIds, load_semantic_ids
-from shared.sources import load_world
+from shared.semantic import SEMANTIC_FILE, SemanticIds, load_semantic_ids
+from shared.sources import file_stat, load_world, world_key
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, RATING_BANDS, SyntheticData
 from shared.tasks import TASK_TOKENS, CatalogueFacts, Example, build_examples, by_split, churn_tokens, level_tokens
 
@@ -27,6 +27,8 @@ class MerchantData:
     test: list[Example]
     popularity: np.ndarray  # item view counts visible to training (for the popularity baseline)
     holdout: list[Example] = field(default_factory=list)  # train-split examples of shoppers kept out of training
+    # what callers derived from these examples and keep for the next message (shared.modeling.encode_teaching)
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def teaching(self, config: FedShopConfig) -> list[Example]:
         """The training examples a merchant trains on: those of `train-tasks` (baselines fit on all of `train`)."""
@@ -74,6 +76,25 @@ def public_shopper_count(data: SyntheticData) -> int:
 def semantic_ids_for(config: FedShopConfig, base_dir: str | Path | None = None) -> SemanticIds | None:
     """The base's semantic ids when the config writes items that way, else None."""
     return load_semantic_ids(base_dir or config.base_dir) if config.item_ids == "semantic" else None
+
+
+_SERVED: dict[tuple, MerchantData] = {}
+SERVED_KEPT = 32  # merchants whose data a process keeps (an actor of a sampled 1,000-merchant run meets many)
+
+
+def served_merchant_data(config: FedShopConfig, merchant_id: str) -> MerchantData:
+    """`merchant_data` of the process's world, kept per process for the merchant's next message (a simulation
+    actor serves each merchant every round; building its examples again took 0.15-0.2 s a message). Keyed by every
+    config key, the world's key (its files' size and mtime) and, for semantic ids, the base's ids file's. Callers
+    must not modify what it returns."""
+    semantic = str(Path(config.base_dir) / SEMANTIC_FILE) if config.item_ids == "semantic" else ""
+    key = (world_key(config), tuple(sorted(config.to_flat().items())), merchant_id, file_stat(semantic))
+    hit = _SERVED.get(key)
+    if hit is None:
+        hit = _SERVED[key] = merchant_data(config, merchant_id)
+        while len(_SERVED) > SERVED_KEPT:
+            _SERVED.pop(next(iter(_SERVED)))  # the oldest
+    return hit
 
 
 def merchant_data(config: FedShopConfig, merchant_id: str, data: SyntheticData | None = None,

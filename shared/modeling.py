@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,10 @@ from shared.outputs import Outputs
 from shared.tasks import PRICE_LEVELS, CatalogueFacts, Example, level_token
 from shared.wide import wide_of
 
+if TYPE_CHECKING:
+    from shared.config import FedShopConfig
+    from shared.data import MerchantData
+
 IGNORE = -100  # a target position past the end of a shorter target
 
 
@@ -34,6 +39,18 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.target_ids)
+
+
+def encode_teaching(data: MerchantData, config: FedShopConfig, tokenizer: PreTrainedTokenizerFast
+                    ) -> tuple[list[Example], Encoded]:
+    """A merchant's training examples (`MerchantData.teaching`) and their encoding, kept on `data` for the next
+    round (a process keeps a merchant's data between messages: `served_merchant_data`), keyed by the train tasks
+    and the tokenizer's vocabulary. Encoding a merchant's 6,000 examples took 0.4 s a message."""
+    key = ("teaching", tuple(config.train_task_list), hash(tuple(sorted(tokenizer.get_vocab().items()))))
+    if key not in data.derived:
+        teaching = data.teaching(config)
+        data.derived[key] = (teaching, encode(teaching, tokenizer))
+    return data.derived[key]
 
 
 def encode(examples: list[Example], tokenizer: PreTrainedTokenizerFast) -> Encoded:

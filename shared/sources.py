@@ -69,10 +69,10 @@ def load_world(config: FedShopConfig) -> SyntheticData:
     and partitioning the file again: memory, then disk, then build (and write the disk cache). Callers must not
     modify what it returns.
     """
-    return _cached_world(_world_key(config), config)
+    return _cached_world(world_key(config), config)
 
 
-def _world_key(config: FedShopConfig) -> tuple:
+def world_key(config: FedShopConfig) -> tuple:
     """Everything that defines the world: every data key (its file paths made absolute: a key names files, not
     spellings of them) and each file loading reads, with its size and modification time."""
     flat = config.to_flat()
@@ -82,10 +82,13 @@ def _world_key(config: FedShopConfig) -> tuple:
     files = [p for p in (data_path, *properties) if p]
     if data_path and not properties and config.data_format in ("auto", "recbole"):
         files.append(os.path.splitext(data_path)[0] + ".item")  # what a recbole .inter reads beside it
-    return tuple((key, flat[key]) for key in DATA_KEYS) + tuple(_file_stat(path) for path in files)
+    return tuple((key, flat[key]) for key in DATA_KEYS) + tuple(file_stat(path) for path in files)
 
 
-def _file_stat(path: str) -> tuple:
+def file_stat(path: str) -> tuple:
+    """(path, size, modification time in ns) of a file; None for both when it cannot be read (or path is '')."""
+    if not path:
+        return path, None, None
     try:
         info = os.stat(path)
     except OSError:

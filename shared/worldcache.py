@@ -3,7 +3,7 @@
 `shared.sources.load_world` builds a real log's world (load, clean, assign merchants: seconds to minutes for a
 large file) and writes it here; every later process (each deploy-mode message, each simulation actor, pretraining,
 references, predict) reads it instead of parsing the file again. This is the one module that reads and writes the
-format. One entry per world, named by the sha256 of the repr of its key (`shared.sources._world_key`: every data
+format. One entry per world, named by the sha256 of the repr of its key (`shared.sources.world_key`: every data
 key of the config, each file's absolute path, size and modification time):
 
 - `<digest>.events.arrow`: an Arrow IPC file (Feather v2) of one record batch: the EventLog columns, then

@@ -296,3 +296,41 @@ def test_default_cleaning_stops_before_dropping_most_shoppers_and_names_the_key(
     assert _kept_shoppers(config.replace(min_shopper_events=1)) == 100
     assert _kept_shoppers(config.replace(min_shopper_events=5)) == 30
     assert _kept_shoppers(config.replace(tasks="churn")) == 100
+
+
+def test_a_process_serves_a_merchant_s_data_and_encoding_again_until_a_key_or_its_file_changes(rees46, tmp_path):
+    # Prepare: a real file copied where the test may touch it, and a tokenizer of its catalogue
+    import os
+    import shutil
+
+    import torch
+
+    from shared.data import served_merchant_data
+    from shared.modeling import encode, encode_teaching
+    from shared.tokenizer import build_tokenizer
+
+    path = tmp_path / "2019-Oct.csv"
+    shutil.copy(rees46, path)
+    config = FedShopConfig(**TINY, data_path=str(path), partition="natural:brand")
+    # Execute
+    first = served_merchant_data(config, "m1")
+    again = served_merchant_data(config, "m1")
+    other_key = served_merchant_data(config.replace(history_length=2), "m1")
+    tokenizer = build_tokenizer(*vocabulary(first.facts))
+    teaching, encoded = encode_teaching(first, config, tokenizer)
+    kept = encode_teaching(first, config, tokenizer)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the file changed on disk
+    after_edit = served_merchant_data(config, "m1")
+    # Assert: the same objects while nothing changed; a changed key or file builds afresh, equal to merchant_data's
+    assert again is first and other_key is not first and after_edit is not first
+    def written(data):  # what an example says (its truth fields are NaN on a real log, and NaN != NaN)
+        return [(e.task, e.user_id, e.source, e.target) for e in data.train]
+
+    assert written(after_edit) == written(first) == written(merchant_data(config, "m1"))
+    assert written(other_key) != written(first)  # history-length 2 writes other sources
+    assert kept[0] is teaching and kept[1] is encoded and teaching == first.teaching(config)
+    fresh = encode(teaching, tokenizer)
+    assert torch.equal(encoded.input_ids, fresh.input_ids) and torch.equal(encoded.target_ids, fresh.target_ids)
+    # a tokenizer with another vocabulary gets its own encoding
+    smaller = build_tokenizer(*vocabulary(first.facts)[:1], [], [])
+    assert encode_teaching(first, config, smaller)[1] is not encoded

@@ -221,9 +221,9 @@ def test_the_key_holds_the_item_file_a_recbole_log_reads_beside_it(tmp_path):
     inter = tmp_path / "shop.inter"
     inter.write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\ti1\t1\n", encoding="utf-8")
     config = FedShopConfig(data_path=str(inter))
-    before = sources._world_key(config)
+    before = sources.world_key(config)
     (tmp_path / "shop.item").write_text("item_id:token\tclass:token_seq\ni1\tdrama\n", encoding="utf-8")
-    assert sources._world_key(config) != before
+    assert sources.world_key(config) != before
 
 
 def _flip_timestamp_bytes(path: Path, timestamps: np.ndarray) -> None:
@@ -243,7 +243,7 @@ def test_a_damaged_entry_is_rebuilt_with_a_warning_and_rewritten(rees46, tmp_pat
     cache = tmp_path / "worlds"
     config = real_config(rees46, cache)
     first = sources.load_world(config)
-    events, catalogue = worldcache.entry_paths(cache, sources._world_key(config))
+    events, catalogue = worldcache.entry_paths(cache, sources.world_key(config))
     damaged = catalogue if damage.startswith("catalogue") else events
     size = damaged.stat().st_size
     if damage == "garbled data":
