@@ -79,7 +79,9 @@ def semantic_ids_for(config: FedShopConfig, base_dir: str | Path | None = None) 
 
 
 _SERVED: dict[tuple, MerchantData] = {}
-SERVED_KEPT = 32  # merchants whose data a process keeps (an actor of a sampled 1,000-merchant run meets many)
+# what a process keeps at most: merchants, and their training examples in all (each kept with its encoding: a
+# merchant of the demo holds ~6,200, a real log's large merchant tens of thousands)
+SERVED_KEPT, SERVED_EXAMPLES_KEPT = 32, 150_000
 
 
 def served_merchant_data(config: FedShopConfig, merchant_id: str) -> MerchantData:
@@ -92,7 +94,8 @@ def served_merchant_data(config: FedShopConfig, merchant_id: str) -> MerchantDat
     hit = _SERVED.get(key)
     if hit is None:
         hit = _SERVED[key] = merchant_data(config, merchant_id)
-        while len(_SERVED) > SERVED_KEPT:
+        while len(_SERVED) > 1 and (len(_SERVED) > SERVED_KEPT
+                                    or sum(len(d.train) for d in _SERVED.values()) > SERVED_EXAMPLES_KEPT):
             _SERVED.pop(next(iter(_SERVED)))  # the oldest
     return hit
 

@@ -334,3 +334,19 @@ def test_a_process_serves_a_merchant_s_data_and_encoding_again_until_a_key_or_it
     # a tokenizer with another vocabulary gets its own encoding
     smaller = build_tokenizer(*vocabulary(first.facts)[:1], [], [])
     assert encode_teaching(first, config, smaller)[1] is not encoded
+
+
+def test_a_process_keeps_at_most_its_examples_budget_of_merchants(monkeypatch):
+    # Prepare: a budget of examples that holds one tiny merchant's training examples and not two
+    from shared import data as data_module
+
+    config = FedShopConfig(**TINY)
+    monkeypatch.setattr(data_module, "_SERVED", {})
+    one = len(merchant_data(config, "m0").train)
+    monkeypatch.setattr(data_module, "SERVED_EXAMPLES_KEPT", one + 1)
+    # Execute
+    first = data_module.served_merchant_data(config, "m0")
+    data_module.served_merchant_data(config, "m1")
+    # Assert: the newest merchant stays, the oldest went; asking for it again builds it afresh
+    assert [key[2] for key in data_module._SERVED] == ["m1"]
+    assert data_module.served_merchant_data(config, "m0") is not first
