@@ -121,13 +121,13 @@ def _job(config: FedShopConfig, kind: str, merchant: str, merchant_index: int, d
     outputs: dict[str, Outputs] = {}
     epsilons: dict[str, float] = {}
     if kind == "local-only":
-        index, d = merchant_index, data[merchant]
+        d = data[merchant]
         base, tokenizer, _ = load_base(config.base_dir)
         model = add_lora(base, config, seed=config.seed, tokenizer=tokenizer, facts=d.facts).to(device)
         teaching = d.teaching(config)
         state, encoded = PrivacyState(), encode(teaching, tokenizer)
         for server_round in range(1, config.num_rounds + 1):
-            result = train_round(model, encoded, config, state, seed=_seed(config, server_round, index),
+            result = train_round(model, encoded, config, state, seed=_seed(config, server_round, merchant_index),
                                  owners=[e.user_id for e in teaching], output_rows=item_rows(tokenizer, d.facts))
             epsilons[merchant] = result.epsilon
         merchants[merchant], outputs[merchant] = _evaluate(model, tokenizer, d, config)
