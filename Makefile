@@ -23,7 +23,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check server client shared tests bench
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 lint: setup
 	$(VENV)/bin/ruff check server client shared tests
