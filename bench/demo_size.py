@@ -15,13 +15,15 @@ BENCHMARKS.md. These are figures, not tests.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 from sections import write_section
+
+from server.report import read_paired
+from shared.metrics import decide
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUAL = "train-task-weights=intent:1/next-item:1/churn:1"
@@ -41,19 +43,18 @@ DIFFERENCES = (("intent − round 0", "federated vs round 0", "intent-auc"),
                ("churn − logistic", "federated vs churn-baseline", "churn-auc"))
 
 
-def verdict(difference: float, se: float) -> str:
-    """The report's rule: beyond two standard errors is a verdict, within them level."""
-    return "" if abs(difference) <= 2 * se else (" ✓" if difference > 0 else " ✗")
+MARKS = {"beats": " ✓", "is beaten by": " ✗", "level with": "", "vs": ""}
 
 
 def row(label: str, run_dir: Path) -> str:
-    paired = json.loads((run_dir / "references.json").read_text())["paired"]
+    paired = read_paired(run_dir)
     cells = [label, f"{paired['federated vs round 0']['intent-auc']['a']:.3f}",
              f"{paired['federated vs round 0']['next-hr@10']['a']:.3f}",
              f"{paired['federated vs round 0']['churn-auc']['a']:.3f}"]
     for _, comparison, metric in DIFFERENCES:
         figure = paired[comparison][metric]
-        cells.append(f"{figure['difference']:+.3f} ± {figure['se']:.3f}{verdict(figure['difference'], figure['se'])}")
+        mark = MARKS[decide(figure["difference"], figure["se"]).verdict]  # the report's rule, at 2 SE
+        cells.append(f"{figure['difference']:+.3f} ± {figure['se']:.3f}{mark}")
     markov = paired["federated vs next-markov"]["next-hr@10"]
     cells.append(f"{markov['a'] / markov['b']:.2f}×")
     return "| " + " | ".join(cells) + " |"
