@@ -1,20 +1,22 @@
 """The real-shaped preset at epsilon 8 beside the report's own baselines, for one or more variants of it.
 
-    python bench/real_shaped.py [--variants "history 4:history-length=4;history 16:history-length=16,..."]
-                                [--out runs/bench-real-shaped] [--reuse] [--no-write]
+    python bench/real_shaped.py [--variants "label:key=value,...;..."] [--out runs/bench-real-shaped] [--reuse]
+                                [--no-write]
 
-Each variant is `label:key=value,...` over configs/real-shaped.toml (the default variants: the model shown its last
-4 and its last 16 viewed items, each with a base pretrained at that history length). Every variant
-runs `fedshop simulate` into OUT/<label> (with --reuse an existing finished run there is read instead). The table
-holds the federated model's test figures and the report's paired differences (federated minus the other scorer,
-± the bootstrap SE over test shoppers): next-item HR@10 against round 0, the Markov chain and local-only; churn AUC
-against round 0 and the recency/frequency logistic regression; intent AUC against its logistic regression. It is
-printed and written into BENCHMARKS.md. These are figures, not tests.
+Each variant is `label:key=value,...` over configs/real-shaped.toml, "/" standing for "," inside a value (the default
+variants: the preset's recipe, the demo's, with intent's examples counted once, twice (the preset) or three times,
+and with the wide part's per-item weights taking a quarter, a tenth or twice each step). Every variant runs `fedshop
+simulate` into OUT/<label> (with --reuse an existing finished run there is read instead). The table holds the
+federated model's test figures and the report's paired differences (federated minus the other scorer, ± the bootstrap
+SE over test shoppers): next-item HR@10 against round 0, the Markov chain and local-only; churn AUC against round 0
+and the recency/frequency logistic regression; intent AUC against round 0, local-only and its logistic regression. It
+is printed and written into BENCHMARKS.md. These are figures, not tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -26,9 +28,15 @@ from server.report import read_paired
 from shared.rundir import RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_VARIANTS = "history 4:history-length=4;history 16:history-length=16,base-dir=bases/real-shaped-h16"
+DEFAULT_VARIANTS = ("intent x1:train-task-weights=intent:1/next-item:1/churn:1;"
+                    "intent x2 (the preset):;"
+                    "intent x3:train-task-weights=intent:3/next-item:1/churn:1;"
+                    "intent x2, item step 0.25:wide-item-step=0.25;"
+                    "intent x2, item step 0.1:wide-item-step=0.1;"
+                    "intent x2, item step 2:wide-item-step=2")
 COLUMNS = (("next-hr@10", "round 0"), ("next-hr@10", "next-markov"), ("next-hr@10", "local-only"),
-           ("churn-auc", "round 0"), ("churn-auc", "churn-baseline"), ("intent-auc", "intent-baseline"))
+           ("churn-auc", "round 0"), ("churn-auc", "churn-baseline"), ("intent-auc", "round 0"),
+           ("intent-auc", "local-only"), ("intent-auc", "intent-baseline"))
 
 
 def cell(paired: dict, metric: str, other: str) -> str:
@@ -48,13 +56,13 @@ def main() -> None:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in args.variants.split(";"):
         label, _, sets = variant.partition(":")
-        run_dir = ROOT / args.out / label.replace(" ", "-")
+        run_dir = ROOT / args.out / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
         seconds = "—"
         if not (args.reuse and (run_dir / "report.md").is_file()):
             command = [sys.executable, "-m", "server.cli", "simulate", "--config", "configs/real-shaped.toml",
                        "--run-dir", str(run_dir), "--force"]
             for pair in filter(None, sets.split(",")):
-                command += ["--set", pair]
+                command += ["--set", pair.replace("/", ",")]
             started = time.perf_counter()
             if subprocess.run(command, cwd=ROOT).returncode:
                 sys.exit(f"bench/real_shaped.py: variant {label!r}: fedshop simulate failed (its output is above)")
@@ -74,11 +82,13 @@ def main() -> None:
                       f"`{command}`\n\n"
                       "`configs/real-shaped.toml`: 8 merchants × 250 shoppers, 2,000 items with power-law "
                       "popularity, median 60 events per shopper, public split 20 %, the demo's recipe (DP ε 8 per "
-                      "merchant at the shopper unit, δ 1e-5, rdp; LoRA r 4 on the items' rows of `lm_head`; 4 "
-                      "rounds). Differences are federated minus the named scorer on the same test shoppers, ± the "
-                      "paired bootstrap SE (the run's references.json); \"—\" where the variant ran without that "
-                      "reference. wall s is the whole `fedshop simulate`, pretraining of the variant's base "
-                      "included (\"—\" when the run was read back with --reuse).\n\n" + table)
+                      "merchant at the shopper unit, δ 1e-5, rdp; LoRA r 4 on the items' rows of `lm_head` and the "
+                      "wide part, Adam 0.1, its dense weights at a quarter step, training steps in bf16; 4 "
+                      "rounds of 2 local epochs), one run per variant from the same base. Differences are "
+                      "federated minus the named scorer on the same test shoppers, ± the paired bootstrap SE (the "
+                      "run's references.json); \"—\" where the variant ran without that reference. wall s is "
+                      "the whole `fedshop simulate`, pretraining of the variant's base included (\"—\" when the run "
+                      "was read back with --reuse).\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -170,6 +170,9 @@ class FedShopConfig:
                                    "bands, the categories' stay weights: each read by many examples of every "
                                    "shopper); below 1 they move less than the per-item weights (shared/wide.py, "
                                    "WideHead.train_only)", low=0.0, high=1.0)
+    wide_item_step: float = _spec(1.0, "with wide = true: the share of each optimizer step that the wide part's "
+                                  "per-item weights keep (intent's candidate-item weights, the next-item biases); "
+                                  "above 1 they move further than the step took them", low=0.0, high=4.0)
     lora_targets: str = _spec("q,v", "comma-separated T5 layers LoRA adapts: linear layers of the attention "
                               "(q, k, v, o) and feed-forward (wi, wo); lm_head, the output layer, which gives every "
                               "item token r adaptable output weights; embed, the encoder's input embedding, which "

@@ -131,7 +131,7 @@ def train_round(model: torch.nn.Module, data: Encoded, config: FedShopConfig, st
     freeze_for(model, config.aggregation)
     head = wide_of(model)
     if head is not None:
-        head.train_only(config.train_task_list, output_rows, config.wide_dense_step)
+        head.train_only(config.train_task_list, output_rows, config.wide_dense_step, config.wide_item_step)
     torch.manual_seed(seed)
     records = records_for(len(data), owners, config)
     sample_rate, steps = schedule(len(records), config)

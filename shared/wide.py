@@ -83,9 +83,10 @@ class WideHead(nn.Module):
         self.has_catalogue = False
         self.frozen: torch.Tensor | None = None  # rows held during training (`train_only`), and their values
         self.held: torch.Tensor | None = None
-        self.dense: torch.Tensor | None = None  # live dense rows whose step is damped (`train_only`), and
-        self.dense_step = 1.0  # the share of each optimizer step they keep; their values before the step
-        self.before: torch.Tensor | None = None
+        # live rows whose step is damped (`train_only`): (rows, the share of each optimizer step they keep), and
+        # their values before the step
+        self.damped: list[tuple[torch.Tensor, float]] = []
+        self.before: list[torch.Tensor] | None = None
 
     def set_catalogue(self, tokenizer, facts) -> None:
         """Which item has which category (public catalogue facts), for the next-item "stay" term."""
@@ -103,7 +104,7 @@ class WideHead(nn.Module):
         self.has_catalogue = True
 
     def train_only(self, tasks: list[str] | tuple[str, ...], item_rows: list[int] | None,
-                   dense_step: float = 1.0) -> None:
+                   dense_step: float = 1.0, item_step: float = 1.0) -> None:
         """Let only the rows that `tasks` read move in the training that follows: the blocks of the tasks trained and,
         of next item's, the items' biases (`item_rows`; None: every token) and the categories' "stay" weights. The
         other rows get no share of the clipping norm (`mask`) and are put back to their values after every step
@@ -114,7 +115,10 @@ class WideHead(nn.Module):
         item, every churn band, the categories' stay weights: each read by many examples of every shopper) keep this
         share of each optimizer step (`snapshot` before it, `hold` after). Adam moves every weight by about the
         learning rate whatever its gradient, so under DP noise the few dense weights a whole task reads wander; the
-        first-order gain of a step scales with it, the second-order loss from the noise with its square."""
+        first-order gain of a step scales with it, the second-order loss from the noise with its square.
+
+        `item_step` (config key `wide-item-step`): the same for the live per-item rows (intent's candidate-item weights,
+        the next-item biases); above 1 they go further along the step they took."""
         vocab, weight = self.vocab_size, self.table.weight
         live = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
         live[:vocab] = "intent" in tasks
@@ -131,13 +135,13 @@ class WideHead(nn.Module):
         if item_rows is not None:
             dense[torch.as_tensor(item_rows, dtype=torch.long, device=weight.device)] = False
         dense[3 * vocab:] = True
-        self.dense = torch.nonzero(dense & live).flatten() if dense_step != 1.0 else None
-        self.dense_step = float(dense_step)
+        self.damped = [(torch.nonzero(rows & live).flatten(), float(step))
+                       for rows, step in ((dense, dense_step), (~dense, item_step)) if step != 1.0]
 
     def snapshot(self) -> None:
-        """Before an optimizer step: remember the damped rows' values (`train_only` with dense_step below 1)."""
-        if self.dense is not None:
-            self.before = self.table.weight.detach()[self.dense].clone()
+        """Before an optimizer step: remember the damped rows' values (`train_only` with a step below 1)."""
+        if self.damped:
+            self.before = [self.table.weight.detach()[rows].clone() for rows, _ in self.damped]
 
     def mask(self) -> None:
         """Zero the held rows of the table's per-sample gradients (before DP-SGD clips them)."""
@@ -147,13 +151,14 @@ class WideHead(nn.Module):
 
     def hold(self) -> None:
         """After an optimizer step: put the held rows back to their values before training, and let the damped rows
-        keep `dense_step` of the step they took since `snapshot`."""
+        keep their share of the step they took since `snapshot`."""
         with torch.no_grad():
             if self.frozen is not None:
                 self.table.weight[self.frozen] = self.held
-            if self.dense is not None and self.before is not None:
+            if self.before is not None:
                 weight = self.table.weight
-                weight[self.dense] = self.before + self.dense_step * (weight[self.dense] - self.before)
+                for (rows, step), before in zip(self.damped, self.before, strict=True):
+                    weight[rows] = before + step * (weight[rows] - before)
                 self.before = None
 
     def features(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

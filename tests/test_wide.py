@@ -223,39 +223,61 @@ def test_pretraining_with_the_wide_part_saves_it_beside_the_t5_and_round_0_start
     assert not (tmp_path / "base" / WIDE_FILE).exists() and load_base(config.base_dir)[2]["wide"] is False
 
 
-def test_wide_dense_step_damps_only_the_dense_rows_and_zero_holds_them_under_dp_sgd():
-    """wide-dense-step = k: after each optimizer step the live dense rows (intent's non-item features, the churn
-    bands, the stay weights) keep k of their step; the candidate items' rows keep all of it. At k = 0 a DP-SGD round
-    moves the items' intent rows and the next-item biases while every dense row stays at its start."""
+def _one_step_by_hand(dense_step: float, item_step: float):
+    """(moved, rows, vocab, tokenizer, merchant): each row's move when every row steps by 1 between `snapshot` and
+    `hold`, all three tasks live."""
     model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=4)
     head, rows = model.wide, item_rows(tokenizer, merchant.facts)
-    vocab = head.vocab_size
-    items = torch.zeros(vocab, dtype=torch.bool)
-    items[rows] = True
-    categories = tokenizer.convert_tokens_to_ids(sorted(set(merchant.facts.category)))
-    dense_intent = (~items).nonzero().flatten()
-    # one step by hand: every live row moves by 1; the dense ones keep a quarter of it
-    head.train_only(("intent", "next-item", "churn"), rows, dense_step=0.25)
+    head.train_only(("intent", "next-item", "churn"), rows, dense_step=dense_step, item_step=item_step)
     start = head.table.weight.detach().clone()
     head.snapshot()
     with torch.no_grad():
         head.table.weight += 1.0
     head.hold()
-    moved = (head.table.weight.detach() - start)[:, 0]
+    return (head.table.weight.detach() - start)[:, 0], rows, head.vocab_size, tokenizer, merchant
+
+
+def _one_dp_round(**changes):
+    """(start, after): the wide table's weights before and after one DP-SGD round with `changes` to the config."""
+    model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=5)
+    start = model.wide.table.weight.detach().clone()[:, 0]
+    result = train_round(model, encode(merchant.train, tokenizer), CONFIG.replace(**changes), PrivacyState(),
+                         seed=0, owners=[e.user_id for e in merchant.train],
+                         output_rows=item_rows(tokenizer, merchant.facts))
+    assert result.status == "trained"
+    return start, model.wide.table.weight.detach()[:, 0]
+
+
+def test_wide_dense_step_damps_only_the_dense_rows_and_zero_holds_them_under_dp_sgd():
+    """wide-dense-step = k: after each optimizer step the live dense rows (intent's non-item features, the churn
+    bands, the stay weights) keep k of their step; the candidate items' rows keep all of it. At k = 0 a DP-SGD round
+    moves the items' intent rows and the next-item biases while every dense row stays at its start."""
+    moved, rows, vocab, tokenizer, merchant = _one_step_by_hand(dense_step=0.25, item_step=1.0)
+    items = torch.zeros(vocab, dtype=torch.bool)
+    items[rows] = True
+    categories = tokenizer.convert_tokens_to_ids(sorted(set(merchant.facts.category)))
+    dense_intent = (~items).nonzero().flatten()
     assert torch.allclose(moved[items.nonzero().flatten()], torch.ones(len(rows)))  # the candidate items' rows
     assert torch.allclose(moved[2 * vocab + torch.tensor(rows)], torch.ones(len(rows)))  # next item's biases
     for dense in (dense_intent, vocab + torch.arange(vocab), 3 * vocab + torch.tensor(categories)):
         assert torch.allclose(moved[dense], torch.full((len(dense),), 0.25))
     # through the config key under DP-SGD: k = 0 holds every dense row at its start
-    model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=5)
-    head = model.wide
-    start = head.table.weight.detach().clone()[:, 0]
-    result = train_round(model, encode(merchant.train, tokenizer), CONFIG.replace(wide_dense_step=0.0),
-                         PrivacyState(), seed=0, owners=[e.user_id for e in merchant.train], output_rows=rows)
-    assert result.status == "trained"
-    after = head.table.weight.detach()[:, 0]
+    start, after = _one_dp_round(wide_dense_step=0.0)
     assert torch.equal(after[dense_intent], start[dense_intent])
     assert torch.equal(after[vocab:2 * vocab], start[vocab:2 * vocab])
     assert torch.equal(after[3 * vocab:], start[3 * vocab:])
-    assert (after[rows] != start[rows]).all() and (after[2 * vocab + torch.tensor(rows)] != start[2 * vocab +
-                                                                                                  torch.tensor(rows)]).all()
+    biases = 2 * vocab + torch.tensor(rows)
+    assert (after[rows] != start[rows]).all() and (after[biases] != start[biases]).all()
+
+
+def test_wide_item_step_damps_the_per_item_rows_beside_the_dense_ones():
+    """wide-item-step = k: the candidate items' intent rows and the next-item biases keep k of each step, the dense
+    rows their own share. At k = 0 a DP-SGD round holds every per-item row and still moves the dense ones."""
+    moved, rows, vocab, _, _ = _one_step_by_hand(dense_step=0.25, item_step=0.5)
+    biases = 2 * vocab + torch.tensor(rows)
+    assert torch.allclose(moved[torch.tensor(rows)], torch.full((len(rows),), 0.5))
+    assert torch.allclose(moved[biases], torch.full((len(rows),), 0.5))
+    assert torch.allclose(moved[vocab:2 * vocab], torch.full((vocab,), 0.25))  # the churn bands
+    start, after = _one_dp_round(wide_item_step=0.0)
+    assert torch.equal(after[rows], start[rows]) and torch.equal(after[biases], start[biases])
+    assert (after[vocab:2 * vocab] != start[vocab:2 * vocab]).any()
