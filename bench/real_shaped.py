@@ -5,8 +5,9 @@
 
 Each variant is `label:key=value,...` over configs/real-shaped.toml, "/" standing for "," inside a value (the default
 variants: the preset's recipe, the demo's, with intent's examples counted once, twice (the preset) or three times,
-and with the wide part's per-item weights taking a quarter, a tenth or twice each step). Every variant runs `fedshop
-simulate` into OUT/<label> (with --reuse an existing finished run there is read instead). The table holds the
+with the wide part's per-item weights taking a quarter, a tenth or twice each step, and with half or twice the
+clipping norm). Every variant runs `fedshop simulate` into OUT/<label> (with --reuse an existing finished run there is
+read instead). The table holds the
 federated model's test figures and the report's paired differences (federated minus the other scorer, ± the bootstrap
 SE over test shoppers): next-item HR@10 against round 0, the Markov chain and local-only; churn AUC against round 0
 and the recency/frequency logistic regression; intent AUC against round 0, local-only and its logistic regression. It
@@ -33,7 +34,9 @@ DEFAULT_VARIANTS = ("intent x1:train-task-weights=intent:1/next-item:1/churn:1;"
                     "intent x3:train-task-weights=intent:3/next-item:1/churn:1;"
                     "intent x2, item step 0.25:wide-item-step=0.25;"
                     "intent x2, item step 0.1:wide-item-step=0.1;"
-                    "intent x2, item step 2:wide-item-step=2")
+                    "intent x2, item step 2:wide-item-step=2;"
+                    "intent x2, clip 0.05:max-grad-norm=0.05;"
+                    "intent x2, clip 0.2:max-grad-norm=0.2")
 COLUMNS = (("next-hr@10", "round 0"), ("next-hr@10", "next-markov"), ("next-hr@10", "local-only"),
            ("churn-auc", "round 0"), ("churn-auc", "churn-baseline"), ("intent-auc", "round 0"),
            ("intent-auc", "local-only"), ("intent-auc", "intent-baseline"))
