@@ -7,11 +7,10 @@ Each variant is `label:key=value,...` over configs/real-shaped.toml, "/" standin
 variants: the preset's recipe, the demo's, with intent's examples counted once, twice (the preset) or three times,
 with the wide part's per-item weights taking a quarter, a tenth or twice each step, and with half or twice the
 clipping norm). Every variant runs `fedshop simulate` into OUT/<label> (with --reuse an existing finished run there is
-read instead). The table holds the
-federated model's test figures and the report's paired differences (federated minus the other scorer, ± the bootstrap
-SE over test shoppers): next-item HR@10 against round 0, the Markov chain and local-only; churn AUC against round 0
-and the recency/frequency logistic regression; intent AUC against round 0, local-only and its logistic regression. It
-is printed and written into BENCHMARKS.md. These are figures, not tests.
+read instead). The table holds the federated model's test figures and the report's paired differences (federated
+minus the other scorer, ± the bootstrap SE over test shoppers): next-item HR@10 against round 0, the Markov chain and
+local-only; churn AUC against round 0 and the recency/frequency logistic regression; intent AUC against round 0,
+local-only and its logistic regression. It is printed and written into BENCHMARKS.md. These are figures, not tests.
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ class WideHead(nn.Module):
                        for rows, step in ((dense, dense_step), (~dense, item_step)) if step != 1.0]
 
     def snapshot(self) -> None:
-        """Before an optimizer step: remember the damped rows' values (`train_only` with a step below 1)."""
+        """Before an optimizer step: remember the damped rows' values (`train_only` with a step other than 1)."""
         if self.damped:
             self.before = [self.table.weight.detach()[rows].clone() for rows, _ in self.damped]
 
