@@ -25,7 +25,11 @@ def _config(args: argparse.Namespace) -> FedShopConfig:
         overrides.append("progress=false")
     if getattr(args, "init_adapter", None):
         overrides.append(f"init-adapter={args.init_adapter}")
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    if idle := config.idle_generator_keys():
+        log.warning("%s: with data-path the synthetic generator's keys %s shape nothing (the log's own shoppers, "
+                    "items and dates decide)", args.config, ", ".join(idle))
+    return config
 
 
 def _resume_config(args: argparse.Namespace) -> FedShopConfig:

@@ -348,10 +348,11 @@ class FedShopConfig:
                                   "of view, cart, purchase, drop (e.g. \"pv:view,buy:purchase,fav:drop\")")
         if self.new_items and self.data_path:
             raise ConfigError("config key 'new-items' shapes the synthetic generator and cannot be combined with "
-                              "data-path: in your own log the items no public-split shopper viewed are the new ones")
+                              "data-path: in your own log the items no public-split shopper viewed are the new ones "
+                              "(set new-items = 0, or --set new-items=0)")
         if self.drift and self.data_path:
             raise ConfigError("config key 'drift' shapes the synthetic generator and cannot be combined with "
-                              "data-path: a real log drifts (or not) by itself")
+                              "data-path: a real log drifts (or not) by itself (set drift = 0, or --set drift=0)")
         if self.new_items >= self.num_items:
             raise ConfigError(f"config key 'new-items' = {self.new_items} must be below num-items = {self.num_items}")
         _ = self.pretrain_weights  # parsed here so that a malformed entry is refused with the config, key named
@@ -433,6 +434,14 @@ class FedShopConfig:
         rounds numbered on) instead of starting a new one."""
         return bool(self.resume_from) and Path(self.resume_from).resolve() == Path(self.run_dir).resolve()
 
+    def idle_generator_keys(self) -> list[str]:
+        """With data-path: the synthetic generator's keys set away from their defaults, which shape nothing then
+        (a preset such as configs/real-shaped.toml brought to a real log keeps them)."""
+        if not self.data_path:
+            return []
+        return [_kebab(name) for name in GENERATOR_KEYS
+                if getattr(self, name) != FIELDS[_kebab(name)].default]
+
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case mapping of every key, as Flower's run config and `config.toml` hold it."""
         return {_kebab(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -466,6 +475,9 @@ def _kebab(name: str) -> str:
 
 
 FIELDS = {_kebab(f.name): f for f in dataclasses.fields(FedShopConfig)}
+# The generator's keys that a real log (data-path) replaces: its sizes and its shoppers' behaviour.
+GENERATOR_KEYS = ("shoppers_per_merchant", "public_shoppers", "num_items", "num_categories", "days",
+                  "popularity_exponent", "views_per_session", "mean_gap_days", "leave_bias", "merchant_skew")
 
 
 def describe_range(f: dataclasses.Field) -> str:

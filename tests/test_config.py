@@ -56,7 +56,9 @@ def test_bad_values_are_refused_naming_key_and_range(key, value, words):
     ({"fault-injection": "exit@m1:2, garbage@m1:2"}, "entry 'garbage@m1:2': m1 already has a fault in round 2 (exit)"),
     ({"min-valid-merchants": 2, "min-merchants": 2}, "'min-valid-merchants' and 'min-merchants' are the same key"),
     ({"new-items": 60, "num-items": 60}, "'new-items' = 60 must be below num-items = 60"),
-    ({"new-items": 5, "data-path": "events.csv"}, "'new-items' shapes the synthetic generator"),
+    ({"new-items": 5, "data-path": "events.csv"}, "(set new-items = 0, or --set new-items=0)"),
+    ({"drift": 1.0, "data-path": "events.csv"}, "'drift' shapes the synthetic generator and cannot be combined with "
+                                                "data-path: a real log drifts (or not) by itself (set drift = 0"),
     ({"item-ids": "tiger"}, "one of token, semantic"),
     ({"pretrain-task-weights": "intent:3,price:1"}, "entry 'price:1': expected task:weight"),
     ({"pretrain-task-weights": "churn:0"}, "entry 'churn:0': expected task:weight"),
@@ -195,3 +197,16 @@ def test_device_auto_is_cuda_only_where_torch_sees_one_and_cuda_without_one_is_r
     with pytest.raises(ConfigError, match="config key 'device' = 'cuda'"):  # refused before any data or base work
         pretrain(FedShopConfig(device="cuda", base_dir=str(tmp_path / "base")))
     assert not (tmp_path / "base").exists()
+
+
+def test_a_preset_brought_to_a_real_log_names_the_generator_keys_that_shape_nothing():
+    """With data-path the generator's sizes and behaviour keys set away from their defaults are named (the CLI warns
+    with them); without data-path, or at their defaults, none are."""
+    from helpers import ROOT
+
+    preset = ROOT / "configs/real-shaped.toml"
+    assert load_config(preset).idle_generator_keys() == []
+    idle = load_config(preset, ["data-path=events.csv", "drift=0"]).idle_generator_keys()
+    assert {"num-items", "popularity-exponent", "shoppers-per-merchant", "leave-bias"} <= set(idle)
+    assert "history-length" not in idle and "num-merchants" not in idle
+    assert from_mapping({"data-path": "events.csv"}).idle_generator_keys() == []
