@@ -15,17 +15,14 @@ BENCHMARKS.md. These are figures, not tests.
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
-import sys
 from pathlib import Path
 
+import variants
 from sections import write_section
 
 from server.report import read_paired
 from shared.metrics import decide
 
-ROOT = Path(__file__).resolve().parents[1]
 EQUAL = "train-task-weights=intent:1/next-item:1/churn:1"
 DEFAULT_VARIANTS = (f"250 shoppers, 2 epochs (the demo before):shoppers-per-merchant=250,local-epochs=2,{EQUAL};"
                     f"500 shoppers, 1 epoch:shoppers-per-merchant=500,local-epochs=1,{EQUAL};"
@@ -70,23 +67,17 @@ def main() -> None:
     header = ["variant", "intent AUC", "next HR@10", "churn AUC", *(name for name, _, _ in DIFFERENCES),
               "next HR@10 / Markov"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for variant in args.variants.split(";"):
-        label, _, sets = variant.partition(":")
-        run_dir = ROOT / args.out / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    for label, sets in variants.parse(args.variants):
+        run_dir = variants.run_dir(args.out, label)
         if not (args.reuse and (run_dir / "references.json").is_file()):
-            command = [sys.executable, "-m", "server.cli", "simulate", "--config", "configs/default.toml",
-                       "--run-dir", str(run_dir), "--force", "--set", "references=local-only"]
-            for pair in filter(None, sets.split(",")):
-                command += ["--set", pair.replace("/", ",")]
-            if subprocess.run(command, cwd=ROOT).returncode:
-                sys.exit(f"bench/demo_size.py: variant {label!r}: fedshop simulate failed (its output is above)")
+            variants.simulate("demo_size", "configs/default.toml", run_dir, label, sets,
+                              "--set", "references=local-only")
         lines.append(row(label, run_dir))
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        command = "python bench/demo_size.py" + (f' --variants "{args.variants}"'
-                                                 if args.variants != DEFAULT_VARIANTS else "")
+        command = variants.command_line("demo_size", args.variants, DEFAULT_VARIANTS)
         write_section("demo_size", "## The demo's size and the tasks' weights (issue 13)\n\n"
                       f"`{command}`\n\n"
                       "The default demo (16 merchants × 4 rounds, ε 8 per merchant at the shopper unit, δ 1e-5, "

@@ -3,24 +3,22 @@
 
     python bench/dense_step.py [--variants "label:key=value,...;..."] [--out runs/bench-dense-step] [--no-write]
 
-Each variant runs `fedshop simulate --config configs/default.toml --set references=none` with its settings into
-OUT/<label> (16 merchants x 4 rounds, DP eps 8 at the shopper unit) and reads the federated evaluation of round 0
-and of the last round (test metrics weighted over merchants, as the report's). Every variant starts from the same
-base, data, seeds and privacy budget. Printed and written into BENCHMARKS.md. These are figures, not tests.
+Each variant (bench/variants.py: "/" stands for "," inside a value) runs `fedshop simulate --config
+configs/default.toml --set references=none` with its settings into OUT/<label> (16 merchants x 4 rounds, DP eps 8 at
+the shopper unit) and reads the federated evaluation of round 0 and of the last round (test metrics weighted over
+merchants, as the report's). Every variant starts from the same base, data, seeds and privacy budget. Printed and
+written into BENCHMARKS.md. These are figures, not tests.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-from pathlib import Path
 
+import variants
 from sections import write_section
 
 from shared.rundir import RunDirectory
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ("full step:wide-dense-step=1;"
                     "full step, churn x4:wide-dense-step=1,train-task-weights=churn:4;"
                     "quarter step (default):wide-dense-step=0.25;"
@@ -39,15 +37,9 @@ def main() -> None:
     header = ["variant", *(name for _, name in METRICS), "churn AUC − round 0"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     start_row = None
-    for variant in args.variants.split(";"):
-        label, _, sets = variant.partition(":")
-        run_dir = ROOT / args.out / label.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
-        command = [sys.executable, "-m", "server.cli", "simulate", "--config", "configs/default.toml", "--run-dir",
-                   str(run_dir), "--force", "--set", "references=none"]
-        for pair in filter(None, sets.split(",")):
-            command += ["--set", pair]
-        if subprocess.run(command, cwd=ROOT).returncode:
-            sys.exit(f"bench/dense_step.py: variant {label!r}: fedshop simulate failed (its output is above)")
+    for label, sets in variants.parse(args.variants):
+        run_dir = variants.run_dir(args.out, label)
+        variants.simulate("dense_step", "configs/default.toml", run_dir, label, sets, "--set", "references=none")
         evaluations = [r for r in RunDirectory(run_dir).read_metrics() if r["scope"] == "evaluate"]
         first, final = evaluations[0]["metrics"], evaluations[-1]["metrics"]
         if start_row is None:
@@ -60,8 +52,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        command = "python bench/dense_step.py" + (f' --variants "{args.variants}"'
-                                                  if args.variants != DEFAULT_VARIANTS else "")
+        command = variants.command_line("dense_step", args.variants, DEFAULT_VARIANTS)
         write_section("dense_step", "## The wide part's dense step under DP (issue 13)\n\n"
                       f"`{command}`\n\n"
                       "The default demo (16 merchants × 4 rounds, ε 8 per merchant at the shopper unit, δ 1e-5, "

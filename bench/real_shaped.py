@@ -16,18 +16,13 @@ local-only and its logistic regression. It is printed and written into BENCHMARK
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
-import sys
-import time
-from pathlib import Path
 
+import variants
 from sections import write_section
 
 from server.report import read_paired
 from shared.rundir import RunDirectory
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ("intent x1:train-task-weights=intent:1/next-item:1/churn:1;"
                     "intent x2 (the preset):;"
                     "intent x3:train-task-weights=intent:3/next-item:1/churn:1;"
@@ -56,19 +51,11 @@ def main() -> None:
     header = ["variant", "next HR@10", *(f"{m.split('-')[0]} vs {o}" for m, o in COLUMNS), "churn AUC",
               "intent AUC", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for variant in args.variants.split(";"):
-        label, _, sets = variant.partition(":")
-        run_dir = ROOT / args.out / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    for label, sets in variants.parse(args.variants):
+        run_dir = variants.run_dir(args.out, label)
         seconds = "—"
         if not (args.reuse and (run_dir / "report.md").is_file()):
-            command = [sys.executable, "-m", "server.cli", "simulate", "--config", "configs/real-shaped.toml",
-                       "--run-dir", str(run_dir), "--force"]
-            for pair in filter(None, sets.split(",")):
-                command += ["--set", pair.replace("/", ",")]
-            started = time.perf_counter()
-            if subprocess.run(command, cwd=ROOT).returncode:
-                sys.exit(f"bench/real_shaped.py: variant {label!r}: fedshop simulate failed (its output is above)")
-            seconds = f"{time.perf_counter() - started:.0f}"
+            seconds = f"{variants.simulate('real_shaped', 'configs/real-shaped.toml', run_dir, label, sets):.0f}"
         final = [r for r in RunDirectory(run_dir).read_metrics() if r["scope"] == "evaluate"][-1]["metrics"]
         paired = read_paired(run_dir)
         row = [label, f"{final['next-hr@10']:.3f}", *(cell(paired, m, o) for m, o in COLUMNS),
@@ -78,8 +65,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        command = "python bench/real_shaped.py" + (f' --variants "{args.variants}"'
-                                                   if args.variants != DEFAULT_VARIANTS else "")
+        command = variants.command_line("real_shaped", args.variants, DEFAULT_VARIANTS)
         write_section("real_shaped", "## The real-shaped preset (issue 13)\n\n"
                       f"`{command}`\n\n"
                       "`configs/real-shaped.toml`: 8 merchants × 250 shoppers, 2,000 items with power-law "
