@@ -63,7 +63,7 @@ def timed(fn):
 def import_seconds() -> float:
     """Wall time of importing the ClientApp and its handlers' modules in a fresh interpreter (what each actor
     process pays once: `client.client_app` imports them on the first train or evaluate message)."""
-    code = ("import time; t = time.perf_counter(); import client.client_app, client.merchant; "
+    code = ("import time; t = time.perf_counter(); import client.client_app, client.training; "
             "print(time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -1,8 +1,8 @@
-"""fedshop ClientApp: one merchant (`client.merchant` holds its train and evaluate handlers).
+"""fedshop ClientApp: one merchant (its train handler in `client.training`, its evaluate handler in `client.merchant`).
 
 The handlers' modules (torch, transformers, PEFT, Opacus) are imported on a handler's first message, not with the
-app: under the deployment engine every message runs in a fresh ClientApp process, and the three SecAgg+ stages that
-do not train (`client.secure`, secure-aggregation) need none of them.
+app: under the deployment engine every message runs in a fresh ClientApp process, the three SecAgg+ stages that
+do not train (`client.secure`, secure-aggregation) need none of them, and an evaluation needs no Opacus.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ app = ClientApp(mods=[record_outgoing, secure_rounds])
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from client.merchant import train as handler
+    from client.training import train as handler
 
     return handler(msg, context)
 

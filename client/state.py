@@ -7,8 +7,7 @@ or resuming a run on the same DIR carries the spent budget on. Without state-dir
 today's behaviour (`context.state`, and the server's ledger on continuation and where the ledger charged a failed
 round that `context.state` lost: `with_ledger_charges`).
 
-`--node-config target-epsilon=E` is the merchant's own budget: whatever the run config says, it trains at most to
-min(E, target-epsilon), and refuses a run that asks it to train without DP-SGD.
+The merchant's own budget cap (`--node-config target-epsilon=E`) is `client.merchant.within_own_budget`.
 """
 
 from __future__ import annotations
@@ -69,15 +68,3 @@ def with_ledger_charges(state: PrivacyState, config: FedShopConfig, merchant: st
         return state
     return PrivacyState(noise_multiplier=state.noise_multiplier if state.noise_multiplier is not None else noise,
                         history=history)
-
-
-def within_own_budget(config: FedShopConfig, node_config: dict) -> FedShopConfig:
-    """The run config capped by the merchant's own `target-epsilon` (node config), if it has one."""
-    own = node_config.get("target-epsilon")
-    if own is None:
-        return config
-    own = float(own)
-    if not config.local_dp:
-        raise UserError(f"this merchant trains only with DP-SGD within its own budget epsilon {own:g}; the run asks "
-                        f"dp = {config.dp}, privacy-unit = {config.privacy_unit}")
-    return config if config.target_epsilon <= own else config.replace(target_epsilon=own)

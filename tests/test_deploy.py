@@ -26,9 +26,23 @@ from shared.wide import WIDE_KEY
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps",
                  "declined", "partition-id", "train-seconds", "message-seconds"}
-# a killed SuperNode can rejoin under its key once the SuperLink marked it offline (two missed heartbeats: ~40 s)
-OFFLINE_S = 75
+# a killed SuperNode can rejoin under its key once the SuperLink marked it offline: two heartbeat intervals of 30 s
+# after its last heartbeat (flwr's HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL), so within 60 s of the kill
+OFFLINE_BY_S = 120
 EVALUATE_METRIC = re.compile(r"^(num-examples|partition-id|(intent|next|churn|price)-[a-z0-9@.\-]+)$")
+
+
+def _node_status(run_dir: Path, merchant: str) -> str | None:
+    """The SuperLink's status of `merchant`'s node (`flwr supernode list` against the deployment's own FLWR_HOME)."""
+    deploy = run_dir / ".deploy"
+    node = next(int(n) for n, name in json.loads((deploy / "merchant-nodes.json").read_text()).items()
+                if name == merchant)
+    done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "list", "fedshop", "--format",
+                           "json"], env={**os.environ, "FLWR_HOME": str(deploy / "flwr-home")}, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        return None
+    return next((n.get("status") for n in json.loads(done.stdout).get("nodes", []) if int(n["node-id"]) == node), None)
 
 
 def _cmdline(pid: int) -> str:
@@ -98,7 +112,8 @@ def test_identity_comes_from_the_authenticated_node_not_the_reported_partition(t
 
 
 def test_a_merchant_keeps_its_own_state_and_budget(tmp_path, tiny_config):
-    from client.state import load_own_state, save_own_state, within_own_budget
+    from client.merchant import within_own_budget
+    from client.state import load_own_state, save_own_state
     from shared.dptrain import PrivacyState
     from shared.errors import UserError
 
@@ -327,8 +342,9 @@ def test_absolute_paths_resolves_the_world_cache_folder_with_its_environment_ove
 def test_a_supernode_killed_and_restarted_mid_run_keeps_its_spent_budget(tmp_path, tiny_base):
     """3 merchants x 3 rounds with TLS and authentication. Once round 1 is aggregated, m1's SuperNode is killed (its
     whole process tree, SIGKILL), and started again with the same command (its key, its state directory) once the
-    SuperLink can have marked it offline. m1 trains again later in the run, and its epsilon there composes on what it
-    spent before the kill: its own state holds every trained round's steps."""
+    SuperLink lists it offline (asked every few seconds, not a fixed wait: it saves the test up to a minute). m1 trains
+    again later in the run, and its epsilon there composes on what it spent before the kill: its own state holds
+    every trained round's steps."""
     run_dir = tmp_path / "run"
     restarted: dict = {}
 
@@ -348,7 +364,12 @@ def test_a_supernode_killed_and_restarted_mid_run_keeps_its_spent_budget(tmp_pat
             for pid in tree:
                 os.kill(pid, signal.SIGKILL)
             restarted.update(killed=time.monotonic(), old=tree)
-        elif "process" not in restarted and time.monotonic() - restarted["killed"] > OFFLINE_S:
+        elif "process" not in restarted and time.monotonic() > restarted.get("asked", 0.0) + 3.0:
+            restarted["asked"] = time.monotonic()
+            if _node_status(run_dir, "m1") != "offline":
+                assert time.monotonic() - restarted["killed"] < OFFLINE_BY_S, "m1 was never listed offline"
+                return None
+            restarted["offline-after"] = time.monotonic() - restarted["killed"]
             with (tmp_path / "m1-again.log").open("w") as out:
                 restarted["process"] = subprocess.Popen(restarted["argv"], env=restarted["env"], stdout=out,
                                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -370,6 +391,7 @@ def test_a_supernode_killed_and_restarted_mid_run_keeps_its_spent_budget(tmp_pat
             again.wait()
     assert code == 0, (tmp_path / "deploy.log").read_text()[-4000:]
     assert "process" in restarted and not any(alive(pid) for pid in restarted["old"])
+    print(f"\nm1 listed offline {restarted['offline-after']:.0f} s after the kill")
 
     rows = [r for r in csv.DictReader((run_dir / "privacy.csv").open()) if r["merchant"] == "m1"]
     print("\nm1's ledger rows:\n" + "\n".join(str(r) for r in rows))

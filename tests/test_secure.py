@@ -71,7 +71,8 @@ def test_deployed_merchants_send_their_updates_only_masked(tmp_path, tiny_base):
     log = tmp_path / "deploy.log"
     code = _deploy(["--config", str(ROOT / "configs/tiny.toml"), "--merchants", "3", "--set",
                     f"base-dir={tiny_base.base_dir}", "--set", "secure-aggregation=true", "--run-dir", str(run_dir),
-                    "--node-config", f"message-log={outbox}"], log, timeout_s=600)
+                    # one merchant evaluates per round: evaluation is test_deploy's, and each message here is a process
+                    "--set", "fraction-evaluate=0.34", "--node-config", f"message-log={outbox}"], log, timeout_s=600)
     assert code == 0, log.read_text()[-4000:]
     sent = [json.loads(line) for line in outbox.read_text().splitlines()]
     train = [m for m in sent if m["message-type"] == "train"]
