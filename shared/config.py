@@ -87,6 +87,10 @@ class FedShopConfig:
                          "readily after a session without a purchase (leave logit + drift x 1.0), the same at every "
                          "merchant, while the public split and the catalogue's public facts show the old world; what "
                          "merchants know that the base cannot (synthetic only; 0 = no change)", low=0.0, high=10.0)
+    item_links: float = _spec(0.0, "the probability that a shopper's next view in a session is one of the previous "
+                              "item's 3 linked items (any category, drawn once per catalogue, the same at every "
+                              "merchant and in the public split): item-to-item order, as in real logs, which a "
+                              "first-order Markov chain catches (synthetic only; 0 = none)", low=0.0, high=0.95)
     churn_horizon_days: float = _spec(7.0, "churn: a shopper who starts no session within this many days of a "
                                       "session's end has churned", low=0.0, low_open=True, high=3650.0)
     # --- data: your own event log instead of the generator (shared/sources.py; README "Your own data") ------------
@@ -477,7 +481,8 @@ def _kebab(name: str) -> str:
 FIELDS = {_kebab(f.name): f for f in dataclasses.fields(FedShopConfig)}
 # The generator's keys that a real log (data-path) replaces: its sizes and its shoppers' behaviour.
 GENERATOR_KEYS = ("shoppers_per_merchant", "public_shoppers", "num_items", "num_categories", "days",
-                  "popularity_exponent", "views_per_session", "mean_gap_days", "leave_bias", "merchant_skew")
+                  "popularity_exponent", "views_per_session", "mean_gap_days", "leave_bias", "merchant_skew",
+                  "item_links")
 
 
 def describe_range(f: dataclasses.Field) -> str:

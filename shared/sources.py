@@ -41,7 +41,7 @@ UNKNOWN_CATEGORY = "(unknown)"
 # the config keys that shape the data (everything `load_world` reads, directly or through the generator/loaders)
 DATA_KEYS = ("seed", "num-merchants", "shoppers-per-merchant", "public-shoppers", "num-items", "num-categories",
              "days", "popularity-exponent", "views-per-session", "mean-gap-days", "leave-bias",
-             "merchant-skew", "new-items", "drift", "data-path", "data-format", "item-properties-path",
+             "merchant-skew", "new-items", "drift", "item-links", "data-path", "data-format", "item-properties-path",
              "event-map", "item-column", "timestamp-format", "purchase-rating", "on-bad-rows", "partition",
              "partition-alpha", "shoppers-at-several-merchants", "public-fraction", "min-shopper-events",
              "min-item-events", "max-events-per-shopper-per-day", "time-window-start", "time-window-end")

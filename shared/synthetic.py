@@ -7,7 +7,10 @@ The generative story (every constant is named below):
 - each shopper has a category preference drawn around their merchant's mix and visits in sessions over `days`;
   inside a session the next viewed item stays in the previous item's category with probability FOLLOW_PROB
   (item by popularity), otherwise it is a fresh draw (category by preference, item by popularity); a shopper never
-  views the same item twice;
+  views the same item twice; with `item-links` = L > 0 each item also has LINKS_PER_ITEM linked items of any
+  category (drawn uniformly: co-viewed products, a phone and its case), and with probability L the next view is one
+  of the previous item's unseen links instead: item-to-item order that only a model of which item came last catches,
+  as in real logs;
 - every view goes down the funnel view -> cart -> purchase; P(purchase | view) is a logistic function of item
   quality, the item's price within its category, the shopper's affinity to the category, and the price the merchant
   offers on this view: each view draws a price level from PRICE_LEVELS (a randomised promotion, so the price response
@@ -39,6 +42,7 @@ from shared.tasks import PRICE_LEVELS
 
 PUBLIC_MERCHANT = "public"
 FOLLOW_PROB = 0.75
+LINKS_PER_ITEM = 3  # linked items of each item (item-links > 0)
 PRICE_BANDS = 10
 RATING_BANDS = 5
 RATING_NOISE = 0.4  # a public star rating is the item's latent quality seen through this much noise
@@ -80,6 +84,7 @@ class Catalogue:
     quality: np.ndarray  # latent
     popularity: np.ndarray  # latent weight of fresh draws inside a category
     price_z: np.ndarray  # log price standardised within the category (what the purchase truth uses)
+    links: np.ndarray | None = None  # (items, LINKS_PER_ITEM) linked item indices (latent; `item-links` > 0 only)
 
     @property
     def num_items(self) -> int:
@@ -176,8 +181,21 @@ def _sigmoid(x: float) -> float:
 
 
 def next_view_distribution(catalogue: Catalogue, preference: np.ndarray, previous: int | None,
-                           seen: np.ndarray) -> np.ndarray:
+                           seen: np.ndarray, item_links: float = 0.0) -> np.ndarray:
     """Exact distribution of the next viewed item (0 for items already seen)."""
+    within = _within_categories(catalogue, preference, previous, seen)
+    if previous is None or catalogue.links is None or item_links == 0:
+        return within
+    linked = np.zeros(catalogue.num_items, dtype=bool)
+    linked[catalogue.links[previous]] = True
+    linked &= ~seen
+    if not linked.any():
+        return within
+    return item_links * linked / linked.sum() + (1.0 - item_links) * within
+
+
+def _within_categories(catalogue: Catalogue, preference: np.ndarray, previous: int | None,
+                       seen: np.ndarray) -> np.ndarray:
     category_weight = np.bincount(catalogue.category, weights=catalogue.popularity,
                                   minlength=len(preference))
     fresh = preference[catalogue.category] * catalogue.popularity / category_weight[catalogue.category]
@@ -191,6 +209,17 @@ def next_view_distribution(catalogue: Catalogue, preference: np.ndarray, previou
     follow = np.where(same, catalogue.popularity, 0.0)
     follow = follow / follow.sum()
     return FOLLOW_PROB * follow + (1.0 - FOLLOW_PROB) * fresh
+
+
+def with_links(catalogue: Catalogue, item_links: float, seed: int) -> Catalogue:
+    """The catalogue with each item's LINKS_PER_ITEM linked items (never itself), drawn uniformly over the catalogue
+    from a stream of their own (the other draws do not depend on `item_links`); unchanged at 0."""
+    if item_links == 0:
+        return catalogue
+    rng = np.random.default_rng([seed, 0x11C5])
+    n = catalogue.num_items
+    links = np.stack([rng.choice(n - 1, size=LINKS_PER_ITEM, replace=False) for _ in range(n)])
+    return dataclasses.replace(catalogue, links=links + (links >= np.arange(n)[:, None]))
 
 
 def rank_with_ties_against(scores: np.ndarray, target: int) -> int:
@@ -220,6 +249,7 @@ def generate(config: FedShopConfig) -> SyntheticData:
     that the base cannot know, shared by every merchant."""
     rng = np.random.default_rng(config.seed)
     public_catalogue = make_catalogue(config.num_items, config.num_categories, rng, config.popularity_exponent)
+    public_catalogue = with_links(public_catalogue, config.item_links, config.seed)
     catalogue = drifted(public_catalogue, config.drift, config.seed)
     merchant_ids = [f"m{m}" for m in range(config.num_merchants)]
     rows: dict[str, list] = {k: [] for k in ("merchant_id", "user_id", "item_id", "event", "timestamp")}
@@ -264,7 +294,8 @@ def generate(config: FedShopConfig) -> SyntheticData:
                 for _ in range(1 + int(rng.poisson(config.views_per_session - 1.0))):
                     if seen.all():
                         break
-                    distribution = next_view_distribution(world, preference, session_previous, seen)
+                    distribution = next_view_distribution(world, preference, session_previous, seen,
+                                                          config.item_links)
                     item = int(rng.choice(catalogue.num_items, p=distribution))
                     rank = rank_with_ties_against(distribution, item) if previous is not None else np.nan
                     level = PRICE_LEVELS[int(rng.integers(len(PRICE_LEVELS)))]

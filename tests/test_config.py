@@ -206,7 +206,7 @@ def test_a_preset_brought_to_a_real_log_names_the_generator_keys_that_shape_noth
 
     preset = ROOT / "configs/real-shaped.toml"
     assert load_config(preset).idle_generator_keys() == []
-    idle = load_config(preset, ["data-path=events.csv", "drift=0"]).idle_generator_keys()
-    assert {"num-items", "popularity-exponent", "shoppers-per-merchant", "leave-bias"} <= set(idle)
+    idle = load_config(preset, ["data-path=events.csv", "drift=0", "item-links=0.3"]).idle_generator_keys()
+    assert {"num-items", "popularity-exponent", "shoppers-per-merchant", "leave-bias", "item-links"} <= set(idle)
     assert "history-length" not in idle and "num-merchants" not in idle
     assert from_mapping({"data-path": "events.csv"}).idle_generator_keys() == []

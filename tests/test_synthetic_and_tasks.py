@@ -154,3 +154,58 @@ def test_real_shaped_preset_has_the_shape_it_promises():
     assert len(views) >= 1500
     assert public / (public + len(per_shopper)) <= 0.2
     assert views[:len(views) // 100].sum() / views.sum() >= 0.10  # the head: 1 % of items, >= 10 % of views
+
+
+def test_item_links_draw_three_other_items_each_and_leave_a_world_without_them_as_it_was():
+    from shared.synthetic import LINKS_PER_ITEM, make_catalogue, with_links
+
+    catalogue = make_catalogue(50, 5, np.random.default_rng(0))
+    assert with_links(catalogue, 0.0, seed=7) is catalogue and catalogue.links is None
+    links = with_links(catalogue, 0.3, seed=7).links
+    assert links.shape == (50, LINKS_PER_ITEM) == (50, 3)  # the config key's help says 3
+    assert all(len(set(row)) == LINKS_PER_ITEM and i not in row for i, row in enumerate(links.tolist()))
+    assert (links == with_links(catalogue, 0.9, seed=7).links).all()  # drawn once per seed, whatever the share
+    # the links' own stream: every other draw is the world without links, views aside
+    plain, linked = generate(CONFIG), generate(CONFIG.replace(item_links=0.5))
+    assert (plain.catalogue.popularity == linked.catalogue.popularity).all() and plain.catalogue.links is None
+    assert (plain.catalogue.category == linked.catalogue.category).all()
+
+
+def test_next_view_distribution_puts_the_link_share_on_the_previous_items_unseen_links():
+    from shared.synthetic import make_catalogue, next_view_distribution, with_links
+
+    catalogue = with_links(make_catalogue(60, 6, np.random.default_rng(1)), 0.4, seed=3)
+    preference = np.full(6, 1 / 6)
+    seen = np.zeros(60, dtype=bool)
+    previous = 5
+    seen[[previous, catalogue.links[previous][0]]] = True  # one of its links already viewed
+    without = next_view_distribution(catalogue, preference, previous, seen)
+    with_them = next_view_distribution(catalogue, preference, previous, seen, item_links=0.4)
+    unseen_links = catalogue.links[previous][1:]
+    assert np.isclose(with_them.sum(), 1.0) and (with_them[seen] == 0).all()
+    assert np.allclose(with_them[unseen_links], 0.4 / 2 + 0.6 * without[unseen_links])
+    others = np.setdiff1d(np.arange(60), unseen_links)
+    assert np.allclose(with_them[others], 0.6 * without[others])
+    # no previous item, or every link seen: the categories' distribution alone
+    assert np.allclose(next_view_distribution(catalogue, preference, None, seen, 0.4),
+                       next_view_distribution(catalogue, preference, None, seen))
+    seen[catalogue.links[previous]] = True
+    assert np.allclose(next_view_distribution(catalogue, preference, previous, seen, 0.4),
+                       next_view_distribution(catalogue, preference, previous, seen))
+
+
+def test_with_item_links_shoppers_view_a_link_of_the_previous_item_about_that_often():
+    data = generate(CONFIG.replace(item_links=0.5, shoppers_per_merchant=100))
+    index = {item: i for i, item in enumerate(data.catalogue.item_ids)}
+    views = data.events.event == "view"
+    users, items = data.events.user_id[views], [index[i] for i in data.events.item_id[views]]
+    follows = [items[k] in data.catalogue.links[items[k - 1]] for k in range(1, len(items)) if users[k] == users[k - 1]]
+    # 0.5 where a link is left unseen, plus the small chance of a link by category or popularity; across sessions too
+    assert 0.3 < np.mean(follows) < 0.6, np.mean(follows)
+    plain = generate(CONFIG.replace(shoppers_per_merchant=100))
+    plain_items = [index[i] for i in plain.events.item_id[plain.events.event == "view"]]
+    plain_users = plain.events.user_id[plain.events.event == "view"]
+    links = data.catalogue.links  # the same links, never followed on purpose in the plain world
+    chance = [plain_items[k] in links[plain_items[k - 1]] for k in range(1, len(plain_items))
+              if plain_users[k] == plain_users[k - 1]]
+    assert np.mean(chance) < 0.1, np.mean(chance)
