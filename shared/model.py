@@ -23,7 +23,18 @@ from shared.config import FedShopConfig
 from shared.errors import UserError
 from shared.files import reading, save_pretrained_atomic, sha256
 from shared.tokenizer import add_domain_tokens, load_checkpoint_tokenizer
-from shared.wide import WIDE_FILE, WIDE_KEY, build_wide, read_wide, save_wide, set_wide_weights, wide_of
+from shared.wide import (
+    LINKS_FILE,
+    WIDE_FILE,
+    WIDE_KEY,
+    build_wide,
+    read_links,
+    read_wide,
+    save_links,
+    save_wide,
+    set_wide_weights,
+    wide_of,
+)
 
 PRESETS: dict[str, dict[str, int]] = {
     # tests and CI: ~0.1 M parameters besides the embeddings
@@ -146,9 +157,9 @@ def check_special_ids(model: T5ForConditionalGeneration, tokenizer: PreTrainedTo
 
 
 def save_base(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, directory: str | Path,
-              meta: dict, wide=None) -> None:
-    """The base's T5, tokenizer and metadata, and the wide part pretrained with it (`WIDE_FILE`; an earlier base's
-    is removed when there is none)."""
+              meta: dict, wide=None, links: dict | None = None) -> None:
+    """The base's T5, tokenizer and metadata, the wide part pretrained with it (`WIDE_FILE`) and the public split's
+    item-to-item counts its link term reads (`LINKS_FILE`); an earlier base's are removed when there are none."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_logging.disable_progress_bar()
@@ -158,6 +169,10 @@ def save_base(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerF
         save_wide(wide, directory)
     else:
         (directory / WIDE_FILE).unlink(missing_ok=True)
+    if links is not None:
+        save_links(links, directory)
+    else:
+        (directory / LINKS_FILE).unlink(missing_ok=True)
     (directory / BASE_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -194,6 +209,7 @@ def check_safetensors(path: Path, what: str) -> None:
 
 
 BASE_WIDE = "fedshop_wide"  # a loaded base's attribute: the wide part pretrained with it (WIDE_FILE in its directory)
+BASE_LINKS = "fedshop_links"  # a loaded base's attribute: its public item-to-item counts (LINKS_FILE)
 
 
 def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast, dict]:
@@ -208,6 +224,9 @@ def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTra
     if (directory / WIDE_FILE).is_file():  # the wide part pretrained with it: where a model's wide part starts
         with reading(directory / WIDE_FILE, "the base's wide part (a complete safetensors file)"):
             setattr(model, BASE_WIDE, read_wide(directory)[WIDE_KEY])
+    if (directory / LINKS_FILE).is_file():
+        with reading(directory / LINKS_FILE, "the base's item-to-item counts (a complete safetensors file)"):
+            setattr(model, BASE_LINKS, read_links(directory))
     return model, tokenizer, meta
 
 
@@ -283,7 +302,7 @@ def add_lora(base: T5ForConditionalGeneration, config: FedShopConfig, seed: int 
         if tokenizer is None:
             raise ValueError("wide = true: add_lora needs the base's tokenizer")
         model.wide = build_wide(tokenizer, base.get_input_embeddings().num_embeddings, facts,
-                                start=base_wide(base)).to(base.device)
+                                start=base_wide(base), links=getattr(base, BASE_LINKS, None)).to(base.device)
     elif base_wide(base) is not None:
         raise ValueError("this base was pretrained with its wide part: build its model with wide = true")
     return model
@@ -294,8 +313,9 @@ def load_saved_wide(model: PeftModel, tokenizer: PreTrainedTokenizerFast, direct
     `directory`, if there is one (with the catalogue's `facts` it scores next-item questions too)."""
     saved = read_wide(Path(directory))
     if saved:
+        base = model.get_base_model()
         head = build_wide(tokenizer, model.get_input_embeddings().num_embeddings, facts,
-                          start=base_wide(model.get_base_model()))
+                          start=base_wide(base), links=getattr(base, BASE_LINKS, None))
         set_wide_weights(head, saved[WIDE_KEY])
         model.wide = head.to(next(model.parameters()).device)
 

@@ -29,7 +29,7 @@ from shared.sources import load_world
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, SyntheticData
 from shared.tasks import CatalogueFacts, Example
 from shared.tokenizer import build_tokenizer, check_whole_words, domain_tokens
-from shared.wide import build_wide, wide_of
+from shared.wide import build_wide, count_links, leaving_out, wide_of
 
 log = logging.getLogger("fedshop")
 RELATIVE_BIAS_LR_SCALE = 30.0  # the relative attention bias learns this much faster than the other weights
@@ -109,8 +109,11 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
                           f"config key 'base-model' = {config.base_model!r}")
     if not public.facts.semantic:  # semantic ids are made of category, band and code tokens: nothing per item
         init_items_from_categories(model, tokenizer, public.facts)
+    links = None
     if config.wide:  # a submodule while training (first_step_logits adds it), saved apart from the T5
-        model.wide = build_wide(tokenizer, model.get_input_embeddings().num_embeddings, public.facts)
+        if not public.facts.semantic:  # the public item-to-item counts the link term reads (items need tokens)
+            links = count_links(public.train, tokenizer, public.facts)
+        model.wide = build_wide(tokenizer, model.get_input_embeddings().num_embeddings, public.facts, links=links)
     device = resolve_device(config.device)
     model.to(device)
     train = encode(public.train, tokenizer)
@@ -143,9 +146,10 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
         for step in range(steps_per_epoch):
             idx = order[step * config.pretrain_batch_size:(step + 1) * config.pretrain_batch_size]
             width = int(train.attention_mask[idx].sum(1).max())  # drop columns that are padding in the whole batch
-            losses = per_sample_loss(model, train.input_ids[idx, :width].to(device),
-                                     train.attention_mask[idx, :width].to(device), train.target_ids[idx].to(device),
-                                     config.train_precision)
+            targets = train.target_ids[idx].to(device)
+            with leaving_out(model, targets[:, 0]):  # the link term's counts, without each example's own pair
+                losses = per_sample_loss(model, train.input_ids[idx, :width].to(device),
+                                         train.attention_mask[idx, :width].to(device), targets, config.train_precision)
             loss = (weight[idx.to(device)] * losses).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -171,7 +175,7 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
     }
     if semantic is not None:
         meta["semantic-clusters"] = config.semantic_clusters
-    save_base(model, tokenizer, base_dir, meta, wide=head)
+    save_base(model, tokenizer, base_dir, meta, wide=head, links=links)
     if semantic is not None:
         semantic.save(base_dir)
     log.info("base written to %s (%.0f s): public valid %s", base_dir, metrics["pretrain-seconds"],

@@ -22,6 +22,21 @@ output tokens instead, added to the first decoder step's logits:
   of the most recent one (the category token written after `last`). Shoppers browse within a category; the small
   base learns that only in part (BENCHMARKS.md, Tuning: the wide part).
 
+and, with a base pretrained on a public split in which shoppers viewed items one after another (`fedshop pretrain`
+writes `LINKS_FILE`), a third term from which item came last:
+
+    + NEXT_SCALE * l[category(last item)] * log(1 + n(last item -> item))
+
+- n: how often the public split's shoppers viewed the item right after the last one (its LINK_SUCCESSORS most
+  frequent successors; zero for the others): the public first-order Markov chain's counts, public knowledge like the
+  catalogue's facts. Item-to-item order (a phone and its case) is per pair of items: thousands of them, each seen a
+  few times, which the small T5 learns from a few hundred public shoppers only in part and which per-shopper DP noise
+  drowns at a merchant; counting them costs nothing.
+- l: one weight per category of the last item: how far to trust those counts. The base pretrains it with the T5 on
+  leave-one-out counts (`leaving_out`: each public example's own pair counted once less, so that the weight learns
+  how far counts of other shoppers predict a shopper, not a count that includes the answer), and the merchants
+  train it on under DP: a dense weight that every next-item example reads.
+
 Which item has which category is public catalogue knowledge (`CatalogueFacts`): `set_catalogue` gives it to the
 head. With semantic ids the first decoder step is the id's first code, its category: b is then per category, and c
 the weight of keeping the last item's category.
@@ -42,6 +57,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,7 +65,9 @@ from shared.tasks import churn_tokens
 
 WIDE_KEY = "wide.table.weight"  # its adapter-state key (not a PEFT key: PEFT does not save it)
 WIDE_FILE = "wide.safetensors"  # beside adapter_model.safetensors in a saved adapter
-BLOCKS = ("intent", "churn", "next-item", "stay")  # the table's row blocks, V rows each
+LINKS_FILE = "links.safetensors"  # in a base directory: the public split's item-to-item counts (`count_links`)
+BLOCKS = ("intent", "churn", "next-item", "stay", "link")  # the table's row blocks, V rows each
+LINK_SUCCESSORS = 20  # the most frequent public successors of an item that its link term reads
 # A weight read by many examples of every shopper (a category, band or price level: "dense") enters at this scale, the
 # candidate item's own weight at 1. Adam steps every weight by about the learning rate whatever its gradient, so the
 # scale is the dense weights' step relative to the items': at 1 the churn bands swung by 0.07 AUC from round to
@@ -64,8 +82,8 @@ NEXT_SCALE = 0.5
 
 class WideHead(nn.Module):
     """Linear weights over the vocabulary, one block of V rows each (`BLOCKS`): rows [0, V) answer intent, [V, 2V)
-    churn, [2V, 3V) are the next-item biases of the output tokens, [3V, 4V) the "stays in its category" weights, one
-    per category token."""
+    churn, [2V, 3V) are the next-item biases of the output tokens, [3V, 4V) the "stays in its category" weights and
+    [4V, 5V) the link weights, each one per category token."""
 
     def __init__(self, vocab_size: int, ids: dict[str, int], churn_ids: list[int]):
         super().__init__()
@@ -81,6 +99,11 @@ class WideHead(nn.Module):
         # the category token of each item token, each category token itself, -1 for every other token
         self.register_buffer("category_of", torch.full((vocab_size,), -1, dtype=torch.long), persistent=False)
         self.has_catalogue = False
+        # the public successors of each token (LINK_SUCCESSORS, as token ids; 0 with strength 0 where fewer) and
+        # log(1 + count): `set_links`; None without
+        self.register_buffer("successors", None, persistent=False)
+        self.register_buffer("strength", None, persistent=False)
+        self.left_out: torch.Tensor | None = None  # (B,) answers whose own pair a pretraining batch leaves out
         self.frozen: torch.Tensor | None = None  # rows held during training (`train_only`), and their values
         self.held: torch.Tensor | None = None
         # live rows whose step is damped (`train_only`): (rows, the share of each optimizer step they keep), and
@@ -102,6 +125,37 @@ class WideHead(nn.Module):
             category_of[list(items)] = torch.tensor(item_categories, dtype=torch.long)
         self.category_of = category_of.to(self.table.weight.device)
         self.has_catalogue = True
+
+    def set_links(self, links: dict[str, torch.Tensor]) -> None:
+        """The public split's item-to-item counts (`count_links`): each token's LINK_SUCCESSORS most frequent."""
+        sources, targets, counts = (links[k].to(torch.long) for k in ("from", "to", "count"))
+        order = np.lexsort((-counts.numpy(), sources.numpy()))  # by source, most frequent first
+        sources, targets, counts = sources[order], targets[order], counts[order]
+        first = torch.searchsorted(sources, sources)  # each pair's rank among its source's
+        keep = (torch.arange(len(sources)) - first) < LINK_SUCCESSORS
+        slot = (torch.arange(len(sources)) - first)[keep]
+        successors = torch.zeros(self.vocab_size, LINK_SUCCESSORS, dtype=torch.long)
+        strength = torch.zeros(self.vocab_size, LINK_SUCCESSORS)
+        successors[sources[keep], slot] = targets[keep]
+        strength[sources[keep], slot] = torch.log1p(counts[keep].to(torch.float32))
+        device = self.table.weight.device
+        self.successors, self.strength = successors.to(device), strength.to(device)
+
+    @contextmanager
+    def leaving_out(self, answers: torch.Tensor):
+        """Inside the block each example's link counts leave out its own pair (last item -> `answers`, (B,) token
+        ids): the public split's counts include every pretraining example's own answer."""
+        self.left_out = answers
+        try:
+            yield
+        finally:
+            self.left_out = None
+
+    def link_rows(self) -> torch.Tensor:
+        """The link block's rows: one per category token."""
+        vocab = self.vocab_size
+        categories = torch.nonzero(self.category_of == torch.arange(vocab, device=self.category_of.device)).flatten()
+        return 4 * vocab + categories
 
     def train_only(self, tasks: list[str] | tuple[str, ...], item_rows: list[int] | None,
                    dense_step: float = 1.0, item_step: float = 1.0) -> None:
@@ -128,6 +182,8 @@ class WideHead(nn.Module):
                  if item_rows is not None else slice(2 * vocab, 3 * vocab)] = True
             categories = torch.nonzero(self.category_of == torch.arange(vocab, device=weight.device)).flatten()
             live[3 * vocab + categories] = True
+            if self.successors is not None:
+                live[4 * vocab + categories] = True
         self.frozen = torch.nonzero(~live).flatten()
         self.held = weight.detach()[self.frozen].clone()
         dense = torch.zeros_like(live)
@@ -187,6 +243,29 @@ class WideHead(nn.Module):
         first = torch.argmax(found.to(torch.int64), dim=1, keepdim=True)
         return torch.where(found.any(1), input_ids.gather(1, first).squeeze(1), -1)
 
+    def last_item(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,): the item token right after the `last` mark, -1 if none (or it is no item: semantic ids)."""
+        after = torch.roll(input_ids == self.ids["last"], 1, dims=1)
+        after[:, 0] = False  # what the roll brought round from the end
+        position = torch.argmax(after.to(torch.int64), dim=1, keepdim=True)
+        token = input_ids.gather(1, position).squeeze(1)
+        category = self.category_of[token]
+        return torch.where(after.any(1) & (category >= 0) & (category != token), token, -1)
+
+    def link_counts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, V): log(1 + public count of last item -> token) for every output token; zero without links."""
+        batch = input_ids.shape[0]
+        counts = torch.zeros(batch, self.vocab_size, device=input_ids.device)
+        if self.successors is None:
+            return counts
+        last = self.last_item(input_ids)
+        rows = last.clamp(min=0)
+        strength = self.strength[rows] * (last >= 0).to(counts.dtype)[:, None]
+        if self.left_out is not None:  # log(1 + n) -> log(1 + n - 1) on each example's own pair
+            own = (self.successors[rows] == self.left_out[:, None]) & (strength > 0)
+            strength = torch.where(own, torch.log(torch.expm1(strength).clamp(min=1.0)), strength)
+        return counts.scatter_add(1, self.successors[rows], strength)
+
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the "yes" term of each example (B,), the output-token terms of each example (B, V)): zero for an example
         without feature tokens, and the output terms zero but for next-item questions. One lookup of the table, so
@@ -200,11 +279,15 @@ class WideHead(nn.Module):
         tokens = torch.arange(vocab, device=input_ids.device)
         last = self.last_category(input_ids)
         same = (self.category_of[None, :] == last[:, None]) & (last[:, None] >= 0)  # (B, V)
+        category_rows = last.clamp(min=0)[:, None]
         values = self.table(torch.cat([rows, (2 * vocab + tokens).expand(batch, -1),
-                                       (3 * vocab + last.clamp(min=0))[:, None].expand(batch, vocab)], 1)).squeeze(-1)
+                                       (3 * vocab + category_rows).expand(batch, vocab),
+                                       (4 * vocab + category_rows).expand(batch, vocab)], 1)).squeeze(-1)
         scale = NEXT_SCALE * is_next
-        values = values * torch.cat([weight, scale.expand(-1, vocab), scale * same.to(weight.dtype)], 1)
-        return values[:, :length].sum(1), values[:, length:length + vocab] + values[:, length + vocab:]
+        links = self.link_counts(input_ids).to(weight.dtype) * (last[:, None] >= 0).to(weight.dtype)
+        values = values * torch.cat([weight, scale.expand(-1, vocab), scale * same.to(weight.dtype), scale * links], 1)
+        output = values[:, length:length + vocab] + values[:, length + vocab:length + 2 * vocab]
+        return values[:, :length].sum(1), output + values[:, length + 2 * vocab:]
 
     def add_to(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """`logits` (B, V) of the first decoder step with the wide term added to "yes" and a next-item question's
@@ -217,12 +300,14 @@ class WideHead(nn.Module):
 
 def set_wide_weights(head: WideHead, weights: torch.Tensor, *, start: bool = False) -> None:
     """Copy saved or received weights into `head` (with `start`, also as the base's weights it starts from). A wide
-    part saved before the next-item terms existed (the intent and churn blocks alone) loads with them zero, which is
-    the model it was."""
-    rows, old = head.table.weight.shape[0], 2 * head.vocab_size
-    if weights.shape[1:] != head.table.weight.shape[1:] or weights.shape[0] not in (rows, old):
+    part saved before the next-item or link terms existed (the intent and churn blocks alone, or all but the link
+    block) loads with them zero, which is the model it was."""
+    rows, vocab = head.table.weight.shape[0], head.vocab_size
+    older = (2 * vocab, 4 * vocab)
+    if weights.shape[1:] != head.table.weight.shape[1:] or weights.shape[0] not in (rows, *older):
         raise ValueError(f"{WIDE_KEY} has shape {tuple(weights.shape)}; this base's wide part needs "
-                         f"({rows}, 1) (or ({old}, 1), saved without the next-item terms)")
+                         f"({rows}, 1) (or ({older[1]}, 1) or ({older[0]}, 1), saved before the link or next-item "
+                         "terms)")
     with torch.no_grad():
         head.table.weight.zero_()
         head.table.weight[:weights.shape[0]].copy_(weights)
@@ -230,9 +315,11 @@ def set_wide_weights(head: WideHead, weights: torch.Tensor, *, start: bool = Fal
             head.start.copy_(head.table.weight)
 
 
-def build_wide(tokenizer, vocab_size: int, facts=None, start: torch.Tensor | None = None) -> WideHead:
+def build_wide(tokenizer, vocab_size: int, facts=None, start: torch.Tensor | None = None,
+               links: dict[str, torch.Tensor] | None = None) -> WideHead:
     """The wide part for a base's tokenizer, at the base's weights `start` (zero if None); with the catalogue's
-    `facts` it can score next-item questions too (the server, which only averages the weights, builds it without)."""
+    `facts` it can score next-item questions too (the server, which only averages the weights, builds it without),
+    and with the base's public `links` (`read_links`) its link term reads them."""
     names = ["intent:", "next:", "churn:", "cand", "yes", "last"]
     ids = dict(zip(names, tokenizer.convert_tokens_to_ids(names), strict=True))
     if tokenizer.unk_token_id in ids.values():
@@ -245,7 +332,26 @@ def build_wide(tokenizer, vocab_size: int, facts=None, start: torch.Tensor | Non
         set_wide_weights(head, start, start=True)
     if facts is not None:
         head.set_catalogue(tokenizer, facts)
+        if links is not None:
+            head.set_links(links)
     return head
+
+
+def count_links(examples, tokenizer, facts) -> dict[str, torch.Tensor]:
+    """The public split's item-to-item counts: how often each item was viewed right after another (the last item of
+    a next-item example's history and its answer, as the report's Markov chain counts them), as token ids."""
+    pairs: dict[tuple[int, int], int] = {}
+    for e in examples:
+        if e.task == "next-item" and e.seen:
+            pair = (e.seen[-1], e.label)
+            pairs[pair] = pairs.get(pair, 0) + 1
+    items = sorted({i for pair in pairs for i in pair})
+    tokens = dict(zip(items, tokenizer.convert_tokens_to_ids([str(facts.item_ids[i]) for i in items]), strict=True))
+    known = [(tokens[a], tokens[b], n) for (a, b), n in sorted(pairs.items())
+             if tokens[a] != tokenizer.unk_token_id and tokens[b] != tokenizer.unk_token_id]
+    sources, targets, counts = zip(*known) if known else ((), (), ())
+    return {"from": torch.tensor(sources, dtype=torch.int64), "to": torch.tensor(targets, dtype=torch.int64),
+            "count": torch.tensor(counts, dtype=torch.int64)}
 
 
 def wide_of(model: nn.Module) -> WideHead | None:
@@ -278,6 +384,31 @@ def save_wide(head: WideHead, directory: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({WIDE_KEY: head.table.weight.detach().cpu().contiguous()}, str(Path(directory) / WIDE_FILE))
+
+
+@contextmanager
+def leaving_out(model: nn.Module, answers: torch.Tensor):
+    """`WideHead.leaving_out` on the model's wide part, if it has one with links; else nothing."""
+    head = wide_of(model)
+    if head is None or head.successors is None:
+        yield
+        return
+    with head.leaving_out(answers):
+        yield
+
+
+def save_links(links: dict[str, torch.Tensor], directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in links.items()}, str(Path(directory) / LINKS_FILE))
+
+
+def read_links(directory: Path) -> dict[str, torch.Tensor] | None:
+    """A base directory's public item-to-item counts (`count_links`), or None when it has none."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / LINKS_FILE
+    return load_file(str(path)) if path.is_file() else None
 
 
 def read_wide(directory: Path) -> dict[str, torch.Tensor]:

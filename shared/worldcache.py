@@ -9,7 +9,7 @@ key of the config, each file's absolute path, size and modification time):
 - `<digest>.events.arrow`: an Arrow IPC file (Feather v2) of one record batch: the EventLog columns, then
   SyntheticData's per-row arrays (ROW_FIELDS; one left None is absent; the (rows, levels) price curve a fixed-size
   list). String columns are dictionary-encoded;
-- `<digest>.catalogue.arrow`: the Catalogue's fields, the same way;
+- `<digest>.catalogue.arrow`: the Catalogue's fields, the same way (one left None is absent);
 - each file's schema metadata (key b"fedshop", JSON): the format version, the full key, an entry id both files share
   (a half-replaced pair is not one entry), every column's numpy dtype (so object arrays of str come back as object
   arrays of str) and a CRC-32 of its data; the events file also merchant_ids and window_end_ms;
@@ -119,7 +119,8 @@ def write_world(directory: Path, key: tuple, data: SyntheticData) -> bool:
         header = {"format": FORMAT_VERSION, "key": repr(key), "entry": os.urandom(8).hex()}
         rows = {name: getattr(data, name) for name in ROW_FIELDS if getattr(data, name) is not None}
         events = {**{name: getattr(data.events, name) for name in COLUMNS}, **rows}
-        catalogue = {name: getattr(data.catalogue, name) for name in CATALOGUE_FIELDS}
+        catalogue = {name: getattr(data.catalogue, name) for name in CATALOGUE_FIELDS
+                     if getattr(data.catalogue, name) is not None}  # links: the generator's only
         end = None if data.window_end_ms is None else int(data.window_end_ms)
         _write_table(catalogue_path, catalogue, header)
         _write_table(events_path, events, {**header, "merchant_ids": list(data.merchant_ids), "window_end_ms": end})

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.cli import main
 from server.export import export_run
@@ -119,3 +120,21 @@ def test_the_real_command_prints_no_traceback(finished, tmp_path):
     # Assert
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"{run / 'adapter' / 'adapter_model.safetensors'}: unreadable or corrupted" in done.stderr
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbled"])
+def test_a_damaged_links_file_of_a_base_is_named(tiny_base, tmp_path, how):
+    """The public item-to-item counts a wide base keeps beside its T5 (`links.safetensors`; the session's tiny base
+    has no wide part, so a copy gets one): damaged, loading the base names the file."""
+    from safetensors.torch import save_file
+
+    from shared.errors import UserError
+    from shared.model import load_base
+    from shared.wide import LINKS_FILE
+
+    base = Path(shutil.copytree(tiny_base.base_dir, tmp_path / "base"))
+    save_file({"from": torch.tensor([3]), "to": torch.tensor([4]), "count": torch.tensor([2])}, str(base / LINKS_FILE))
+    assert load_base(base)[0].fedshop_links["count"].tolist() == [2]
+    _damage(base / LINKS_FILE, how)
+    with pytest.raises(UserError, match=str(base / LINKS_FILE)):
+        load_base(base)

@@ -11,7 +11,7 @@ from shared.config import FedShopConfig
 from shared.dptrain import PrivacyState, train_round
 from shared.model import adapter_state, item_rows, load_adapter_state, load_saved_adapter, read_adapter, save_adapter
 from shared.modeling import binary_probability, encode, first_step_logits
-from shared.wide import NEXT_SCALE, WIDE_FILE, WIDE_KEY, at_base, set_wide_weights, wide_of
+from shared.wide import NEXT_SCALE, WIDE_FILE, WIDE_KEY, at_base, count_links, leaving_out, set_wide_weights, wide_of
 from tests.helpers import assert_opacus_per_sample_gradients_exact, first, nonzero_lora, tiny_lora_model
 
 CONFIG = FedShopConfig(model_size="tiny", num_merchants=1, shoppers_per_merchant=30, public_shoppers=10,
@@ -125,7 +125,8 @@ def test_next_item_training_moves_only_the_items_and_categories_rows_and_they_re
     head = model.wide
     vocab, table = head.vocab_size, head.table.weight.detach()[:, 0]
     assert not table[:2 * vocab].any()  # intent and churn not trained: their rows held at zero despite the noise
-    biases, stay = table[2 * vocab:3 * vocab], table[3 * vocab:]
+    biases, stay = table[2 * vocab:3 * vocab], table[3 * vocab:4 * vocab]
+    assert not table[4 * vocab:].any()  # a base without public links: its link weights are held at zero
     categories = tokenizer.convert_tokens_to_ids(sorted(set(merchant.facts.category)))
     for moved, live in ((biases, rows), (stay, categories)):
         others = torch.ones(vocab, dtype=torch.bool)
@@ -281,3 +282,82 @@ def test_wide_item_step_damps_the_per_item_rows_beside_the_dense_ones():
     start, after = _one_dp_round(wide_item_step=0.0)
     assert torch.equal(after[rows], start[rows]) and torch.equal(after[biases], start[biases])
     assert (after[vocab:2 * vocab] != start[vocab:2 * vocab]).any()
+
+
+def _linked_model(seed: int):
+    """The tiny model with its link term on: the public split's counts (here the merchant's own train examples)."""
+    model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=seed)
+    links = count_links(merchant.train, tokenizer, merchant.facts)
+    model.wide.set_links(links)
+    return model, tokenizer, merchant, links
+
+
+def test_the_link_term_adds_the_weighted_log_counts_of_the_last_item_s_public_successors():
+    model, tokenizer, merchant, links = _linked_model(seed=4)
+    head = model.wide
+    pairs = {}
+    for e in merchant.train:
+        if e.task == "next-item" and e.seen:
+            pairs[(e.seen[-1], e.label)] = pairs.get((e.seen[-1], e.label), 0) + 1
+    assert int(links["count"].sum()) == sum(pairs.values()) and len(links["count"]) == len(pairs)
+    examples = [e for e in merchant.valid if e.task == "next-item"][:6] + [e for e in merchant.valid
+                                                                           if e.task == "intent"][:2]
+    ids = encode(examples, tokenizer).input_ids
+    token = tokenizer.convert_tokens_to_ids
+    with torch.no_grad():
+        head.table.weight.zero_()
+        _, without = head(ids)
+        head.table.weight[head.link_rows()] = 0.7
+        _, terms = head(ids)
+    for example, row, plain in zip(examples, terms - without, without, strict=True):
+        if example.task != "next-item":
+            assert not row.any() and not plain.any()
+            continue
+        last = int(example.seen[-1])
+        expected = torch.zeros(head.vocab_size)
+        for (a, b), n in pairs.items():
+            if a == last:
+                expected[token(merchant.facts.item_ids[b])] = NEXT_SCALE * 0.7 * math.log1p(n)
+        assert torch.allclose(row, expected, atol=1e-6), example.source
+    assert (terms - without).abs().sum() > 0  # some last item had public successors
+
+
+def test_per_sample_gradients_with_the_link_term_are_exact():
+    model, tokenizer, merchant, _ = _linked_model(seed=5)
+    nonzero_lora(model)
+    with torch.no_grad():
+        model.wide.table.weight.normal_(0.0, 0.3)
+    examples = [e for e in merchant.train if e.task == "next-item"][:6]
+    assert_opacus_per_sample_gradients_exact(model, encode(examples, tokenizer))
+
+
+def test_dp_sgd_trains_the_link_weights_of_the_categories_only():
+    model, tokenizer, merchant, _ = _linked_model(seed=6)
+    head = model.wide
+    rows = head.link_rows()
+    result = train_round(model, encode(merchant.train, tokenizer), CONFIG.replace(train_tasks="next-item"),
+                         PrivacyState(), seed=0, owners=[e.user_id for e in merchant.train],
+                         output_rows=item_rows(tokenizer, merchant.facts))
+    assert result.status == "trained" and head.table.weight[rows].abs().min() > 0
+    others = torch.ones(head.vocab_size, dtype=torch.bool)
+    others[rows - 4 * head.vocab_size] = False
+    assert not head.table.weight[4 * head.vocab_size:][others].any()
+
+
+def test_pretraining_leaves_each_example_s_own_pair_out_of_its_link_counts():
+    model, tokenizer, merchant, links = _linked_model(seed=7)
+    head = model.wide
+    examples = [e for e in merchant.train if e.task == "next-item" and e.seen][:8]
+    data = encode(examples, tokenizer)
+    counts = head.link_counts(data.input_ids)
+    answers = data.target_ids[:, 0]
+    with leaving_out(model, answers):
+        left = head.link_counts(data.input_ids)
+    assert head.left_out is None  # only inside the block
+    rows = torch.arange(len(examples))
+    n = torch.expm1(counts[rows, answers]).round()
+    assert (n >= 1).all()  # every train example's own pair was counted
+    assert torch.allclose(left[rows, answers], torch.log1p(n - 1), atol=1e-5)
+    changed = torch.zeros_like(counts, dtype=torch.bool)
+    changed[rows, answers] = True
+    assert torch.equal(left[~changed], counts[~changed])  # every other count as it was
