@@ -169,6 +169,11 @@ class FedShopConfig:
                        "LoRA tensors under the same DP-SGD; what lets intent and churn learn per-item purchase rates "
                        "and the merchants' leaving behaviour, which no LoRA weight of an lm_head-only adapter feeds, "
                        "and next item the items' drifted popularity and category following")
+    wide_links: bool = _spec(True, "with wide = true: `fedshop pretrain` counts how often each item followed another "
+                             "in the public split and the wide part adds, to a next-item answer, a trained weight "
+                             "times the log of those counts from the most recent item (public knowledge; what lets "
+                             "next item use which item came last, as a Markov chain does); false: a base without "
+                             "them (a base is pretrained with or without them: give each its own base-dir)")
     wide_dense_step: float = _spec(1.0, "with wide = true: the share of each optimizer step that the wide part's "
                                    "dense weights keep (intent's features other than the candidate item, the churn "
                                    "bands, the categories' stay weights: each read by many examples of every "

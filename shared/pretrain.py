@@ -111,7 +111,7 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
         init_items_from_categories(model, tokenizer, public.facts)
     links = None
     if config.wide:  # a submodule while training (first_step_logits adds it), saved apart from the T5
-        if not public.facts.semantic:  # the public item-to-item counts the link term reads (items need tokens)
+        if config.wide_links and not public.facts.semantic:  # the public item-to-item counts the link term reads
             links = count_links(public.train, tokenizer, public.facts)
         model.wide = build_wide(tokenizer, model.get_input_embeddings().num_embeddings, public.facts, links=links)
     device = resolve_device(config.device)
@@ -172,6 +172,7 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
         "pretrain-task-weights": config.pretrain_weights,
         "catalogue-sha256": catalogue_fingerprint(public.facts), "item-ids": config.item_ids,
         "public-valid-metrics": metrics, "wide": head is not None,
+        "wide-links": 0 if links is None else len(links["count"]),  # item pairs the link term counts
     }
     if semantic is not None:
         meta["semantic-clusters"] = config.semantic_clusters
