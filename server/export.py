@@ -31,9 +31,9 @@ from shared.ledger import CONTINUED_FROM, MERCHANT_LEVEL, STATUS_TRAINED, epsilo
 from shared.model import BASE_META, check_adapter_dir, read_json_object
 from shared.rundir import CHECKPOINTS, RunDirectory
 from shared.semantic import SEMANTIC_FILE
-from shared.wide import WIDE_FILE
+from shared.wide import LINKS_FILE, WIDE_FILE
 
-BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", BASE_META, SEMANTIC_FILE)
+BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", BASE_META, SEMANTIC_FILE, LINKS_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -156,8 +156,10 @@ def model_card(run_dir: Path, config: FedShopConfig, out: Path, merged: bool, le
         "model = AutoPeftModelForSeq2SeqLM.from_pretrained(\"<this folder>\")  # base: ./base", "```", "",
         *(["The adapter has a wide part (`wide.safetensors`, config key `wide`): one number per feature token of an "
            "intent or churn question, added to its \"yes\" logit, and for a next-item answer one bias per item and "
-           "one weight per category for staying in the most recent item's category, which trained with the LoRA "
-           "tensors under the same DP-SGD. Plain PEFT does not load it: without it, intent and churn answers are the "
+           "one weight per category for staying in the most recent item's category, and one per category of the "
+           "most recent item on the public split's counts of the items viewed after it (`base/links.safetensors`, "
+           "when the base has them), which trained with the LoRA tensors under the same DP-SGD. Plain PEFT does not "
+           "load it: without it, intent and churn answers are the "
            "base's and next-item answers lack those terms. "
            "`fedshop predict` applies it; in Python, `shared.model.load_saved_wide(model, tokenizer, \"<this "
            "folder>\")` after the lines above.", ""] if (out / WIDE_FILE).is_file() else []),

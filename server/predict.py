@@ -90,7 +90,13 @@ class Predictor:
         if not (adapter / "manifest.json").is_file() or not (adapter / "run-config.toml").is_file():
             raise UserError(f"{adapter} is not a fedshop export (run `fedshop export RUN_DIR --out DIR` first)")
         from server.manifest import check_base
-        from shared.model import check_adapter_dir, check_base_files, load_saved_adapter, load_tokenizer
+        from shared.model import (
+            attach_wide_parts,
+            check_adapter_dir,
+            check_base_files,
+            load_saved_adapter,
+            load_tokenizer,
+        )
 
         check_base(adapter, adapter / "base" / "model.safetensors", "predict")
         check_base_files(adapter / "base")
@@ -108,8 +114,9 @@ class Predictor:
         self.facts = catalogue_facts(load_world(self.config), semantic_ids_for(self.config, adapter / "base"))
         self.index = self.facts.index()
         self.tokenizer = load_tokenizer(adapter)
-        self.model = load_saved_adapter(T5ForConditionalGeneration.from_pretrained(adapter / "base"), self.tokenizer,
-                                        adapter, self.facts)
+        base = T5ForConditionalGeneration.from_pretrained(adapter / "base")
+        attach_wide_parts(base, adapter / "base")  # the link term's public counts, when the base has them
+        self.model = load_saved_adapter(base, self.tokenizer, adapter, self.facts)
         self.model.to(resolve_device(device or self.config.device)).eval()
         self.history_length = history_length or self.config.history_length
         self.batch_size = batch_size or self.config.eval_batch_size

@@ -221,13 +221,19 @@ def load_base(directory: str | Path) -> tuple[T5ForConditionalGeneration, PreTra
         model = T5ForConditionalGeneration.from_pretrained(directory)
     tokenizer = load_tokenizer(directory)
     model.eval()
-    if (directory / WIDE_FILE).is_file():  # the wide part pretrained with it: where a model's wide part starts
+    attach_wide_parts(model, directory)
+    return model, tokenizer, meta
+
+
+def attach_wide_parts(model: T5ForConditionalGeneration, directory: Path) -> None:
+    """Give a base's T5 what its directory keeps for the wide part, where present: the weights pretrained with it
+    (`WIDE_FILE`: where a model's wide part starts) and the public item-to-item counts (`LINKS_FILE`)."""
+    if (directory / WIDE_FILE).is_file():
         with reading(directory / WIDE_FILE, "the base's wide part (a complete safetensors file)"):
             setattr(model, BASE_WIDE, read_wide(directory)[WIDE_KEY])
     if (directory / LINKS_FILE).is_file():
         with reading(directory / LINKS_FILE, "the base's item-to-item counts (a complete safetensors file)"):
             setattr(model, BASE_LINKS, read_links(directory))
-    return model, tokenizer, meta
 
 
 def base_wide(base: torch.nn.Module) -> torch.Tensor | None:

@@ -3,6 +3,7 @@ manifest that detects a changed byte."""
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -261,12 +262,22 @@ def test_the_export_carries_the_wide_part_and_predict_answers_with_it(run_dir, t
     from shared.model import add_lora, load_adapter_state, load_base, read_adapter
     from shared.modeling import binary_probability
     from shared.tasks import intent_source
-    from shared.wide import WIDE_FILE
+    from shared.wide import LINKS_FILE, WIDE_FILE, save_links, wide_of
 
     out = export_run(run_dir, tmp_path / "export")
     assert (out / WIDE_FILE).is_file() and "load_saved_wide" in (out / "README.md").read_text()
     predictor = Predictor(out)
     config = load_config(run_dir / "config.toml")
+    # a base with the public item-to-item counts (the session's has none): they travel in the export's base, and
+    # predict's model reads them
+    linked_base = Path(shutil.copytree(config.base_dir, tmp_path / "linked-base"))
+    save_links({"from": torch.tensor([3]), "to": torch.tensor([4]), "count": torch.tensor([2])}, linked_base)
+    linked_run = Path(shutil.copytree(run_dir, tmp_path / "linked-run"))
+    (linked_run / "config.toml").write_text((run_dir / "config.toml").read_text().replace(
+        config.base_dir, str(linked_base)), encoding="utf-8")
+    linked = export_run(linked_run, tmp_path / "linked-export")
+    assert (linked / "base" / LINKS_FILE).is_file() and not (out / "base" / LINKS_FILE).is_file()
+    assert wide_of(Predictor(linked).model).successors is not None and wide_of(predictor.model).successors is None
     base, tokenizer, _ = load_base(config.base_dir)
     model = add_lora(base, config, tokenizer=tokenizer)
     load_adapter_state(model, read_adapter(run_dir))
