@@ -113,11 +113,15 @@ class Deployment:
             argv += ["--auth-supernode-private-key", str(private_key)]
         return self.processes.start(name, argv)
 
-    def online_nodes(self) -> list[dict]:
+    def listed_nodes(self) -> list[dict]:
+        """Every node the SuperLink lists (`flwr supernode list`: node-id, status, ...); [] when it does not answer."""
         done = self.flwr("supernode", "list", CONNECTION, "--format", "json")
         if done.returncode != 0:
             return []
-        return [n for n in json.loads(done.stdout).get("nodes", []) if n.get("status") == "online"]
+        return json.loads(done.stdout).get("nodes", [])
+
+    def online_nodes(self) -> list[dict]:
+        return [n for n in self.listed_nodes() if n.get("status") == "online"]
 
     def wait_online(self, count: int, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -54,6 +54,7 @@ privacy of their own.
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,11 +152,14 @@ class WideHead(nn.Module):
         finally:
             self.left_out = None
 
+    def category_tokens(self) -> torch.Tensor:
+        """The category tokens (each its own category in `category_of`)."""
+        tokens = torch.arange(self.vocab_size, device=self.category_of.device)
+        return torch.nonzero(self.category_of == tokens).flatten()
+
     def link_rows(self) -> torch.Tensor:
         """The link block's rows: one per category token."""
-        vocab = self.vocab_size
-        categories = torch.nonzero(self.category_of == torch.arange(vocab, device=self.category_of.device)).flatten()
-        return 4 * vocab + categories
+        return 4 * self.vocab_size + self.category_tokens()
 
     def train_only(self, tasks: list[str] | tuple[str, ...], item_rows: list[int] | None,
                    dense_step: float = 1.0, item_step: float = 1.0) -> None:
@@ -180,7 +184,7 @@ class WideHead(nn.Module):
         if "next-item" in tasks:
             live[2 * vocab + torch.as_tensor(item_rows, dtype=torch.long, device=weight.device)
                  if item_rows is not None else slice(2 * vocab, 3 * vocab)] = True
-            categories = torch.nonzero(self.category_of == torch.arange(vocab, device=weight.device)).flatten()
+            categories = self.category_tokens()
             live[3 * vocab + categories] = True
             if self.successors is not None:
                 live[4 * vocab + categories] = True
@@ -340,11 +344,7 @@ def build_wide(tokenizer, vocab_size: int, facts=None, start: torch.Tensor | Non
 def count_links(examples, tokenizer, facts) -> dict[str, torch.Tensor]:
     """The public split's item-to-item counts: how often each item was viewed right after another (the last item of
     a next-item example's history and its answer, as the report's Markov chain counts them), as token ids."""
-    pairs: dict[tuple[int, int], int] = {}
-    for e in examples:
-        if e.task == "next-item" and e.seen:
-            pair = (e.seen[-1], e.label)
-            pairs[pair] = pairs.get(pair, 0) + 1
+    pairs = Counter((e.seen[-1], e.label) for e in examples if e.task == "next-item" and e.seen)
     items = sorted({i for pair in pairs for i in pair})
     tokens = dict(zip(items, tokenizer.convert_tokens_to_ids([str(facts.item_ids[i]) for i in items]), strict=True))
     known = [(tokens[a], tokens[b], n) for (a, b), n in sorted(pairs.items())

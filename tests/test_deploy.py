@@ -33,16 +33,13 @@ EVALUATE_METRIC = re.compile(r"^(num-examples|partition-id|(intent|next|churn|pr
 
 
 def _node_status(run_dir: Path, merchant: str) -> str | None:
-    """The SuperLink's status of `merchant`'s node (`flwr supernode list` against the deployment's own FLWR_HOME)."""
+    """The SuperLink's status of `merchant`'s node, asked through the running deployment's own FLWR_HOME."""
+    from server.deploy import Deployment
+
     deploy = run_dir / ".deploy"
     node = next(int(n) for n, name in json.loads((deploy / "merchant-nodes.json").read_text()).items()
                 if name == merchant)
-    done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "list", "fedshop", "--format",
-                           "json"], env={**os.environ, "FLWR_HOME": str(deploy / "flwr-home")}, capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        return None
-    return next((n.get("status") for n in json.loads(done.stdout).get("nodes", []) if int(n["node-id"]) == node), None)
+    return next((n.get("status") for n in Deployment(deploy).listed_nodes() if int(n["node-id"]) == node), None)
 
 
 def _cmdline(pid: int) -> str:
