@@ -15,10 +15,12 @@ TINY = dict(model_size="tiny", num_merchants=3, shoppers_per_merchant=40, public
             num_categories=6, history_length=8, pretrain_epochs=2, num_rounds=2, batch_size=16)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items) -> None:
     """Groups for pytest-xdist's `--dist loadgroup` (the README's test command): one worker takes each test file
     whole (its module fixtures are built once), and one takes every test of the session's simulated run
-    (`tiny_run`), whatever file holds it."""
+    (`tiny_run`), whatever file holds it. First among the hooks: pytest-xdist's own, which turns these marks into
+    the groups it schedules by, must see them (tests/test_suite_groups.py)."""
     for item in items:
         group = "tiny-run" if "tiny_run" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
