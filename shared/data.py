@@ -185,9 +185,10 @@ def check_base_matches(meta: dict, config: FedShopConfig, data: SyntheticData | 
     if not different:
         facts = catalogue_facts(data if data is not None else load_world(config))
         if meta.get("catalogue-sha256") != catalogue_fingerprint(facts):
-            different.append("the catalogue facts differ (" + (f"the base was pretrained on other data than "
-                             f"{config.data_path}" if config.data_path else "the base predates this version of the "
-                             "data generator") + ")")
+            different.append("the catalogue facts or task tokens differ (" + (
+                f"the base was pretrained on other data than {config.data_path}, or by a fedshop with other task "
+                "tokens" if config.data_path else "the base predates this version of the data generator or of "
+                "fedshop's task tokens") + ")")
     if different:
         raise UserError(f"base directory {config.base_dir} was pretrained for another catalogue ("
                         + "; ".join(different) + "): pretrain a base for this config (`fedshop pretrain`) "

@@ -18,8 +18,8 @@ the last of an intent input) and compares the curve with the truth.
 - intent:    "intent: <history> cand <item> <category> <price band> <rating band> <price level>" -> "yes" | "no"
              (bought after viewing at the offered price level)
 - next-item: "next: <history>" -> "<item>" (one token, or a semantic id of four: shared/semantic.py)
-- churn:     "churn: <history> <sessions> <views> <mean gap> <days since last event> <bought in the last session>"
-             -> "yes" (an event within H) | "no"
+- churn:     "churn: <history> <sessions> <views> <mean gap> <days since last event> <bought in the last session>
+             <the first four again as numbers>" -> "yes" (an event within H) | "no"
 where <history> lists the most recent viewed items, oldest first, each followed by its (public) category, the most
 recent one after the mark "last" (LAST_MARK). With
 item-ids = semantic an item is written as its semantic id everywhere (which already holds category and price band:
@@ -41,6 +41,13 @@ SESSION_BANDS = 8  # s1 .. s8 (8 or more)
 VIEW_BANDS = (1, 2, 3, 4, 5, 10, 20)  # n1 n2 n3 n4 n5 n10 n20: views so far, lower edges
 GAP_BANDS_DAYS = (1, 2, 4, 8, 16)  # g0: no gap yet; g1: < 1 day; g2: 1-2; ... g6: >= 16 days (mean gap so far);
 #                                  d1 .. d6 the same bands for the days since the shopper's last event
+# The same four numbers again, as log2(1 + x) in quarter steps: ls<k>, ln<k>, lg<k>, ld<k> stand for
+# log2(1 + x) = k / NUMBER_STEPS (k capped at NUMBER_LEVELS). The wide part reads them as numbers, one weight per
+# feature (shared/wide.py), which a band cannot give: beyond the bands a training split reached (a long churn
+# horizon's test shoppers) only a number extrapolates (BENCHMARKS.md, Churn's numbers as band tokens).
+NUMBER_PREFIXES = ("ls", "ln", "lg", "ld")  # sessions, views, mean gap (days; 0 before a second session), recency
+NUMBER_STEPS = 4
+NUMBER_LEVELS = 48  # log2(1 + x) <= 12: x up to 4,095
 # written before the most recent item of every history: T5 has no absolute positions, so without a mark "which item
 # came last" must be found through the relative attention bias alone, which pretraining learns late or never
 LAST_MARK = "last"
@@ -57,9 +64,23 @@ def level_tokens() -> list[str]:
 
 
 def churn_tokens() -> list[str]:
+    """Every token a churn question's features write: its bands, then its numbers."""
+    return churn_band_tokens() + number_tokens()
+
+
+def churn_band_tokens() -> list[str]:
     return ([f"s{k}" for k in range(1, SESSION_BANDS + 1)] + [f"n{v}" for v in VIEW_BANDS]
             + [f"g{g}" for g in range(len(GAP_BANDS_DAYS) + 2)] + [f"d{d}" for d in range(1, len(GAP_BANDS_DAYS) + 2)]
             + ["b0", "b1"])
+
+
+def number_tokens() -> list[str]:
+    return [f"{prefix}{k}" for prefix in NUMBER_PREFIXES for k in range(NUMBER_LEVELS + 1)]
+
+
+def number_token(prefix: str, x: float) -> str:
+    """The token of x >= 0 as log2(1 + x) in quarter steps."""
+    return f"{prefix}{min(NUMBER_LEVELS, round(NUMBER_STEPS * float(np.log2(1.0 + max(0.0, x)))))}"
 
 
 def history_text(history: list[str], facts: CatalogueFacts, index: dict[str, int]) -> str:
@@ -75,8 +96,10 @@ def intent_source(history: str, item: int, facts: CatalogueFacts, level: float) 
 
 def churn_source(history: str, sessions: int, views: int, mean_gap_days: float | None, days_since_last: float,
                  bought_in_last_session: bool) -> str:
+    numbers = zip(NUMBER_PREFIXES, (sessions, views, mean_gap_days or 0.0, days_since_last), strict=True)
     return (f"churn: {history} s{min(max(1, sessions), SESSION_BANDS)} {_view_band(max(1, views))} "
-            f"{_gap_band(mean_gap_days)} d{_days_band(days_since_last)} b{int(bought_in_last_session)}")
+            f"{_gap_band(mean_gap_days)} d{_days_band(days_since_last)} b{int(bought_in_last_session)} "
+            + " ".join(number_token(prefix, x) for prefix, x in numbers))
 
 
 def _view_band(views: int) -> str:

@@ -1,5 +1,5 @@
 """The domain tokenizer: one token per catalogue item, category, price band, rating band, price level and
-churn feature band, built locally.
+churn feature band and number, built locally.
 
 Built with `tokenizers` (a word-level model over whitespace-separated tokens) and wrapped as a
 `PreTrainedTokenizerFast`, so it saves and loads with the base directory like any Hugging Face tokenizer. A base

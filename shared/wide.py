@@ -9,7 +9,11 @@ beside the deep T5 (the "wide & deep" pattern of recommender systems):
     logit(yes) += sum over the feature tokens t of the input of  w[task, t]
 
 - intent: the tokens after "cand" (the candidate item, its category, price and rating bands, the offered price level);
-- churn: the activity-band tokens (sessions, views, mean gap, days since the last event, bought in the last session).
+- churn: the activity-band tokens (sessions, views, mean gap, days since the last event, bought in the last session),
+  and the same four numbers as numbers: each number token (`shared.tasks.number_tokens`, log2(1 + x) in quarter
+  steps) reads its feature's one weight times its value, log2(1 + x) / NUMBER_UNIT. A band's weight is learnt only
+  where training examples fell; the numbers' weights also reach a test shopper beyond them (BENCHMARKS.md, Churn's
+  numbers as band tokens).
 
 A next-item question has no feature tokens; its answer is an item, so the wide part gives it two terms over the
 output tokens instead, added to the first decoder step's logits:
@@ -62,7 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.tasks import churn_tokens
+from shared.tasks import NUMBER_LEVELS, NUMBER_PREFIXES, NUMBER_STEPS, churn_band_tokens
 
 WIDE_KEY = "wide.table.weight"  # its adapter-state key (not a PEFT key: PEFT does not save it)
 WIDE_FILE = "wide.safetensors"  # beside adapter_model.safetensors in a saved adapter
@@ -79,6 +83,10 @@ DENSE_SCALE = 0.2
 # next HR@10 rose fastest but drifted with the noise from round 2 on and intent lost 0.010 AUC; at 0.2 it gained half
 # as much; 0.5 gained most by round 4 (BENCHMARKS.md, Tuning: the wide part).
 NEXT_SCALE = 0.5
+# A churn number enters as log2(1 + x) / NUMBER_UNIT: 0 to 3 for x up to 4,095. At 12 (0 to 1, a band's size) the
+# real-shaped preset's pretraining and merchants moved the numbers' weights too little: churn 0.949 against 0.957 at 4
+# (BENCHMARKS.md, Churn's numbers in the model).
+NUMBER_UNIT = 4.0
 
 
 class WideHead(nn.Module):
@@ -86,7 +94,8 @@ class WideHead(nn.Module):
     churn, [2V, 3V) are the next-item biases of the output tokens, [3V, 4V) the "stays in its category" weights and
     [4V, 5V) the link weights, each one per category token."""
 
-    def __init__(self, vocab_size: int, ids: dict[str, int], churn_ids: list[int]):
+    def __init__(self, vocab_size: int, ids: dict[str, int], churn_ids: list[int],
+                 numbers: dict[int, tuple[int, float]] | None = None):
         super().__init__()
         self.vocab_size = vocab_size
         self.table = nn.Embedding(len(BLOCKS) * vocab_size, 1)
@@ -97,6 +106,14 @@ class WideHead(nn.Module):
         churn = torch.zeros(vocab_size, dtype=torch.bool)
         churn[churn_ids] = True
         self.register_buffer("churn_feature", churn, persistent=False)
+        # a churn number token's row (its feature's weight: the row of the feature's first token) and value; -1, 0
+        # for every other token
+        number_row = torch.full((vocab_size,), -1, dtype=torch.long)
+        number_value = torch.zeros(vocab_size)
+        for token, (row, value) in (numbers or {}).items():
+            number_row[token], number_value[token] = row, value
+        self.register_buffer("number_row", number_row, persistent=False)
+        self.register_buffer("number_value", number_value, persistent=False)
         # the category token of each item token, each category token itself, -1 for every other token
         self.register_buffer("category_of", torch.full((vocab_size,), -1, dtype=torch.long), persistent=False)
         self.has_catalogue = False
@@ -228,17 +245,21 @@ class WideHead(nn.Module):
         cand = input_ids == self.ids["cand"]
         after_cand = (torch.cumsum(cand.to(torch.int64), dim=1) > 0) & ~cand & real
         intent = (task == self.ids["intent:"]) & after_cand
-        churn = (task == self.ids["churn:"]) & self.churn_feature[input_ids] & real
-        rows = input_ids + self.vocab_size * (task == self.ids["churn:"]).to(torch.int64)
-        return rows, intent | churn
+        is_churn = task == self.ids["churn:"]
+        number = is_churn & (self.number_row[input_ids] >= 0) & real
+        churn = is_churn & self.churn_feature[input_ids] & real
+        rows = torch.where(number, self.number_row[input_ids], input_ids) + self.vocab_size * is_churn.to(torch.int64)
+        return rows, intent | churn | number
 
     def weights(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(table rows, weight of each position), both (B, L): 1 at the intent candidate, the one feature of its own
-        (an item), DENSE_SCALE at the other feature tokens, 0 elsewhere."""
+        (an item), DENSE_SCALE at the other feature tokens (times its value at a churn number), 0 elsewhere."""
         rows, mask = self.features(input_ids)
         candidate = torch.roll(input_ids == self.ids["cand"], 1, dims=1)
-        scale = torch.where(candidate, 1.0, DENSE_SCALE).to(self.table.weight.dtype)
-        return rows, mask.to(self.table.weight.dtype) * scale
+        dtype = self.table.weight.dtype
+        value = torch.where(self.number_row[input_ids] >= 0, self.number_value[input_ids], 1.0)
+        scale = torch.where(candidate, 1.0, DENSE_SCALE * value).to(dtype)
+        return rows, mask.to(dtype) * scale
 
     def last_category(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B,): the first category token after the `last` mark (the most recent item's category), -1 if none."""
@@ -330,8 +351,14 @@ def build_wide(tokenizer, vocab_size: int, facts=None, start: torch.Tensor | Non
         missing = [n for n, i in ids.items() if i == tokenizer.unk_token_id]
         raise ValueError(f"the base's tokenizer lacks the task tokens {missing} that the wide part reads")
     ids.update(pad=int(tokenizer.pad_token_id), eos=int(tokenizer.eos_token_id))
-    churn_ids = [i for i in tokenizer.convert_tokens_to_ids(churn_tokens()) if i != tokenizer.unk_token_id]
-    head = WideHead(vocab_size, ids, churn_ids)
+    known = tokenizer.unk_token_id
+    churn_ids = [i for i in tokenizer.convert_tokens_to_ids(churn_band_tokens()) if i != known]
+    numbers = {}
+    for prefix in NUMBER_PREFIXES:
+        levels = tokenizer.convert_tokens_to_ids([f"{prefix}{k}" for k in range(NUMBER_LEVELS + 1)])
+        numbers.update({token: (levels[0], k / NUMBER_STEPS / NUMBER_UNIT)
+                        for k, token in enumerate(levels) if token != known and levels[0] != known})
+    head = WideHead(vocab_size, ids, churn_ids, numbers)
     if start is not None:
         set_wide_weights(head, start, start=True)
     if facts is not None:

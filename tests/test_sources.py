@@ -143,7 +143,7 @@ def test_load_world_builds_the_synthetic_shape_from_a_real_file(rees46):
     assert describe_counts(report)["cleaning: exact duplicates"] == 0
     # a base knows its catalogue: the fingerprint decides, not the synthetic knobs
     meta = {"catalogue-sha256": "0" * 64}
-    with pytest.raises(Exception, match="catalogue facts differ"):
+    with pytest.raises(Exception, match="catalogue facts or task tokens differ"):
         check_base_matches(meta, config, data)
 
 
@@ -217,11 +217,12 @@ def test_simulate_runs_end_to_end_on_a_rees46_file(rees46, tmp_path):
 def test_item_ids_never_collide_with_a_task_category_band_level_or_churn_token():
     from shared.sources import item_tokens
 
-    names = np.array(["i1", "sku-1", "s1", "x0.8", "b0", "churn:", "c3", "p7", "g2", "d4", "n10", "a b"], dtype=object)
+    names = np.array(["i1", "sku-1", "s1", "x0.8", "b0", "churn:", "c3", "p7", "g2", "d4", "n10", "ld31", "ls49",
+                      "a b"], dtype=object)
     tokens, renamed = item_tokens(names)
     assert tokens.tolist() == ["i1", "sku-1", "item:s1", "item:x0.8", "item:b0", "item:churn:", "item:c3", "item:p7",
-                               "item:g2", "item:d4", "item:n10", "a_b"]
-    assert renamed == 10
+                               "item:g2", "item:d4", "item:n10", "item:ld31", "ls49", "a_b"]  # ls48 is the top level
+    assert renamed == 11
 
 
 def test_the_world_is_built_once_per_process_and_again_when_its_data_changes(tmp_path):

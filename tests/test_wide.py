@@ -40,8 +40,34 @@ def test_it_reads_the_candidate_for_intent_the_bands_for_churn_and_nothing_for_n
     intent = by_task["intent"].split()
     assert _tokens(tokenizer, head, by_task["intent"]) == intent[intent.index("cand") + 1:]
     churn = _tokens(tokenizer, head, by_task["churn"])
-    assert churn == by_task["churn"].split()[-5:] and len(churn) == 5  # sessions, views, gap, days, bought
+    assert churn == by_task["churn"].split()[-9:]  # sessions, views, gap, days, bought; the first four as numbers
+    assert [t[:2] for t in churn[5:]] == ["ls", "ln", "lg", "ld"]
     assert _tokens(tokenizer, head, by_task["next-item"]) == []
+
+
+def test_a_churn_number_reads_its_feature_s_one_weight_times_its_value(setup):
+    """ls<k> .. ld<k> (log2(1 + x) = k / 4) add DENSE_SCALE * w[feature] * k / 4 / NUMBER_UNIT to the yes logit,
+    w the row of the feature's level-0 token; the band tokens keep their own rows."""
+    from shared.tasks import number_token
+    from shared.wide import DENSE_SCALE, NUMBER_UNIT
+
+    model, tokenizer, _ = setup
+    head = model.wide
+    sources = ["churn: s2 n3 g1 d2 b0 " + " ".join(number_token(p, x) for p, x in zip(("ls", "ln", "lg", "ld"), xs))
+               for xs in ((1, 2, 0.0, 0.4), (7, 40, 3.0, 200.0))]
+    ids = tokenizer(sources, return_tensors="pt", padding=True)["input_ids"]
+    weights = {"ls": 0.3, "ln": -0.2, "lg": 0.5, "ld": -1.1}
+    with torch.no_grad():
+        head.table.weight.zero_()
+        for prefix, w in weights.items():
+            head.table.weight[head.vocab_size + tokenizer.convert_tokens_to_ids(f"{prefix}0")] = w
+        yes_term, _ = head(ids)
+        head.table.weight.zero_()
+    for row, source in enumerate(sources):
+        numbers = source.split()[-4:]
+        expected = sum(DENSE_SCALE * weights[t[:2]] * int(t[2:]) / 4 / NUMBER_UNIT for t in numbers)
+        assert float(yes_term[row]) == pytest.approx(expected, abs=1e-5)
+    assert sources[1].split()[-4:] == ["ls12", "ln21", "lg8", "ld31"]  # round(4 log2(1 + x))
 
 
 def test_intent_and_churn_read_separate_weights(setup):
