@@ -95,11 +95,12 @@ def intent_source(history: str, item: int, facts: CatalogueFacts, level: float) 
 
 
 def churn_source(history: str, sessions: int, views: int, mean_gap_days: float | None, days_since_last: float,
-                 bought_in_last_session: bool) -> str:
-    numbers = zip(NUMBER_PREFIXES, (sessions, views, mean_gap_days or 0.0, days_since_last), strict=True)
+                 bought_in_last_session: bool, numbers: bool = True) -> str:
+    """`numbers` False: the bands alone, as a base pretrained before the number tokens reads them."""
+    values = zip(NUMBER_PREFIXES, (sessions, views, mean_gap_days or 0.0, days_since_last), strict=True)
     return (f"churn: {history} s{min(max(1, sessions), SESSION_BANDS)} {_view_band(max(1, views))} "
-            f"{_gap_band(mean_gap_days)} d{_days_band(days_since_last)} b{int(bought_in_last_session)} "
-            + " ".join(number_token(prefix, x) for prefix, x in numbers))
+            f"{_gap_band(mean_gap_days)} d{_days_band(days_since_last)} b{int(bought_in_last_session)}"
+            + "".join(f" {number_token(prefix, x)}" for prefix, x in values if numbers))
 
 
 def _view_band(views: int) -> str:

@@ -68,6 +68,10 @@ def test_a_churn_number_reads_its_feature_s_one_weight_times_its_value(setup):
         expected = sum(DENSE_SCALE * weights[t[:2]] * int(t[2:]) / 4 / NUMBER_UNIT for t in numbers)
         assert float(yes_term[row]) == pytest.approx(expected, abs=1e-5)
     assert sources[1].split()[-4:] == ["ls12", "ln21", "lg8", "ld31"]  # round(4 log2(1 + x))
+    # an export pretrained before the number tokens is asked with the bands alone (server/predict.py)
+    from shared.tasks import churn_source
+    assert churn_source("h", 7, 40, 3.0, 200.0, False, numbers=False) == "churn: h s7 n20 g3 d6 b0"
+    assert churn_source("h", 7, 40, 3.0, 200.0, False).split()[-4:] == sources[1].split()[-4:]
 
 
 def test_intent_and_churn_read_separate_weights(setup):
