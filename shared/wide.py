@@ -351,13 +351,13 @@ def build_wide(tokenizer, vocab_size: int, facts=None, start: torch.Tensor | Non
         missing = [n for n, i in ids.items() if i == tokenizer.unk_token_id]
         raise ValueError(f"the base's tokenizer lacks the task tokens {missing} that the wide part reads")
     ids.update(pad=int(tokenizer.pad_token_id), eos=int(tokenizer.eos_token_id))
-    known = tokenizer.unk_token_id
-    churn_ids = [i for i in tokenizer.convert_tokens_to_ids(churn_band_tokens()) if i != known]
+    unknown = tokenizer.unk_token_id
+    churn_ids = [i for i in tokenizer.convert_tokens_to_ids(churn_band_tokens()) if i != unknown]
     numbers = {}
     for prefix in NUMBER_PREFIXES:
         levels = tokenizer.convert_tokens_to_ids([f"{prefix}{k}" for k in range(NUMBER_LEVELS + 1)])
         numbers.update({token: (levels[0], k / NUMBER_STEPS / NUMBER_UNIT)
-                        for k, token in enumerate(levels) if token != known and levels[0] != known})
+                        for k, token in enumerate(levels) if token != unknown and levels[0] != unknown})
     head = WideHead(vocab_size, ids, churn_ids, numbers)
     if start is not None:
         set_wide_weights(head, start, start=True)
