@@ -25,13 +25,14 @@ from shared.config import load_config
 from shared.data import merchant_data
 from shared.metrics import hanley_mcneil_se, roc_auc
 from shared.synthetic import generate
-from shared.tasks import GAP_BANDS_DAYS, NUMBER_LEVELS, NUMBER_STEPS, SESSION_BANDS, VIEW_BANDS
+from shared.tasks import GAP_BANDS_DAYS, NUMBER_STEPS, SESSION_BANDS, VIEW_BANDS, number_level
 
 # shared/tasks.py's edges: sessions s1 .. s8 (8 or more), views, and one set of day edges for gap and recency
 CURRENT = (tuple(range(1, SESSION_BANDS + 1)), VIEW_BANDS, GAP_BANDS_DAYS, GAP_BANDS_DAYS)
-# a finer set, dense from half a day to a week and reaching long histories: sessions, views, mean gap, recency
 # the real-shaped preset over a year, shoppers returning every three weeks, a quarter's churn horizon: a retail log's
+# time scale
 LONG = "configs/real-shaped.toml days=365 mean-gap-days=20 churn-horizon-days=91"
+# a finer set, dense from half a day to a week and reaching long histories: sessions, views, mean gap, recency
 FINE = ((1, 2, 3, 4, 6, 8, 12, 16, 24, 32), (1, 2, 3, 4, 5, 7, 10, 14, 20, 30, 50, 70, 100, 150, 200),
         (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24), (0.5, 1, 1.5, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32))
 
@@ -43,7 +44,7 @@ def features(examples, kind: str) -> np.ndarray:
     if kind == "log numbers":
         return np.column_stack([np.log1p(raw[:, :4]), raw[:, 4]])
     if kind == "bands and numbers":  # what the model's wide part reads: the bands, and log2(1 + x) in quarter steps
-        steps = np.minimum(NUMBER_LEVELS, np.round(NUMBER_STEPS * np.log2(1.0 + raw[:, :4]))) / NUMBER_STEPS
+        steps = np.array([[number_level(x) for x in row] for row in raw[:, :4]]) / NUMBER_STEPS
         return np.hstack([features(examples, "current bands"), steps])
     columns = []
     for j, edges in enumerate(CURRENT if kind == "current bands" else FINE):

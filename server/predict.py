@@ -227,7 +227,7 @@ class Predictor:
 
     def predict_churn(self, requests: list[Request], top_k: int, explain: bool) -> list[dict]:
         """P(the shopper comes back within the run's churn horizon) and the churn risk 1 - P."""
-        from shared.tasks import NUMBER_PREFIXES, churn_source
+        from shared.tasks import churn_source, number_tokens
 
         for request in requests:
             if request.activity is None:
@@ -235,7 +235,7 @@ class Predictor:
                                 f"missing for {request.history_label}")
         groups = [_variants(r.history, explain) for r in requests]
         # an export from before churn's number tokens: its model reads the bands alone
-        numbers = NUMBER_PREFIXES[0] + "0" in self.tokenizer.get_vocab()
+        numbers = number_tokens()[0] in self.tokenizer.get_vocab()
         sources = [churn_source(self._history_text(h), r.activity.sessions, len(r.history), r.activity.mean_gap_days,
                                 r.activity.days_since_last, r.activity.bought_last_session, numbers)
                    for r, group in zip(requests, groups, strict=True) for h in group]

@@ -78,9 +78,13 @@ def number_tokens() -> list[str]:
     return [f"{prefix}{k}" for prefix in NUMBER_PREFIXES for k in range(NUMBER_LEVELS + 1)]
 
 
+def number_level(x: float) -> int:
+    """k of x >= 0's number token: log2(1 + x) in quarter steps, capped at NUMBER_LEVELS."""
+    return min(NUMBER_LEVELS, round(NUMBER_STEPS * float(np.log2(1.0 + max(0.0, x)))))
+
+
 def number_token(prefix: str, x: float) -> str:
-    """The token of x >= 0 as log2(1 + x) in quarter steps."""
-    return f"{prefix}{min(NUMBER_LEVELS, round(NUMBER_STEPS * float(np.log2(1.0 + max(0.0, x)))))}"
+    return f"{prefix}{number_level(x)}"
 
 
 def history_text(history: list[str], facts: CatalogueFacts, index: dict[str, int]) -> str:
@@ -97,10 +101,12 @@ def intent_source(history: str, item: int, facts: CatalogueFacts, level: float) 
 def churn_source(history: str, sessions: int, views: int, mean_gap_days: float | None, days_since_last: float,
                  bought_in_last_session: bool, numbers: bool = True) -> str:
     """`numbers` False: the bands alone, as a base pretrained before the number tokens reads them."""
-    values = zip(NUMBER_PREFIXES, (sessions, views, mean_gap_days or 0.0, days_since_last), strict=True)
-    return (f"churn: {history} s{min(max(1, sessions), SESSION_BANDS)} {_view_band(max(1, views))} "
-            f"{_gap_band(mean_gap_days)} d{_days_band(days_since_last)} b{int(bought_in_last_session)}"
-            + "".join(f" {number_token(prefix, x)}" for prefix, x in values if numbers))
+    source = (f"churn: {history} s{min(max(1, sessions), SESSION_BANDS)} {_view_band(max(1, views))} "
+              f"{_gap_band(mean_gap_days)} d{_days_band(days_since_last)} b{int(bought_in_last_session)}")
+    if not numbers:
+        return source
+    values = (sessions, views, mean_gap_days or 0.0, days_since_last)
+    return " ".join([source, *(number_token(p, x) for p, x in zip(NUMBER_PREFIXES, values, strict=True))])
 
 
 def _view_band(views: int) -> str:

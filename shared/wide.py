@@ -106,14 +106,14 @@ class WideHead(nn.Module):
         churn = torch.zeros(vocab_size, dtype=torch.bool)
         churn[churn_ids] = True
         self.register_buffer("churn_feature", churn, persistent=False)
-        # a churn number token's row (its feature's weight: the row of the feature's first token) and value; -1, 0
-        # for every other token
+        # a churn number token's row (its feature's weight: the row of the feature's first token), -1 for every
+        # other token; and the value each token enters with: a number's, 1 for every other token
         number_row = torch.full((vocab_size,), -1, dtype=torch.long)
-        number_value = torch.zeros(vocab_size)
+        feature_value = torch.ones(vocab_size)
         for token, (row, value) in (numbers or {}).items():
-            number_row[token], number_value[token] = row, value
+            number_row[token], feature_value[token] = row, value
         self.register_buffer("number_row", number_row, persistent=False)
-        self.register_buffer("number_value", number_value, persistent=False)
+        self.register_buffer("feature_value", feature_value, persistent=False)
         # the category token of each item token, each category token itself, -1 for every other token
         self.register_buffer("category_of", torch.full((vocab_size,), -1, dtype=torch.long), persistent=False)
         self.has_catalogue = False
@@ -257,8 +257,7 @@ class WideHead(nn.Module):
         rows, mask = self.features(input_ids)
         candidate = torch.roll(input_ids == self.ids["cand"], 1, dims=1)
         dtype = self.table.weight.dtype
-        value = torch.where(self.number_row[input_ids] >= 0, self.number_value[input_ids], 1.0)
-        scale = torch.where(candidate, 1.0, DENSE_SCALE * value).to(dtype)
+        scale = torch.where(candidate, 1.0, DENSE_SCALE * self.feature_value[input_ids]).to(dtype)
         return rows, mask.to(dtype) * scale
 
     def last_category(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -356,8 +355,9 @@ def build_wide(tokenizer, vocab_size: int, facts=None, start: torch.Tensor | Non
     numbers = {}
     for prefix in NUMBER_PREFIXES:
         levels = tokenizer.convert_tokens_to_ids([f"{prefix}{k}" for k in range(NUMBER_LEVELS + 1)])
-        numbers.update({token: (levels[0], k / NUMBER_STEPS / NUMBER_UNIT)
-                        for k, token in enumerate(levels) if token != unknown and levels[0] != unknown})
+        if levels[0] != unknown:  # a tokenizer from before the number tokens has none of them
+            numbers.update({token: (levels[0], k / NUMBER_STEPS / NUMBER_UNIT)
+                            for k, token in enumerate(levels) if token != unknown})
     head = WideHead(vocab_size, ids, churn_ids, numbers)
     if start is not None:
         set_wide_weights(head, start, start=True)
