@@ -33,7 +33,7 @@ from shared.config import FedShopConfig
 from shared.ledger import STATUS_DECLINED, STATUS_TRAINED
 from shared.lora_grad import LoraGradSampleModule
 from shared.model import freeze_for, keep_item_rows, mask_grad_samples
-from shared.modeling import Encoded, model_device, per_sample_loss
+from shared.modeling import Encoded, model_device, per_sample_loss, width_groups
 from shared.privacy import History, PoissonSampler, PrivacyBudget, Uniform, accountant_for, history_of, records_of
 from shared.privacy import schedule as _schedule
 from shared.wide import wide_of
@@ -179,14 +179,19 @@ def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.O
         idx, owner_t = torch.from_numpy(rows), torch.from_numpy(owner).to(model_device(model))
         weight = per_shopper_weight(owner_t, None if task_weight is None else task_weight[idx]) / (
             int(owner_t.max()) + 1)
-        # the mean over records of their mean example loss (one example each: the mean)
-        loss = (per_sample_loss(model, *batch_of(data, idx, model_device(model)), precision) * weight).sum()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # the mean over records of their mean example loss (one example each: the mean), a pass per width group
+        input_ids, attention_mask, target_ids = batch_of(data, idx, model_device(model))
+        loss = 0.0
+        for group, width in width_groups(attention_mask):
+            part = (per_sample_loss(model, input_ids[group, :width], attention_mask[group, :width],
+                                    target_ids[group], precision) * weight[group]).sum()
+            part.backward()
+            loss += float(part.detach())
         mask_rows(model, output_rows)
         optimizer.step()
         keep_rows(model, output_rows)
-        losses.append(float(loss.detach()))
+        losses.append(loss)
     return float(sum(losses) / max(1, len(losses)))
 
 
@@ -241,12 +246,21 @@ def shopper_backward(private_model: LoraGradSampleModule, trainable: list[torch.
     owner = owner.to(device)
     shoppers = int(owner.max()) + 1
     weight = per_shopper_weight(owner, None if task_weight is None else task_weight[idx])
-    loss = per_sample_loss(private_model, *batch_of(data, idx, device), precision)
-    (loss * weight).sum().backward()  # per-row gradients, each already divided by its shopper's count
-    for p in trainable:  # summed in float32 (the grad samples of a bf16 forward are bfloat16)
-        p.grad_sample = torch.zeros((shoppers, *p.shape), dtype=p.dtype, device=p.device).index_add_(
-            0, owner, p.grad_sample.to(p.dtype))
-    return float(loss.detach().mean())
+    input_ids, attention_mask, target_ids = batch_of(data, idx, device)
+    summed = [torch.zeros((shoppers, *p.shape), dtype=p.dtype, device=p.device) for p in trainable]
+    total = 0.0
+    for rows, width in width_groups(attention_mask):  # one pass per group of similar length, each trimmed
+        loss = per_sample_loss(private_model, input_ids[rows, :width], attention_mask[rows, :width],
+                               target_ids[rows], precision)
+        (loss * weight[rows]).sum().backward()  # per-row gradients, each already divided by its shopper's count
+        for into, p in zip(summed, trainable, strict=True):  # summed in float32 (a bf16 forward's are bfloat16)
+            if p.grad_sample is not None:
+                into.index_add_(0, owner[rows], p.grad_sample.to(p.dtype))
+            p.grad_sample = None  # the next group's backward leaves its own
+        total += float(loss.detach().sum())
+    for into, p in zip(summed, trainable, strict=True):
+        p.grad_sample = into
+    return total / len(idx)
 
 
 def _noise_generator(uniform: Uniform, device: torch.device) -> tuple[torch.Generator, bool]:
@@ -268,11 +282,9 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
                   data: Encoded, sampler: PoissonSampler, steps: int, num_records: int, config: FedShopConfig,
                   state: PrivacyState, noise: float, uniform: Uniform, output_rows: list[int] | None) -> list[float]:
     """Opacus DP-SGD over Poisson batches; leaves the composed accountant history in `state`."""
-    # With several examples per shopper, the loss is the sum over shoppers of their mean example loss, so the
-    # per-row gradients Opacus computes ("sum" reduction) add up, per shopper, to that shopper's mean gradient.
-    grouped = sampler.per_record > 1
-    private_model = LoraGradSampleModule(model, batch_first=True, loss_reduction="sum" if grouped else "mean",
-                                     strict=False)
+    # The loss is the sum over records of their mean example loss, so the per-row gradients Opacus computes ("sum"
+    # reduction) add up, per record, to that record's mean gradient (`shopper_backward`).
+    private_model = LoraGradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
     device = model_device(model)
     generator, reseed = _noise_generator(uniform, device)
     private_optimizer = DPOptimizer(optimizer, noise_multiplier=noise, max_grad_norm=config.max_grad_norm,
@@ -292,15 +304,9 @@ def _private_loop(model: torch.nn.Module, trainable: list[torch.nn.Parameter], o
                 # zero per-sample gradients, then Opacus adds the noise and the accountant counts the step.
                 for p in trainable:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            elif grouped:
+            else:  # at the event unit each row is its own record: `owner` numbers the rows
                 losses.append(shopper_backward(private_model, trainable, data, idx, torch.from_numpy(owner),
                                                config.train_precision, task_weight))
-            else:
-                loss = per_sample_loss(private_model, *batch_of(data, idx, device), config.train_precision).mean()
-                loss.backward()
-                for p in trainable:  # Opacus clips in the grad samples' dtype: clip and noise in float32
-                    p.grad_sample = p.grad_sample.to(p.dtype)
-                losses.append(float(loss.detach()))
             mask_rows(model, output_rows)
             if reseed:
                 generator.manual_seed(uniform.seed())

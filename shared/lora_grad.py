@@ -11,7 +11,8 @@ and fills the per-sample gradients of its tensors exactly:
 
 with g[n, t] the gradient of sample n's loss at its output position t (Opacus hands it over already scaled for the
 loss reduction). Every other layer is Opacus's own grad sampler, unchanged. `tests/test_dp.py` checks both against
-one-example autograd gradients.
+one-example autograd gradients. The wide part's table (`shared.wide.WideTable`) has a grad sampler of its own as well
+(checked in tests/test_wide.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 from opacus import GradSampleModule
 from opacus.utils.module_utils import trainable_parameters
 from peft.tuners.lora.layer import Embedding as LoraEmbedding
+
+from shared.wide import WideTable
 
 
 def lora_embedding_grad_sample(layer: LoraEmbedding, activations: list[torch.Tensor],
@@ -45,10 +48,26 @@ def lora_embedding_grad_sample(layer: LoraEmbedding, activations: list[torch.Ten
     return out
 
 
-class LoraGradSampleModule(GradSampleModule):
-    """`GradSampleModule` that treats each PEFT LoRA embedding as one layer with the grad sampler above."""
+def wide_table_grad_sample(layer: WideTable, activations: list[torch.Tensor],
+                           backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of the wide part's table (`shared.wide.WideTable`): Opacus's embedding rule on the rows
+    looked up, plus each example's gradient at the shared rows, which every example reads once."""
+    ids = activations[0]  # (N, T) row ids
+    if not layer.weight.requires_grad:
+        return {}
+    grad = torch.zeros((ids.shape[0], *layer.weight.shape), dtype=backprops.dtype, device=ids.device)
+    grad.scatter_add_(1, ids.unsqueeze(-1), backprops[:, :ids.shape[1]])
+    start, end = layer.shared_rows
+    grad[:, start:end] += backprops[:, ids.shape[1]:]
+    return {layer.weight: grad}
 
-    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, LoraEmbedding: lora_embedding_grad_sample}
+
+class LoraGradSampleModule(GradSampleModule):
+    """`GradSampleModule` that treats each PEFT LoRA embedding as one layer with the grad sampler above, and the wide
+    part's table with its own."""
+
+    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, LoraEmbedding: lora_embedding_grad_sample,
+                     WideTable: wide_table_grad_sample}
 
     def iterate_submodules(self, module: torch.nn.Module):
         if isinstance(module, LoraEmbedding):

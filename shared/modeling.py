@@ -121,6 +121,43 @@ def model_start_token(model: nn.Module) -> int:
     return int(model_config(model).decoder_start_token_id)
 
 
+WIDTH_GROUPS = 3  # at most this many forward passes a training batch (`width_groups`)
+WIDTH_SAVING = 0.05  # a batch is split further only where that saves this share of its padded tokens
+
+
+def width_groups(attention_mask: torch.Tensor, max_groups: int | None = None) -> list[tuple[torch.Tensor, int]]:
+    """The rows of a batch as (row positions, width) groups of similar source length: each group runs trimmed to
+    the width of its longest source and pays for no padding its rows do not need. A merchant's encoding pads every
+    source to its longest, and the tasks differ in length (with the default config a churn question is 20 tokens,
+    next item's 10, intent's 16: a quarter of a mixed batch's encoder tokens were padding). Greedy: split where a
+    split saves the most padded tokens while it saves at least `WIDTH_SAVING` of the batch's, into at most `max_groups`
+    (default `WIDTH_GROUPS`). A row's width is its last attended position + 1, so a left-padded batch is never cut
+    short. Every row is in exactly one group. Pretraining keeps one pass a batch: its backward runs through the
+    whole T5, and three passes of 128 rows cost more than the padding they save (an epoch 27 s against 20 s)."""
+    count, full = attention_mask.shape
+    if count == 0:
+        return []
+    attended = attention_mask.detach().cpu().numpy() != 0
+    widths = np.where(attended.any(1), full - np.argmax(attended[:, ::-1], axis=1), 1)
+    order = np.argsort(widths, kind="stable")
+    ascending = widths[order]
+    cuts = [0, count]  # group k holds the sorted rows cuts[k]:cuts[k + 1]
+    padded = count * int(ascending[-1])
+    while len(cuts) - 1 < (max_groups or WIDTH_GROUPS):
+        best = (0, 0)  # (tokens saved, cut)
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            at = np.arange(a + 1, b)  # a cut before sorted row p keeps rows a..p-1 at the width of row p-1
+            if len(at):
+                saved = (at - a) * (int(ascending[b - 1]) - ascending[at - 1])
+                p = int(np.argmax(saved))
+                best = max(best, (int(saved[p]), int(at[p])))
+        if best[0] < WIDTH_SAVING * padded:
+            break
+        cuts = sorted([*cuts, best[1]])
+    return [(torch.from_numpy(np.sort(order[a:b])).to(attention_mask.device), int(ascending[b - 1]))
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
 def per_sample_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     target_ids: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Negative log-likelihood of each example's target, shape (B,): the cross-entropy of its one token, or the sum

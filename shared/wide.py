@@ -53,7 +53,8 @@ pretrained without it). The weights travel with the adapter under the key `WIDE_
 `WIDE_FILE` beside PEFT's files (plain PEFT does not read it: `shared.model.load_saved_wide`). They train in the
 same DP-SGD step as the LoRA tensors: one clipped, noised gradient per sampled shopper covers both, so they cost no
 privacy of their own.
-`torch.nn.Embedding` is the table, so Opacus's own per-sample gradients apply (checked in tests/test_wide.py).
+The table is an embedding (`WideTable`) whose per-sample gradients under Opacus are `shared.lora_grad`'s (checked in
+tests/test_wide.py).
 """
 
 from __future__ import annotations
@@ -89,6 +90,22 @@ NEXT_SCALE = 0.5
 NUMBER_UNIT = 4.0
 
 
+class WideTable(nn.Embedding):
+    """The wide part's table: an embedding whose lookup also returns one block of rows for every example, spread
+    over the batch rather than looked up by a V-wide index per example (`forward`). Its per-sample gradient under
+    Opacus is `shared.lora_grad.wide_table_grad_sample`. The block is the next-item block, the same V biases for
+    every question: as a lookup it was three quarters of the table's indices and of its backward's work."""
+
+    def __init__(self, num_embeddings: int, shared_rows: tuple[int, int]):
+        super().__init__(num_embeddings, 1)
+        self.shared_rows = shared_rows  # [start, end) of the rows every example reads
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, N + shared rows, 1): the rows `ids` (B, N), then the shared rows."""
+        start, end = self.shared_rows
+        return torch.cat([super().forward(ids), self.weight[start:end].expand(ids.shape[0], -1, -1)], 1)
+
+
 class WideHead(nn.Module):
     """Linear weights over the vocabulary, one block of V rows each (`BLOCKS`): rows [0, V) answer intent, [V, 2V)
     churn, [2V, 3V) are the next-item biases of the output tokens, [3V, 4V) the "stays in its category" weights and
@@ -98,7 +115,8 @@ class WideHead(nn.Module):
                  numbers: dict[int, tuple[int, float]] | None = None):
         super().__init__()
         self.vocab_size = vocab_size
-        self.table = nn.Embedding(len(BLOCKS) * vocab_size, 1)
+        next_block = BLOCKS.index("next-item") * vocab_size
+        self.table = WideTable(len(BLOCKS) * vocab_size, (next_block, next_block + vocab_size))
         nn.init.zeros_(self.table.weight)
         # the base's weights (pretrained with the T5 on the public split; zero without): where round 0 starts
         self.register_buffer("start", torch.zeros_like(self.table.weight), persistent=False)
@@ -295,23 +313,24 @@ class WideHead(nn.Module):
         without feature tokens, and the output terms zero but for next-item questions. One lookup of the table, so
         Opacus sees one use of it per example."""
         rows, weight = self.weights(input_ids)
-        (batch, length), vocab = input_ids.shape, self.vocab_size
+        length, vocab = input_ids.shape[1], self.vocab_size
         is_next = (input_ids[:, :1] == self.ids["next:"]).to(weight.dtype)  # (B, 1)
         if is_next.any() and not self.has_catalogue:
             raise ValueError("the wide part scores next-item questions only with the catalogue's categories "
                              "(WideHead.set_catalogue, or add_lora / load_saved_adapter with facts)")
-        tokens = torch.arange(vocab, device=input_ids.device)
         last = self.last_category(input_ids)
         same = (self.category_of[None, :] == last[:, None]) & (last[:, None] >= 0)  # (B, V)
         category_rows = last.clamp(min=0)[:, None]
-        values = self.table(torch.cat([rows, (2 * vocab + tokens).expand(batch, -1),
-                                       (3 * vocab + category_rows).expand(batch, vocab),
-                                       (4 * vocab + category_rows).expand(batch, vocab)], 1)).squeeze(-1)
+        # the last category's stay and link weights are one row each, spread over the output tokens after the
+        # lookup, and the items' next-item biases the table's shared rows (`WideTable`): a lookup of V rows per
+        # example for each of the three made the table's backward ~10x the work
+        values = self.table(torch.cat([rows, 3 * vocab + category_rows, 4 * vocab + category_rows],
+                                      1)).squeeze(-1)  # (B, L + 2 + V)
         scale = NEXT_SCALE * is_next
         links = self.link_counts(input_ids).to(weight.dtype) * (last[:, None] >= 0).to(weight.dtype)
-        values = values * torch.cat([weight, scale.expand(-1, vocab), scale * same.to(weight.dtype), scale * links], 1)
-        output = values[:, length:length + vocab] + values[:, length + vocab:length + 2 * vocab]
-        return values[:, :length].sum(1), output + values[:, length + 2 * vocab:]
+        stay, link, items = values[:, length:length + 1], values[:, length + 1:length + 2], values[:, length + 2:]
+        output = scale * (items + stay * same.to(weight.dtype) + link * links)
+        return (values[:, :length] * weight).sum(1), output
 
     def add_to(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """`logits` (B, V) of the first decoder step with the wide term added to "yes" and a next-item question's

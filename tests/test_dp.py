@@ -10,7 +10,7 @@ from opacus.optimizers import DPOptimizer
 
 from shared.config import FedShopConfig
 from shared.dptrain import STATUS_DECLINED, STATUS_TRAINED, PrivacyState, schedule, train_round
-from shared.modeling import encode, per_sample_loss
+from shared.modeling import WIDTH_GROUPS, encode, per_sample_loss, width_groups
 from shared.privacy import epsilon_of
 from tests.helpers import (
     assert_opacus_per_sample_gradients_exact,
@@ -116,6 +116,7 @@ def test_a_shoppers_examples_give_one_row_their_mean_gradient(setup):
     idx, owner = SHOPPER_ROWS
     trainable = [p for p in model.parameters() if p.requires_grad]
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+    assert len(width_groups(data.attention_mask[idx])) >= 2  # the step runs in several passes, each trimmed
     # Execute
     shopper_backward(wrapped, trainable, data, idx, owner)
     grouped = {id(p): p.grad_sample.clone() for p in trainable}
@@ -133,6 +134,26 @@ def test_a_shoppers_examples_give_one_row_their_mean_gradient(setup):
     wrapped.enable_hooks()
     wrapped._close()
     model.zero_grad(set_to_none=True)
+
+
+def test_width_groups_hold_every_row_once_and_cut_only_padding():
+    # Prepare: 12 right-padded rows of three lengths (as three tasks' questions), then the same rows left-padded
+    lengths = [10] * 5 + [16] * 4 + [20] * 3
+    right = torch.zeros((12, 24), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        right[row, :length] = 1
+    # Execute
+    groups = width_groups(right)
+    # Assert: a partition of the rows, no attended position cut, fewer padded tokens than one pass, at most
+    # WIDTH_GROUPS passes
+    assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(12))
+    assert all(int(right[rows, width:].sum()) == 0 for rows, width in groups)
+    assert 1 < len(groups) <= WIDTH_GROUPS
+    assert sum(len(rows) * width for rows, width in groups) < 12 * 20
+    assert [(rows.tolist(), width) for rows, width in width_groups(right[:5])] == [(list(range(5)), 10)]  # one pass
+    left = right.flip(1)
+    assert [width for _, width in width_groups(left)] == [24]  # a left-padded batch is never cut short
+    assert width_groups(right[:0]) == []
 
 
 def test_several_examples_per_shopper_keep_the_shopper_epsilon(setup):

@@ -1,0 +1,101 @@
+"""What a merchant's training step costs: ms per DP-SGD step and per plain step, now and (optionally) before.
+
+    python bench/step_cost.py [--config configs/default.toml] [--before DIR] [--repeats 2] [--write]
+
+Each variant runs in a fresh interpreter with one torch thread, the variants taking turns over `--repeats`: the
+config's first merchant and the base of its base-dir (pretrain it first: `fedshop pretrain --config ...`), one round
+of training from the same start and seed, DP-SGD then plain (the same sampler and steps, no clipping or noise), the
+median of the repeats. Variants:
+- this checkout: each batch in `shared.modeling.width_groups` (a pass per group of similar question length);
+- this checkout with one pass a batch (`WIDTH_GROUPS` = 1: every question padded to the merchant's longest);
+- with `--before DIR`, the code of an earlier checkout at DIR (e.g. `git worktree add /tmp/before a8acd14`).
+The train loss is the round's mean; the same start, seed and sampler give the same batches in every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from sections import write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = """
+import json, sys, time
+sys.path.insert(0, sys.argv[3])  # the code timed, ahead of the working directory
+import torch
+torch.set_num_threads(1)
+import shared.modeling
+groups = int(sys.argv[2])
+if groups:
+    shared.modeling.WIDTH_GROUPS = groups
+from shared.config import load_config
+from shared.data import merchant_data
+from shared.dptrain import PrivacyState, train_round
+from shared.model import add_lora, item_rows, load_base
+from shared.modeling import encode
+from shared.sources import load_world
+config = load_config(sys.argv[1])
+world = load_world(config)
+data = merchant_data(config, world.merchant_ids[0], world)
+base, tokenizer, _ = load_base(config.base_dir)
+teaching = data.teaching(config)
+encoded, owners = encode(teaching, tokenizer), [e.user_id for e in teaching]
+out = {}
+for name, dp in (("dp", True), ("plain", False)):
+    model = add_lora(load_base(config.base_dir)[0], config, seed=config.seed, tokenizer=tokenizer, facts=data.facts)
+    started = time.perf_counter()
+    result = train_round(model, encoded, config.replace(dp=dp), PrivacyState(), seed=1, owners=owners,
+                         output_rows=item_rows(tokenizer, data.facts))
+    out[name] = {"ms": 1000 * (time.perf_counter() - started) / result.steps, "loss": result.train_loss,
+                 "steps": result.steps}
+print(json.dumps(out))
+"""
+
+
+def measure(code: Path, config: str, groups: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", CHILD, config, str(groups), str(code)], cwd=ROOT, env=env,
+                          check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/default.toml")
+    parser.add_argument("--before", default="", help="an earlier checkout to time beside this one")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    variants = [("this checkout, a pass per width group", ROOT, 0), ("this checkout, one pass a batch", ROOT, 1)]
+    if args.before:
+        variants.append((f"before ({args.before})", Path(args.before).resolve(), 0))
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
+    for _ in range(args.repeats):
+        for name, code, groups in variants:
+            runs[name].append(measure(code, args.config, groups))
+    lines = ["| code | DP-SGD ms/step | plain ms/step | DP / plain | steps | DP train loss | plain train loss |",
+             "|---|---|---|---|---|---|---|"]
+    for name, results in runs.items():
+        dp = statistics.median(r["dp"]["ms"] for r in results)
+        plain = statistics.median(r["plain"]["ms"] for r in results)
+        first = results[0]
+        lines.append(f"| {name} | {dp:.0f} | {plain:.0f} | {dp / plain:.2f} | {first['dp']['steps']} | "
+                     f"{first['dp']['loss']:.5f} | {first['plain']['loss']:.5f} |")
+    command = "python bench/step_cost.py " + " ".join(sys.argv[1:])
+    section = ("## A merchant's training step (issue 14)\n\n"
+               f"`{command.strip()}`\n\n"
+               f"{args.config}, its first merchant, one round from the same start and seed, one torch thread, the "
+               f"median of {args.repeats} runs a variant taken in turns.\n\n" + "\n".join(lines))
+    print(section)
+    if args.write:
+        write_section("step_cost", section)
+
+
+if __name__ == "__main__":
+    main()
