@@ -328,12 +328,15 @@ def _evaluate_with_outputs(model: nn.Module, tokenizer: PreTrainedTokenizerFast,
     out: dict[str, float] = {}
     outputs = Outputs()
     intent = [e for e in examples if e.task == "intent"]
+    curve = price_curves(model, tokenizer, intent, batch_size) if intent and "price" in tasks else None
     if intent and "intent" in tasks:
         fitted = baselines.intent_probability(intent) if baselines is not None else None
-        out.update(_binary("intent", intent, binary_probability(model, tokenizer, [e.source for e in intent],
-                                                                batch_size), fitted, outputs))
-    if intent and "price" in tasks:
-        out.update(_price_metrics(model, tokenizer, intent, batch_size, baselines))
+        probability = own_level(curve, intent) if curve is not None else None
+        if probability is None:
+            probability = binary_probability(model, tokenizer, [e.source for e in intent], batch_size)
+        out.update(_binary("intent", intent, probability, fitted, outputs))
+    if curve is not None:
+        out.update(_price_metrics(curve, intent, baselines))
     following = [e for e in examples if e.task == "next-item"]
     if following and "next-item" in tasks:
         scores = ItemScorer(tokenizer, facts).score_sources(model, tokenizer, [e.source for e in following],
@@ -390,11 +393,28 @@ def _ranking(prefix: str, ranks) -> dict[str, float]:
     return {f"{prefix}-{name}": value for name, value in ranking_metrics(np.asarray(ranks), ks=(5, 10)).items()}
 
 
-def _price_metrics(model: nn.Module, tokenizer: PreTrainedTokenizerFast, intent: list[Example], batch_size: int,
-                   baselines: Baselines | None) -> dict[str, float]:
+def price_curves(model: nn.Module, tokenizer: PreTrainedTokenizerFast, intent: list[Example], batch_size: int
+                 ) -> np.ndarray:
+    """(examples, PRICE_LEVELS): the intent head's purchase probability of each intent question at every price level."""
+    return np.stack([binary_probability(model, tokenizer, [with_level(e.source, lv) for e in intent], batch_size)
+                     for lv in PRICE_LEVELS], axis=1)
+
+
+def own_level(curve: np.ndarray, intent: list[Example]) -> np.ndarray | None:
+    """Each intent question's probability at the price level it was offered, read from its `price_curves` row (the
+    same question, scored in the same batch: intent's own pass would repeat a sixth of the work); None when a source
+    does not end in a price level token."""
+    column = {level_token(lv): k for k, lv in enumerate(PRICE_LEVELS)}
+    levels = [column.get(e.source.rsplit(" ", 1)[-1]) for e in intent]
+    if None in levels or any(with_level(e.source, PRICE_LEVELS[k]) != e.source
+                             for e, k in zip(intent, levels, strict=True)):
+        return None
+    return curve[np.arange(len(intent)), levels]
+
+
+def _price_metrics(curve: np.ndarray, intent: list[Example], baselines: Baselines | None) -> dict[str, float]:
     """The intent head's purchase probability at every price level: mean curve, elasticity, error against the truth."""
-    curves = {"price": np.stack([binary_probability(model, tokenizer, [with_level(e.source, lv) for e in intent],
-                                                     batch_size) for lv in PRICE_LEVELS], axis=1)}
+    curves = {"price": curve}
     if all(len(e.curve) == len(PRICE_LEVELS) for e in intent):
         curves["price-oracle"] = np.array([e.curve for e in intent], dtype=np.float64)
     if baselines is not None and baselines.intent is not None:

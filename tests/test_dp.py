@@ -1,7 +1,9 @@
 """Properties DP-SGD must have, checked on a tiny T5 + LoRA with the real Opacus engine and accountants."""
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -315,6 +317,25 @@ def test_evaluation_in_bf16_keeps_the_fp32_metrics():
     assert abs(kept["bf16"]["intent-auc"] - kept["fp32"]["intent-auc"]) <= 0.03
     assert abs(kept["bf16"]["next-mrr"] - kept["fp32"]["next-mrr"]) <= 0.03
     assert kept["bf16"]["intent-logloss"] != kept["fp32"]["intent-logloss"]  # the bf16 forward really ran
+
+
+def test_intent_read_from_the_price_curve_equals_intent_s_own_pass():
+    # Prepare: a tiny model whose LoRA moves the answers
+    from shared.modeling import binary_probability, evaluate_with_outputs, own_level, price_curves
+
+    model, tokenizer, merchant = tiny_lora_model(CONFIG, seed=3)
+    nonzero_lora(model)
+    intent = [e for e in merchant.test if e.task == "intent"]
+    # Execute: intent alone (its own pass) and intent with the price curve (read from the curve's rows)
+    _, alone = evaluate_with_outputs(model, tokenizer, merchant.test, merchant.facts, tasks=("intent",))
+    _, both = evaluate_with_outputs(model, tokenizer, merchant.test, merchant.facts, tasks=("intent", "price"))
+    # Assert: the same probabilities to the bit, read at each question's own level; a source without a level token
+    # is scored by its own pass
+    assert len(intent) > 10 and np.array_equal(alone.probabilities["intent"], both.probabilities["intent"])
+    assert np.array_equal(both.probabilities["intent"],
+                          binary_probability(model, tokenizer, [e.source for e in intent], 256))
+    curve = price_curves(model, tokenizer, intent, 256)
+    assert own_level(curve[:1], [dataclasses.replace(intent[0], source=intent[0].source + " x")]) is None
 
 
 def test_bf16_train_runs_the_training_steps_in_bf16_and_every_evaluation_in_fp32():
