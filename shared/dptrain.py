@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -181,11 +181,9 @@ def _train_plain(model: torch.nn.Module, data: Encoded, optimizer: torch.optim.O
             int(owner_t.max()) + 1)
         optimizer.zero_grad(set_to_none=True)
         # the mean over records of their mean example loss (one example each: the mean), a pass per width group
-        input_ids, attention_mask, target_ids = batch_of(data, idx, model_device(model))
         loss = 0.0
-        for group, width in width_groups(attention_mask):
-            part = (per_sample_loss(model, input_ids[group, :width], attention_mask[group, :width],
-                                    target_ids[group], precision) * weight[group]).sum()
+        for group, losses_of_group in grouped_losses(model, data, idx, precision):
+            part = (losses_of_group * weight[group]).sum()
             part.backward()
             loss += float(part.detach())
         mask_rows(model, output_rows)
@@ -213,9 +211,16 @@ def mask_rows(model: torch.nn.Module, output_rows: list[int] | None) -> None:
         head.snapshot()
 
 
-def batch_of(data: Encoded, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Input ids, attention mask and target ids of the rows `idx`, on `device`."""
-    return tuple(t[idx].to(device) for t in (data.input_ids, data.attention_mask, data.target_ids))
+def grouped_losses(model: torch.nn.Module, data: Encoded, idx: torch.Tensor, precision: str
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(positions in `idx`, their per-sample losses) of the rows `idx`, one forward pass per `width_groups` group,
+    each trimmed to its own width, on the model's device. Each group's backward is the caller's, before the next."""
+    device = model_device(model)
+    input_ids, attention_mask, target_ids = (t[idx].to(device) for t in
+                                             (data.input_ids, data.attention_mask, data.target_ids))
+    for rows, width in width_groups(attention_mask):
+        yield rows, per_sample_loss(model, input_ids[rows, :width], attention_mask[rows, :width], target_ids[rows],
+                                    precision)
 
 
 def per_shopper_weight(owner: torch.Tensor, task_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,12 +251,9 @@ def shopper_backward(private_model: LoraGradSampleModule, trainable: list[torch.
     owner = owner.to(device)
     shoppers = int(owner.max()) + 1
     weight = per_shopper_weight(owner, None if task_weight is None else task_weight[idx])
-    input_ids, attention_mask, target_ids = batch_of(data, idx, device)
     summed = [torch.zeros((shoppers, *p.shape), dtype=p.dtype, device=p.device) for p in trainable]
     total = 0.0
-    for rows, width in width_groups(attention_mask):  # one pass per group of similar length, each trimmed
-        loss = per_sample_loss(private_model, input_ids[rows, :width], attention_mask[rows, :width],
-                               target_ids[rows], precision)
+    for rows, loss in grouped_losses(private_model, data, idx, precision):  # a pass per group of similar length
         (loss * weight[rows]).sum().backward()  # per-row gradients, each already divided by its shopper's count
         for into, p in zip(summed, trainable, strict=True):  # summed in float32 (a bf16 forward's are bfloat16)
             if p.grad_sample is not None:

@@ -23,7 +23,7 @@ from shared.config import FedShopConfig
 from shared.data import catalogue_facts, catalogue_fingerprint, merchant_data, public_shopper_count, vocabulary
 from shared.locks import directory_lock
 from shared.model import build_base, check_checkpoint, from_checkpoint, save_base
-from shared.modeling import encode, evaluate, per_sample_loss, resolve_device
+from shared.modeling import encode, evaluate, per_sample_loss, resolve_device, width_groups
 from shared.semantic import SemanticIds, build_semantic_ids
 from shared.sources import load_world
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, SyntheticData
@@ -145,7 +145,8 @@ def _pretrain(config: FedShopConfig, base_dir: Path) -> dict[str, float]:
         total = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * config.pretrain_batch_size:(step + 1) * config.pretrain_batch_size]
-            width = int(train.attention_mask[idx].sum(1).max())  # drop columns that are padding in the whole batch
+            # drop columns that are padding in the whole batch: one pass, trimmed (`width_groups`)
+            ((_, width),) = width_groups(train.attention_mask[idx], max_groups=1)
             targets = train.target_ids[idx].to(device)
             with leaving_out(model, targets[:, 0]):  # the link term's counts, without each example's own pair
                 losses = per_sample_loss(model, train.input_ids[idx, :width].to(device),
