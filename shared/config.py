@@ -125,13 +125,13 @@ class FedShopConfig:
                                                 "dropped (0 = no limit)", low=0)
     time_window_start: str = _spec("", "cleaning: keep events at or after this ISO date/time (UTC; empty = no bound)")
     time_window_end: str = _spec("", "cleaning: keep events before this ISO date/time (UTC; empty = no bound)")
-    world_cache_dir: str = _spec(WORLD_CACHE_DIR, "folder of the on-disk cache of a real log's parsed, cleaned and "
-                                 "partitioned world (shared/worldcache.py): the first process builds it from data-path "
-                                 "and writes it there, every later one (merchant messages, simulation actors, "
-                                 "pretraining, references, predict) reads it in milliseconds; keyed by every data key "
-                                 "and each file's path, size and modification time. Left at its default, the "
-                                 "environment variable FEDSHOP_WORLD_CACHE_DIR replaces it when set. Empty = no disk "
-                                 "cache (synthetic worlds are never written)")
+    world_cache_dir: str = _spec(WORLD_CACHE_DIR, "folder of the on-disk cache of a world (a real log parsed, "
+                                 "cleaned and partitioned, or the generator's draw; shared/worldcache.py): the first "
+                                 "process builds it and writes it there, every later one (merchant messages, "
+                                 "simulation actors, pretraining, references, predict) reads it in milliseconds; "
+                                 "keyed by every data key and each file's path, size and modification time (for the "
+                                 "generator, its code's fingerprint). Left at its default, the environment variable "
+                                 "FEDSHOP_WORLD_CACHE_DIR replaces it when set. Empty = no disk cache")
     # --- model -------------------------------------------------------------------------------------------
     model_size: str = _spec("small", "T5 size preset of a fresh base model (unused when base-model names a "
                             "checkpoint)", choices=MODEL_SIZES)

@@ -16,11 +16,15 @@ into the same `SyntheticData` shape with a catalogue derived from the events:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+import shared.synthetic
 from shared.cleaning import CleaningOptions, CleaningStep, clean
 from shared.config import FedShopConfig, parse_time_bound
 from shared.events import DataError, EventLog
@@ -35,7 +39,7 @@ from shared.partition import (
     parse_partition,
 )
 from shared.synthetic import PRICE_BANDS, PUBLIC_MERCHANT, Catalogue, SyntheticData, generate
-from shared.tasks import TASK_TOKENS, churn_tokens, level_tokens
+from shared.tasks import PRICE_LEVELS, TASK_TOKENS, churn_tokens, level_tokens
 
 UNKNOWN_CATEGORY = "(unknown)"
 # the config keys that shape the data (everything `load_world` reads, directly or through the generator/loaders)
@@ -64,17 +68,18 @@ def load_world(config: FedShopConfig) -> SyntheticData:
 
     Kept per process for the last few configs (a merchant's actor serves many messages; building the world again
     for each cost 1.5-2 s on the default config), keyed by every data key of the config and, for files, their
-    absolute path, size and modification time, so a changed file is read again. A real log's world is also kept on
-    disk in `world-cache-dir` (shared/worldcache.py), so that a new process reads it instead of loading, cleaning
-    and partitioning the file again: memory, then disk, then build (and write the disk cache). Callers must not
-    modify what it returns.
+    absolute path, size and modification time, so a changed file is read again. Every world is also kept on disk in
+    `world-cache-dir` (shared/worldcache.py), so that a new process reads it instead of loading, cleaning and
+    partitioning the file again, or drawing the generator's world again (5-10 s for the default config): memory,
+    then disk, then build (and write the disk cache). Callers must not modify what it returns.
     """
     return _cached_world(world_key(config), config)
 
 
 def world_key(config: FedShopConfig) -> tuple:
     """Everything that defines the world: every data key (its file paths made absolute: a key names files, not
-    spellings of them) and each file loading reads, with its size and modification time."""
+    spellings of them) and each file loading reads, with its size and modification time; for the generator's world
+    the fingerprint of its code (`generator_fingerprint`)."""
     flat = config.to_flat()
     data_path = os.path.abspath(config.data_path) if config.data_path else ""
     properties = [os.path.abspath(p.strip()) for p in config.item_properties_path.split(",") if p.strip()]
@@ -82,7 +87,16 @@ def world_key(config: FedShopConfig) -> tuple:
     files = [p for p in (data_path, *properties) if p]
     if data_path and not properties and config.data_format in ("auto", "recbole"):
         files.append(os.path.splitext(data_path)[0] + ".item")  # what a recbole .inter reads beside it
-    return tuple((key, flat[key]) for key in DATA_KEYS) + tuple(file_stat(path) for path in files)
+    key = tuple((name, flat[name]) for name in DATA_KEYS) + tuple(file_stat(path) for path in files)
+    return key + (("generator", generator_fingerprint()),) if not data_path else key
+
+
+@functools.lru_cache(maxsize=1)
+def generator_fingerprint() -> str:
+    """What decides the generator's draws besides the config: its source, the price levels it offers and numpy's
+    version (its random streams). A world stored by other code is then a miss, not a stale world."""
+    made_of = (Path(shared.synthetic.__file__).read_bytes(), repr(PRICE_LEVELS).encode(), np.__version__.encode())
+    return hashlib.sha256(b"\0".join(made_of)).hexdigest()[:16]
 
 
 def file_stat(path: str) -> tuple:
@@ -99,26 +113,31 @@ def file_stat(path: str) -> tuple:
 def _cached_world(key: tuple, config: FedShopConfig) -> SyntheticData:
     hit = _WORLDS.get(key)
     if hit is None:
-        hit = _WORLDS[key] = generate(config) if not config.data_path else _real_world(key, config)
+        hit = _WORLDS[key] = _stored_world(key, config)
         while len(_WORLDS) > WORLDS_KEPT:
             _WORLDS.pop(next(iter(_WORLDS)))  # the oldest
     return hit
 
 
-def _real_world(key: tuple, config: FedShopConfig) -> SyntheticData:
-    """A real log's world from the disk cache, else built by `load_real` and written there (once, when several
+def _built_world(config: FedShopConfig) -> SyntheticData:
+    return generate(config) if not config.data_path else load_real(config)[0]
+
+
+def _stored_world(key: tuple, config: FedShopConfig) -> SyntheticData:
+    """The world from the disk cache, else built (`generate` or `load_real`) and written there (once, when several
     processes miss it together: the others wait for the entry and read it)."""
-    from shared import worldcache  # here: pyarrow adds 50-70 ms to every process's imports, synthetic runs included
+    from shared import worldcache  # here: pyarrow adds 50-70 ms to a process's imports; a command without a world
+    # (a bad config refused, --help) never pays it
 
     directory = worldcache.cache_dir(config.world_cache_dir)
     if directory is None:
-        return load_real(config)[0]
+        return _built_world(config)
     data = worldcache.read_world(directory, key)
     if data is None:
         with worldcache.building(directory, key) as waited:
             data = worldcache.read_world(directory, key) if waited else None
             if data is None:
-                data = load_real(config)[0]
+                data = _built_world(config)
                 worldcache.write_world(directory, key, data)
     return data
 

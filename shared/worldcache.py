@@ -1,27 +1,31 @@
-"""A real log's world on disk: parsed, cleaned and partitioned once, read by any later process in milliseconds.
+"""A world on disk: a real log parsed, cleaned and partitioned once, or the generator's world drawn once, then read
+by any later process in milliseconds.
 
-`shared.sources.load_world` builds a real log's world (load, clean, assign merchants: seconds to minutes for a
-large file) and writes it here; every later process (each deploy-mode message, each simulation actor, pretraining,
-references, predict) reads it instead of parsing the file again. This is the one module that reads and writes the
-format. One entry per world, named by the sha256 of the repr of its key (`shared.sources.world_key`: every data
-key of the config, each file's absolute path, size and modification time):
+`shared.sources.load_world` builds a world (a real log: load, clean, assign merchants, seconds to minutes for a large
+file; the generator: a Python loop over every view, 5-10 s for the default config) and writes it here; every later
+process (each deploy-mode message, each simulation actor, pretraining, references, predict) reads it instead of
+building it again. This is the one module that reads and writes the format. One entry per world, named by the
+sha256 of the repr of its key (`shared.sources.world_key`: every data key of the config, each file's absolute path,
+size and modification time, and for the generator a fingerprint of its code):
 
 - `<digest>.events.arrow`: an Arrow IPC file (Feather v2) of one record batch: the EventLog columns, then
   SyntheticData's per-row arrays (ROW_FIELDS; one left None is absent; the (rows, levels) price curve a fixed-size
   list). String columns are dictionary-encoded;
 - `<digest>.catalogue.arrow`: the Catalogue's fields, the same way (one left None is absent);
-- each file's schema metadata (key b"fedshop", JSON): the format version, the full key, an entry id both files share
-  (a half-replaced pair is not one entry), every column's numpy dtype (so object arrays of str come back as object
-  arrays of str) and a CRC-32 of its data; the events file also merchant_ids and window_end_ms;
+- `<digest>.shoppers.arrow`, only for a world with the generator's per-shopper truth (what churn's Bayes oracle
+  reads): a user_id column and ShopperTruth's fields, one row per shopper;
+- each file's schema metadata (key b"fedshop", JSON): the format version, the full key, an entry id the files share
+  (a half-replaced set is not one entry), every column's numpy dtype (so object arrays of str come back as object
+  arrays of str) and a CRC-32 of its data; the events file also merchant_ids, window_end_ms and whether the entry
+  has a shoppers file;
 - `<digest>.lock`: empty; the process building the entry holds an flock on it, so that processes that miss the
   entry together (simulation actors, SuperNodes) wait and read it instead of each building the world.
 
 Files are written whole (`shared.files.replacing`: a temporary file beside the target, fsync, os.replace), the
-catalogue first. A missing entry, another key or another format version is a miss; a damaged file (truncated,
+events file last. A missing entry, another key or another format version is a miss; a damaged file (truncated,
 garbled, a CRC that does not match) is a miss with a warning naming it; `load_world` then builds the world and
 writes the entry again. A cache problem never fails a run: a folder that cannot be written logs one warning per
-process and the run goes on without the disk cache. Worlds with the generator's per-shopper truth
-(`shopper_truth`, synthetic worlds) are not stored: the generator is fast and deterministic.
+process and the run goes on without the disk cache.
 """
 
 from __future__ import annotations
@@ -44,14 +48,15 @@ from shared.config import WORLD_CACHE_DIR
 from shared.errors import UserError
 from shared.events import COLUMNS, EventLog
 from shared.files import make_dir, replacing
-from shared.synthetic import Catalogue, SyntheticData
+from shared.synthetic import Catalogue, ShopperTruth, SyntheticData
 
 log = logging.getLogger("fedshop")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the generator's worlds too, with their shoppers file
 ENVIRONMENT = "FEDSHOP_WORLD_CACHE_DIR"  # replaces world-cache-dir when the key is left at its default
 ROW_FIELDS = ("truth_purchase_prob", "truth_next_rank", "price_level", "truth_price_curve")  # per event row
 SCALAR_FIELDS = ("merchant_ids", "window_end_ms")
 CATALOGUE_FIELDS = tuple(f.name for f in dataclasses.fields(Catalogue))
+SHOPPER_FIELDS = tuple(f.name for f in dataclasses.fields(ShopperTruth))  # float columns beside user_id
 METADATA = b"fedshop"
 _WARNED: set[Path] = set()  # folders this process could not write into (one warning each)
 
@@ -77,6 +82,11 @@ def cache_dir(setting: str) -> Path | None:
 def entry_paths(directory: Path, key: tuple) -> tuple[Path, Path]:
     """The events and catalogue files of `key`'s entry in `directory`."""
     return directory / f"{_digest(key)}.events.arrow", directory / f"{_digest(key)}.catalogue.arrow"
+
+
+def shoppers_path(directory: Path, key: tuple) -> Path:
+    """The shoppers file of `key`'s entry (only a world with per-shopper truth has one)."""
+    return directory / f"{_digest(key)}.shoppers.arrow"
 
 
 def _digest(key: tuple) -> str:
@@ -111,8 +121,6 @@ def building(directory: Path, key: tuple) -> Iterator[bool]:
 
 def write_world(directory: Path, key: tuple, data: SyntheticData) -> bool:
     """Store `data` as `key`'s entry; False (and a warning) when it cannot. Never raises."""
-    if data.shopper_truth is not None:
-        return False  # the generator's truth per shopper has no columns here; synthetic worlds are rebuilt instead
     try:
         make_dir(directory, "world-cache-dir")
         events_path, catalogue_path = entry_paths(directory, key)
@@ -122,8 +130,15 @@ def write_world(directory: Path, key: tuple, data: SyntheticData) -> bool:
         catalogue = {name: getattr(data.catalogue, name) for name in CATALOGUE_FIELDS
                      if getattr(data.catalogue, name) is not None}  # links: the generator's only
         end = None if data.window_end_ms is None else int(data.window_end_ms)
+        truth = data.shopper_truth
         _write_table(catalogue_path, catalogue, header)
-        _write_table(events_path, events, {**header, "merchant_ids": list(data.merchant_ids), "window_end_ms": end})
+        if truth is not None:
+            shoppers = {"user_id": np.array(list(truth), dtype=object)}
+            shoppers |= {name: np.array([getattr(t, name) for t in truth.values()], dtype=np.float64)
+                         for name in SHOPPER_FIELDS}
+            _write_table(shoppers_path(directory, key), shoppers, header)
+        _write_table(events_path, events, {**header, "merchant_ids": list(data.merchant_ids), "window_end_ms": end,
+                                           "shoppers": truth is not None})
     except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: whatever fails, the run goes on
         _warn_once(directory, f"cannot write into {directory} ({type(exc).__name__}: {exc}); going on without the "
                    "disk cache")
@@ -156,10 +171,20 @@ def read_world(directory: Path, key: tuple) -> SyntheticData | None:
             log.info("world cache: %s and %s are of different writes; building the world again", events_path,
                      catalogue_path)
             return None
+        truth = None
+        if header.get("shoppers"):
+            path = shoppers_path(directory, key)
+            shoppers, shoppers_header = _read_table(path)
+            if shoppers_header.get("entry") != header["entry"]:
+                log.info("world cache: %s and %s are of different writes; building the world again", events_path,
+                         path)
+                return None
+            truth = {str(user): ShopperTruth(**{name: float(shoppers[name][i]) for name in SHOPPER_FIELDS})
+                     for i, user in enumerate(shoppers["user_id"])}
         rows = {name: events.pop(name, None) for name in ROW_FIELDS}
         data = SyntheticData(catalogue=Catalogue(**catalogue), events=EventLog(**events), **rows,
                              merchant_ids=[str(m) for m in header["merchant_ids"]],
-                             window_end_ms=header["window_end_ms"])
+                             window_end_ms=header["window_end_ms"], shopper_truth=truth)
     except Exception as exc:  # noqa: BLE001 - a damaged or unreadable file is a miss, never a failed run
         log.warning("world cache: %s is damaged or unreadable (%s: %s); building the world again and rewriting it",
                     path, type(exc).__name__, str(exc)[:200])

@@ -119,45 +119,65 @@ def test_a_real_world_is_written_once_and_read_back_without_the_loader(rees46, t
     assert entries(cache) == written
 
 
-def test_a_synthetic_world_writes_nothing(tmp_path):
-    sources.load_world(FedShopConfig(**TINY, world_cache_dir=str(tmp_path / "worlds")))
-    assert entries(tmp_path / "worlds") == []
+def test_a_synthetic_world_is_written_once_with_its_shoppers_and_read_back_without_the_generator(tmp_path,
+                                                                                                   monkeypatch):
+    # Prepare
+    cache = tmp_path / "worlds"
+    config = FedShopConfig(**TINY, world_cache_dir=str(cache))
+    # Execute: a first load draws and writes; a second one, memory forgotten, must not call the generator
+    first = sources.load_world(config)
+    written = entries(cache)
+    sources.clear_world_cache()
+    monkeypatch.setattr(sources, "generate", lambda *a, **k: pytest.fail("the generator ran on a cache hit"))
+    again = sources.load_world(config)
+    # Assert: the truth churn's oracle reads came back too
+    assert {name.split(".", 1)[1] for name in written} == {"events.arrow", "catalogue.arrow", "shoppers.arrow"}
+    assert again is not first and first.shopper_truth and len(again.shopper_truth) == len(first.shopper_truth)
+    assert_same_world(again, first)
+
+
+def test_the_generators_key_holds_its_codes_fingerprint_and_a_real_logs_does_not(rees46, tmp_path, monkeypatch):
+    synthetic = FedShopConfig(**TINY)
+    assert ("generator", sources.generator_fingerprint()) in sources.world_key(synthetic)
+    assert not any(part[0] == "generator" for part in sources.world_key(real_config(rees46, tmp_path)))
+    # other generator code is another key, so a world it stored is a miss
+    stored = sources.world_key(synthetic)
+    monkeypatch.setattr(sources, "generator_fingerprint", lambda: "another generator")
+    assert sources.world_key(synthetic) != stored
 
 
 def test_the_generators_world_round_trips_every_column(tmp_path):
-    # Prepare: the generator's world has the truth columns a real one lacks (a 2-d price curve, latent catalogue)
-    world = dataclasses.replace(generate(FedShopConfig(**TINY)), shopper_truth=None)
+    # Prepare: the generator's world has the truth a real one lacks (a 2-d price curve, latent catalogue, shoppers)
+    world = generate(FedShopConfig(**TINY))
     # Execute
     assert worldcache.write_world(tmp_path, ("a key",), world)
     back = worldcache.read_world(tmp_path, ("a key",))
     # Assert
-    assert back is not None and back.truth_price_curve.ndim == 2
+    assert back is not None and back.truth_price_curve.ndim == 2 and back.shopper_truth
     assert_same_world(back, world)
     assert worldcache.read_world(tmp_path, ("another key",)) is None
     # an entry under another key's name (copied by hand) holds the wrong key: a miss
-    for written, other in zip(worldcache.entry_paths(tmp_path, ("a key",)),
-                              worldcache.entry_paths(tmp_path, ("another key",)), strict=True):
+    for written, other in zip((*worldcache.entry_paths(tmp_path, ("a key",)),
+                               worldcache.shoppers_path(tmp_path, ("a key",))),
+                              (*worldcache.entry_paths(tmp_path, ("another key",)),
+                               worldcache.shoppers_path(tmp_path, ("another key",))), strict=True):
         other.write_bytes(written.read_bytes())
     assert worldcache.read_world(tmp_path, ("another key",)) is None
 
 
-def test_files_of_two_writes_are_not_one_entry(tmp_path):
-    # Prepare: two worlds written under one key in turn (a writer killed between its two files leaves such a pair)
-    one, two = (dataclasses.replace(generate(FedShopConfig(**{**TINY, "seed": seed})), shopper_truth=None)
-                for seed in (1, 2))
+@pytest.mark.parametrize("part", ["catalogue", "shoppers"])
+def test_files_of_two_writes_are_not_one_entry(tmp_path, part):
+    # Prepare: two worlds written under one key in turn (a writer killed between its files leaves such a set)
+    one, two = (generate(FedShopConfig(**{**TINY, "seed": seed})) for seed in (1, 2))
     assert worldcache.write_world(tmp_path, ("k",), one)
-    _, catalogue = worldcache.entry_paths(tmp_path, ("k",))
-    first_catalogue = catalogue.read_bytes()
+    path = worldcache.shoppers_path(tmp_path, ("k",)) if part == "shoppers" else \
+        worldcache.entry_paths(tmp_path, ("k",))[1]
+    first_write = path.read_bytes()
     assert worldcache.write_world(tmp_path, ("k",), two)
-    # Execute: the first write's catalogue beside the second write's events
-    catalogue.write_bytes(first_catalogue)
+    # Execute: the first write's file beside the second write's others
+    path.write_bytes(first_write)
     # Assert: a miss, not a world mixed from both
     assert worldcache.read_world(tmp_path, ("k",)) is None
-
-
-def test_a_world_with_per_shopper_truth_is_not_stored(tmp_path):
-    assert not worldcache.write_world(tmp_path, ("k",), generate(FedShopConfig(**TINY)))
-    assert entries(tmp_path) == []
 
 
 def test_a_changed_file_or_data_key_misses_and_other_keys_hit(rees46, tmp_path, loads):
