@@ -66,12 +66,12 @@ class SourceReport:
 def load_world(config: FedShopConfig) -> SyntheticData:
     """The run's data: synthetic when `data-path` is empty, else the file (see the module doc).
 
-    Kept per process for the last few configs (a merchant's actor serves many messages; building the world again
-    for each cost 1.5-2 s on the default config), keyed by every data key of the config and, for files, their
-    absolute path, size and modification time, so a changed file is read again. Every world is also kept on disk in
-    `world-cache-dir` (shared/worldcache.py), so that a new process reads it instead of loading, cleaning and
-    partitioning the file again, or drawing the generator's world again (5-10 s for the default config): memory,
-    then disk, then build (and write the disk cache). Callers must not modify what it returns.
+    Kept per process for the last few configs (a merchant's actor serves many messages), keyed by every data key of
+    the config and, for files, their absolute path, size and modification time, so a changed file is read again.
+    Every world is also kept on disk in `world-cache-dir` (shared/worldcache.py), so that a new process reads it
+    instead of loading, cleaning and partitioning the file again, or drawing the generator's world again (5-10 s for
+    the default config): memory, then disk, then build (and write the disk cache). Callers must not modify what it
+    returns.
     """
     return _cached_world(world_key(config), config)
 
@@ -126,8 +126,8 @@ def _built_world(config: FedShopConfig) -> SyntheticData:
 def _stored_world(key: tuple, config: FedShopConfig) -> SyntheticData:
     """The world from the disk cache, else built (`generate` or `load_real`) and written there (once, when several
     processes miss it together: the others wait for the entry and read it)."""
-    from shared import worldcache  # here: pyarrow adds 50-70 ms to a process's imports; a command without a world
-    # (a bad config refused, --help) never pays it
+    # imported here: pyarrow adds 50-70 ms to a process's imports, which a command that loads no world never pays
+    from shared import worldcache
 
     directory = worldcache.cache_dir(config.world_cache_dir)
     if directory is None:
