@@ -166,18 +166,14 @@ def read_world(directory: Path, key: tuple) -> SyntheticData | None:
                      events_path, header.get("format"))
             return None
         path = catalogue_path
-        catalogue, catalogue_header = _read_table(catalogue_path)
-        if catalogue_header.get("entry") != header["entry"]:
-            log.info("world cache: %s and %s are of different writes; building the world again", events_path,
-                     catalogue_path)
+        catalogue = _companion(catalogue_path, header, events_path)
+        if catalogue is None:
             return None
         truth = None
         if header.get("shoppers"):
             path = shoppers_path(directory, key)
-            shoppers, shoppers_header = _read_table(path)
-            if shoppers_header.get("entry") != header["entry"]:
-                log.info("world cache: %s and %s are of different writes; building the world again", events_path,
-                         path)
+            shoppers = _companion(path, header, events_path)
+            if shoppers is None:
                 return None
             truth = {str(user): ShopperTruth(**{name: float(shoppers[name][i]) for name in SHOPPER_FIELDS})
                      for i, user in enumerate(shoppers["user_id"])}
@@ -190,6 +186,16 @@ def read_world(directory: Path, key: tuple) -> SyntheticData | None:
                     path, type(exc).__name__, str(exc)[:200])
         return None
     return data
+
+
+def _companion(path: Path, header: dict, events_path: Path) -> dict[str, np.ndarray] | None:
+    """The columns of a file of the entry whose events file (at `events_path`) has `header`: the catalogue or the
+    shoppers; None (a miss) when it is of another write than the events file."""
+    columns, own = _read_table(path)
+    if own.get("entry") != header["entry"]:
+        log.info("world cache: %s and %s are of different writes; building the world again", events_path, path)
+        return None
+    return columns
 
 
 # --- one table: numpy columns <-> an Arrow IPC file -------------------------------------------------------------
